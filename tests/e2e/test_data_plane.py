@@ -1,0 +1,118 @@
+"""Data plane: appends ingested in order, read-only queries, back-pressure."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import INGEST_QUEUE_TOKENS
+
+pytestmark = pytest.mark.e2e
+
+
+def _tokens(server, sid):
+    r = server.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_appends_equal_concatenation_and_wait_semantics(stateful_server, tokenizer):
+    sid = "dp-concat"
+    assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
+    texts = [f"09:30:{i:02d} BTC {64000 + i * 7}.5 +0.{i}%\n" for i in range(12)]
+    versions = []
+    for text in texts:
+        r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"text": text})
+        assert r.status_code == 202, r.text
+        versions.append(r.json()["version"])
+    assert versions == list(range(1, 13))
+    r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [11, 12, 13], "wait": True})
+    assert r.status_code == 200 and r.json()["version"] == 13 and r.json()["queued_tokens"] == 0
+    expected = [t for text in texts for t in tokenizer.encode(text)] + [11, 12, 13]
+    assert _tokens(stateful_server, sid)["token_ids"] == expected
+    stateful_server.integrity()
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+def test_query_equals_stateless_and_leaves_no_trace(stateful_server, client):
+    sid = "dp-query"
+    stateful_server.post("/v1/sessions", json={"id": sid})
+    # 70 tokens: the session's last block (size 32) is partial, and queries share it
+    stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": list(range(100, 170)), "wait": True})
+    before = _tokens(stateful_server, sid)
+    free_before = stateful_server.integrity()["free_blocks"]
+    for question in ([5, 6, 7], [8, 9], [5, 6, 7]):
+        r = client.completions.create(model="tiny", prompt=question, max_tokens=6, temperature=0,
+                                      extra_body={"stateful": sid, "stateful_commit": False,
+                                                  "return_token_ids": True})
+        assert r.model_extra["session"]["recomputed_tokens"] == 0
+        assert r.model_extra["session"]["new_tokens"] == len(question)
+        stateless = client.completions.create(model="tiny", prompt=before["token_ids"] + question, max_tokens=6,
+                                              temperature=0, extra_body={"return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == stateless.choices[0].model_extra["token_ids"]
+        after = _tokens(stateful_server, sid)
+        assert (after["token_ids"], after["version"], after["pinned_blocks"]) == (
+            before["token_ids"], before["version"], before["pinned_blocks"])
+    # a commit after queries still sees the untouched partial block: same as stateless
+    r = client.completions.create(model="tiny", prompt=[8, 9], max_tokens=6, temperature=0,
+                                  extra_body={"stateful": sid, "return_token_ids": True})
+    stateless = client.completions.create(model="tiny", prompt=before["token_ids"] + [8, 9], max_tokens=6,
+                                          temperature=0, extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == stateless.choices[0].model_extra["token_ids"]
+    assert stateful_server.integrity()["free_blocks"] <= free_before
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+def test_concurrent_appends_ingest_in_acknowledgement_order(stateful_server):
+    sid = "dp-order"
+    stateful_server.post("/v1/sessions", json={"id": sid})
+
+    def send(i):
+        r = httpx.post(f"{stateful_server.base_url}/sessions/{sid}/append",
+                       json={"token_ids": [1000 + i, 2000 + i]}, timeout=60)
+        assert r.status_code == 202, r.text
+        return r.json()["version"], i
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        acks = sorted(pool.map(send, range(40)))
+    assert [v for v, _ in acks] == list(range(1, 41))
+    # a query waits for every append acknowledged before it (read-your-writes)
+    q = httpx.post(f"{stateful_server.base_url}/completions", timeout=60, json={
+        "model": "tiny", "prompt": [1], "max_tokens": 1, "stateful": sid, "stateful_commit": False})
+    assert q.json()["session"]["context_tokens"] == 80 + 1
+    expected = [t for _, i in acks for t in (1000 + i, 2000 + i)]
+    assert _tokens(stateful_server, sid)["token_ids"] == expected
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+def test_back_pressure_429_and_nothing_dropped(stateful_server):
+    sid = "dp-pressure"
+    stateful_server.post("/v1/sessions", json={"id": sid})
+    chunk = list(range(300, 300 + INGEST_QUEUE_TOKENS // 4))
+
+    def send(i):
+        return i, httpx.post(f"{stateful_server.base_url}/sessions/{sid}/append",
+                             json={"token_ids": [7000 + i] + chunk}, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
+    accepted, refused = [], 0
+    for i, r in replies:
+        if r.status_code == 202:
+            accepted.append((r.json()["version"], i))
+        else:
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "ingest_queue_full" and int(r.headers["Retry-After"]) >= 1
+            refused += 1
+    assert refused > 0 and accepted
+    stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [1], "wait": True})
+    expected = [t for _, i in sorted(accepted) for t in [7000 + i] + chunk] + [1]
+    body = _tokens(stateful_server, sid)
+    assert body["token_ids"] == expected and body["version"] == len(accepted) + 1
+    stateful_server.delete(f"/v1/sessions/{sid}")
+    deadline = time.time() + 5
+    while stateful_server.get(f"/v1/sessions/{sid}").status_code != 404 and time.time() < deadline:
+        time.sleep(0.1)

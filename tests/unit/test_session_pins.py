@@ -1,0 +1,88 @@
+"""SessionPins against a fake block pool with vLLM's reference semantics."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from vllm_stateful.engine.session_pins import SessionPins, common_prefix_len
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+
+
+class FakePool:
+    def __init__(self, n: int):
+        self.blocks = [Block(i) for i in range(n)]
+
+    def touch(self, blocks):
+        for b in blocks:
+            b.ref_cnt += 1
+
+    def free_blocks(self, blocks):
+        for b in blocks:
+            assert b.ref_cnt > 0, "double free"
+            b.ref_cnt -= 1
+
+    def free(self) -> int:
+        return sum(b.ref_cnt == 0 for b in self.blocks)
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_len([1, 2, 3], [1, 9, 3]) == 1
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len(list(range(1000)), list(range(500)) + [-1]) == 500
+
+
+def test_hit_covers_partial_block_and_leaves_one_token_to_compute():
+    pool = FakePool(10)
+    pins = SessionPins(pool, block_size=4)
+    pins.pin("s", list(range(10)), pool.blocks[:3])
+    hit = pins.hit("s", list(range(10)) + [99, 98])
+    assert hit.num_tokens == 10 and hit.blocks == pool.blocks[:3]
+    # prompt equal to the pinned tokens: one token must still be computed
+    assert pins.hit("s", list(range(10))).num_tokens == 9
+    # divergence inside block 1: only blocks 0-1 are offered
+    hit = pins.hit("s", [0, 1, 2, 3, 4, 77, 78])
+    assert hit.num_tokens == 5 and hit.blocks == pool.blocks[:2]
+    assert pins.hit("s", [42, 43]) is None and pins.hit("other", [0, 1]) is None
+
+
+def test_repin_moves_references_and_release_returns_to_baseline():
+    pool = FakePool(10)
+    pins = SessionPins(pool, block_size=4)
+    baseline = pool.free()
+    pins.pin("s", list(range(6)), pool.blocks[:2])
+    assert [b.ref_cnt for b in pool.blocks[:3]] == [1, 1, 0]
+    # next turn: request shares block 0, has its own copy of the tail (block 5)
+    pins.pin("s", list(range(9)), [pool.blocks[0], pool.blocks[5], pool.blocks[6]])
+    assert pool.blocks[0].ref_cnt == 1 and pool.blocks[1].ref_cnt == 0 and pool.blocks[6].ref_cnt == 1
+    assert pins.num_pinned_blocks() == 3 and pins.check_integrity() == []
+    assert pins.truncate("s", 5) == 1 and pins.get("s").token_ids == list(range(5))
+    assert pool.blocks[6].ref_cnt == 0
+    assert pins.release("s") == 2 and pool.free() == baseline
+    assert pins.release("s") == 0
+
+
+def test_pin_rejects_too_few_blocks_and_integrity_reports_stolen_refs():
+    pool = FakePool(4)
+    pins = SessionPins(pool, block_size=4)
+    with pytest.raises(ValueError):
+        pins.pin("s", list(range(9)), pool.blocks[:2])
+    pins.pin("s", list(range(8)), pool.blocks[:2])
+    pool.blocks[1].ref_cnt = 0  # someone freed a pinned block behind our back
+    assert any("block 1" in p for p in pins.check_integrity())
+
+
+def test_release_all():
+    pool = FakePool(8)
+    pins = SessionPins(pool, block_size=2)
+    pins.pin("a", [1, 2, 3], pool.blocks[:2])
+    pins.pin("b", [1, 2], pool.blocks[:1])
+    assert pool.blocks[0].ref_cnt == 2
+    assert pins.release_all() == 3 and pool.free() == 8

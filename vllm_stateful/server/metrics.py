@@ -1,0 +1,43 @@
+"""Prometheus metrics for sessions, served on vLLM's own ``/metrics``.
+
+Registered once per process in prometheus_client's default registry, which
+vLLM's ``/metrics`` route exposes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+
+class SessionMetrics:
+    _instance: "SessionMetrics | None" = None
+
+    def __new__(cls) -> "SessionMetrics":
+        if cls._instance is None:  # prometheus forbids registering a name twice
+            cls._instance = super().__new__(cls)
+            cls._instance._create()
+        return cls._instance
+
+    def _create(self) -> None:
+        p = "vllm_stateful:"
+        self.sessions = Gauge(p + "sessions", "Live stateful sessions", registry=REGISTRY)
+        self.pinned_blocks = Gauge(p + "pinned_blocks", "KV blocks pinned by live sessions", registry=REGISTRY)
+        self.turns = Counter(p + "turns", "Committed session turns", registry=REGISTRY)
+        self.recomputed = Counter(p + "recomputed_tokens", "Session tokens prefilled again", registry=REGISTRY)
+        self.reused = Counter(p + "reused_tokens", "Session tokens served from pinned KV", registry=REGISTRY)
+        self.closed = Counter(p + "sessions_closed", "Sessions closed", ["reason"], registry=REGISTRY)
+        self.ingested = Counter(p + "ingested_tokens", "Tokens ingested by appends", registry=REGISTRY)
+        self.ingest_queued = Gauge(p + "ingest_queued_tokens", "Appended tokens not yet ingested", registry=REGISTRY)
+        self.ingest_lag = Gauge(
+            p + "ingest_lag_seconds", "Seconds from acknowledgement to ingestion of the last batch", registry=REGISTRY
+        )
+        self.query_latency = Histogram(
+            p + "query_latency_seconds",
+            "Latency of read-only session queries",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=REGISTRY,
+        )
+
+    def refresh(self, store) -> None:
+        self.sessions.set(len(store))
+        self.pinned_blocks.set(store.pinned_blocks())
