@@ -95,7 +95,7 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
 
     def send(i):
         return i, httpx.post(f"{stateful_server.base_url}/sessions/{sid}/append",
-                             json={"token_ids": [7000 + i] + chunk}, timeout=60)
+                             json={"token_ids": [3300 + i] + chunk}, timeout=60)
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
@@ -109,7 +109,7 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
             refused += 1
     assert refused > 0 and accepted
     stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [1], "wait": True})
-    expected = [t for _, i in sorted(accepted) for t in [7000 + i] + chunk] + [1]
+    expected = [t for _, i in sorted(accepted) for t in [3300 + i] + chunk] + [1]
     body = _tokens(stateful_server, sid)
     assert body["token_ids"] == expected and body["version"] == len(accepted) + 1
     stateful_server.delete(f"/v1/sessions/{sid}")

@@ -16,7 +16,7 @@ def stock_llm(tiny_model_path):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, so we can inspect it
     from vllm import LLM
 
-    llm = LLM(tiny_model_path, block_size=32, enforce_eager=True, max_model_len=1024, seed=0)
+    llm = LLM(tiny_model_path, block_size=32, enforce_eager=True, max_model_len=1024, seed=0, dtype="float32")
     yield llm
     del llm
 

@@ -179,6 +179,8 @@ def test_errors_leave_session_unchanged(stateful_server, client):
     _error(post({"prompt": "x", "stateful": sid, "n": 2}), 400, "unsupported_in_session")
     _error(post({"prompt": ["a", "b"], "stateful": sid}), 400, "unsupported_in_session")
     _error(post({"prompt": "x", "stateful": sid, "stateful_commit": "no"}), 400, "invalid_request")
+    _error(post({"prompt": [1, 99999], "stateful": sid}), 400, "invalid_token_id")
+    _error(stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [99999]}), 400, "invalid_token_id")
     _error(post({"prompt": "x", "stateful": "nope", "stateful_commit": False}), 404, "session_not_found")
     _error(stateful_server.get("/v1/sessions/nope"), 404, "session_not_found")
     _error(stateful_server.delete("/v1/sessions/nope"), 404, "session_not_found")
@@ -207,7 +209,7 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
     client.completions.create(model="tiny", prompt="start", max_tokens=2, extra_body={"stateful": sid})
     before = _session(stateful_server, sid, tokens=True)
     url = stateful_server.base_url + "/completions"
-    seen_first_chunk = threading.Event()
+    seen_first_chunk, hang_up = threading.Event(), threading.Event()
 
     def long_stream():
         with httpx.stream("POST", url, json={"model": "tiny", "prompt": " long", "max_tokens": 1500,
@@ -215,19 +217,22 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
                           timeout=60) as resp:
             for _ in resp.iter_lines():
                 seen_first_chunk.set()
-                time.sleep(0.05)
+                hang_up.wait(60)
                 break  # disconnect mid-stream
 
     t = threading.Thread(target=long_stream)
     t.start()
-    assert seen_first_chunk.wait(60)
-    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid}, timeout=60)
-    _error(r, 409, "session_busy")
-    # a read-only query is not a committing request: allowed concurrently
-    q = httpx.post(url, json={"model": "tiny", "prompt": "q", "max_tokens": 2, "stateful": sid,
-                              "stateful_commit": False}, timeout=60)
-    assert q.status_code == 200, q.text
-    t.join(60)
+    try:
+        assert seen_first_chunk.wait(60)
+        r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid}, timeout=60)
+        _error(r, 409, "session_busy")
+        # a read-only query is not a committing request: allowed concurrently
+        q = httpx.post(url, json={"model": "tiny", "prompt": "q", "max_tokens": 2, "stateful": sid,
+                                  "stateful_commit": False}, timeout=60)
+        assert q.status_code == 200, q.text
+    finally:
+        hang_up.set()
+        t.join(60)
     deadline = time.time() + 30
     while time.time() < deadline:
         after = _session(stateful_server, sid, tokens=True)

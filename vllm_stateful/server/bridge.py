@@ -21,6 +21,10 @@ class EngineBridge:
         self.max_model_len: int = self.model_config.max_model_len
         self.tokenizer = engine_client.get_tokenizer()
         self.default_sampling_params: dict[str, Any] = self.model_config.get_diff_sampling_param()
+        # vLLM's own bound (renderers/base.py): ids up to the larger of tokenizer and model vocab.
+        self.max_token_id: int = max(
+            getattr(self.tokenizer, "max_token_id", len(self.tokenizer) - 1), self.model_config.get_vocab_size() - 1
+        )
         self._closing: ReplyClosing | None = None
 
     async def call(self, op: str, **args: Any) -> Any:

@@ -162,8 +162,17 @@ def _prompt_builder(service, prompt: Any) -> Callable[[Any], TurnInput]:
     if isinstance(prompt, str):
         return lambda s: service.text_input(s, prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        _check_token_ids(service, prompt, "prompt")
         return lambda s: TurnInput(list(prompt))
     raise bad_request("a session request takes one prompt (text or token ids)", "unsupported_in_session", "prompt")
+
+
+def _check_token_ids(service, token_ids: list[int], param: str) -> None:
+    """Out-of-vocabulary ids are a 400 before anything is acknowledged or queued."""
+    bad = [t for t in token_ids if t < 0 or t > service.bridge.max_token_id]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is out of vocabulary (0..{service.bridge.max_token_id})",
+                          "invalid_token_id", param)
 
 
 def _refuse_unsupported(parsed: Any, chat: bool, body: dict[str, Any]) -> None:
@@ -205,6 +214,7 @@ async def create_session(raw_request: Request) -> Response:
                 elif isinstance(req.prompt, str):
                     turn_input = service.text_input(session, req.prompt)
                 else:
+                    _check_token_ids(service, req.prompt, "prompt")
                     turn_input = TurnInput(list(req.prompt))
                 await service.ingest_now(session, turn_input)
                 if turn_input.token_ids:
@@ -250,6 +260,8 @@ async def append(session_id: str, raw_request: Request) -> Response:
     req = _validated(AppendRequest, await _json_body(raw_request))
     session = state.service.store.get(_checked_id(session_id))
     messages = [m.as_template_message() for m in req.messages] if req.messages else None
+    if req.token_ids is not None:
+        _check_token_ids(state.service, req.token_ids, "token_ids")
     item = state.ingestor.append(session, req.text, req.token_ids, messages)
     if req.wait:
         await state.service.wait_ingested(session, item.seq)

@@ -182,13 +182,16 @@ class SessionService:
             if not commit:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
-            if commit:
-                if lock_held:
-                    if not committed:
-                        await self._rollback(session)
-                    session.write_lock.release()
-                session.turn_in_flight = False
-            session.touch()
+            await _survive_cancellation(self._end_turn(session, commit, lock_held, committed))
+
+    async def _end_turn(self, session: Session, commit: bool, lock_held: bool, committed: bool) -> None:
+        if commit:
+            if lock_held:
+                if not committed:
+                    await self._rollback(session)
+                session.write_lock.release()
+            session.turn_in_flight = False
+        session.touch()
 
     async def _generate(self, prompt: list[int], params: SamplingParams, result: TurnResult):
         request_id = f"stateful-{result.session.id}-{uuid.uuid4().hex[:12]}"
@@ -205,7 +208,8 @@ class SessionService:
                     result.finished = True
                 yield out
         finally:
-            await gen.aclose()
+            # closing vLLM's generator aborts the engine request if it is still running
+            await _survive_cancellation(gen.aclose())
 
     async def _commit(self, session: Session, turn_input: TurnInput, prompt: list[int], result: TurnResult) -> None:
         session.token_ids = prompt + result.output_token_ids
@@ -264,7 +268,7 @@ class SessionService:
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:
             if not committed:
-                await self._rollback(session)
+                await _survive_cancellation(self._rollback(session))
 
     # --- close and expiry ----------------------------------------------------------
 
@@ -294,3 +298,14 @@ class SessionService:
                 await self.close(session.id, reason="shutdown")
             except Exception:
                 pass
+
+
+async def _survive_cancellation(coro) -> None:
+    """Run cleanup to completion even if the awaiting task is being cancelled
+    (Starlette cancels a disconnected stream's task, and anyio re-cancels every
+    await inside it)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pass

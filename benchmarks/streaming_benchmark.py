@@ -1,0 +1,426 @@
+"""Streaming benchmark: a market-data feed appended to a session while questions arrive.
+
+A seeded feed of tick lines (``09:30:01 BTC 64123.55 +0.12%``) is replayed at ``--rate`` ticks per
+second; after the ticks chosen by ``streaming_report.make_feed`` a question is asked. Providers, one
+server at a time, same feed and questions:
+
+- ``vllm-stateful``: each tick is ``POST /v1/sessions/{id}/append`` (202, ingested in the background;
+  429 is retried after ``Retry-After``, nothing is dropped); a question is a read-only
+  (``stateful_commit: false``) completion over the whole session.
+- ``vllm-prefix-cache`` / ``vllm-no-cache``: stock vLLM; a question is a completion whose prompt is
+  every tick so far plus the question.
+
+Alignment: when a question is due, the feed waits until the previous question has finished and the
+new one has been received by the server (response headers), so every provider answers question i over
+exactly ticks 0..after_tick. Measured per question: latency (send to last byte, streamed), TTFT,
+prompt tokens sent (``usage.prompt_tokens``), and context tokens: the prompt-side tokens the answer
+attended to (feed so far + question). Stateless, that is ``usage.prompt_tokens``; stateful, the
+response's ``session.context_tokens`` as the server reports it (vllm-stateful counts the query's own
+tokens in it, so both agree to the token). Ingest lag (stateful): per append, from its
+202 to the first ``GET /v1/sessions/{id}`` sample (polled every ``poll_interval_s``) whose
+``context_tokens`` covers it; targets come from ``/tokenize`` of each tick, so a lag is an upper
+bound by one poll interval plus a round trip. A question row carries the lag of the tick before it.
+
+    python benchmarks/streaming_benchmark.py                      # all three providers, small model
+    python benchmarks/streaming_benchmark.py --model tiny --ticks 60 --questions 6
+    python benchmarks/streaming_benchmark.py --providers vllm-stateful --base-url http://127.0.0.1:8000/v1
+
+Outputs (``--out``): ``streaming.csv``, ``streaming.png``, ``summary.md``, ``summary.json``; server
+logs under ``log_dir``; the summary line goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+try:
+    from benchmarks import streaming_report as rep
+    from benchmarks.servers import detect_device, launched_server
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import streaming_report as rep  # type: ignore[no-redef]
+    from servers import detect_device, launched_server  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "bench_streaming.yaml"
+
+
+class BenchError(RuntimeError):
+    """A server answered something the benchmark cannot use (status, missing field)."""
+
+
+@dataclass
+class Answer:
+    context_tokens: int
+    prompt_tokens_sent: int
+    latency_s: float
+    ttft_s: float | None
+    completion_tokens: int
+    recomputed_tokens: int | None = None
+
+
+@dataclass
+class ProviderRun:
+    """Everything one provider produced; ``append_lags`` is per tick (stateful only)."""
+
+    provider: str
+    rows: list[rep.QueryRow]
+    append_lags: list[float | None] = field(default_factory=list)
+    recomputed_tokens: list[int | None] = field(default_factory=list)
+    append_retries: int = 0
+    token_accounting: str = ""
+    wall_s: float = 0.0
+
+
+def _retry_after(resp: httpx.Response, default: float = 0.2) -> float:
+    try:
+        return min(max(float(resp.headers.get("retry-after", default)), 0.01), 5.0)
+    except ValueError:
+        return default
+
+
+def _check(resp: httpx.Response, *ok: int) -> dict[str, Any]:
+    if resp.status_code not in ok:
+        raise BenchError(f"{resp.request.method} {resp.request.url} -> {resp.status_code}: {resp.text[:500]}")
+    return resp.json()
+
+
+class _Provider:
+    """HTTP client for one provider on one server. ``api_base`` ends in ``/v1``."""
+
+    def __init__(self, name: str, api_base: str, model: str | None = None, max_tokens: int = 8, timeout_s: float = 900):
+        self.name, self.model, self.max_tokens = name, model, max_tokens
+        self.api_base = api_base.rstrip("/")
+        self.root = self.api_base.removesuffix("/v1")
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=32))
+
+    async def open(self, feed: rep.Feed) -> None:
+        """Resolve the model name, warm the server up (one unrecorded completion)."""
+        if self.model is None:
+            self.model = _check(await self.client.get(f"{self.api_base}/models"), 200)["data"][0]["id"]
+        await self._complete({"prompt": "warm up", "max_tokens": 2}, None)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _complete(self, body: dict[str, Any], received: asyncio.Event | None) -> tuple[float, float | None, dict, dict | None]:
+        """Stream one completion; (latency, ttft, usage, session). Sets ``received`` on response headers."""
+        body = {"model": self.model, "temperature": 0, "ignore_eos": True, **body,
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        ttft, usage, session = None, {}, None
+        async with self.client.stream("POST", f"{self.api_base}/completions", json=body) as resp:
+            if received is not None:
+                received.set()
+            if resp.status_code != 200:
+                await resp.aread()
+                _check(resp, 200)
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and ttft is None:
+                    ttft = time.perf_counter() - t0
+                usage = chunk.get("usage") or usage
+                session = chunk.get("session") or session
+        return time.perf_counter() - t0, ttft, usage, session
+
+    async def append(self, tick: rep.Tick) -> None:
+        raise NotImplementedError
+
+    async def ask(self, q: rep.Question, received: asyncio.Event) -> Answer:
+        raise NotImplementedError
+
+    async def finish(self, run: ProviderRun) -> None:
+        """Called once after the last answer; fills provider-specific fields of ``run``."""
+
+
+class StatelessProvider(_Provider):
+    """Stock vLLM: every question carries the full accumulated feed as its prompt."""
+
+    async def open(self, feed: rep.Feed) -> None:
+        await super().open(feed)
+        self.feed = feed
+
+    async def append(self, tick: rep.Tick) -> None:
+        pass  # the feed lives on the client; the prompt is rebuilt from it per question
+
+    async def ask(self, q: rep.Question, received: asyncio.Event) -> Answer:
+        prompt = self.feed.text_through(q.after_tick) + q.prompt
+        lat, ttft, usage, _ = await self._complete({"prompt": prompt, "max_tokens": self.max_tokens}, received)
+        sent = int(usage["prompt_tokens"])
+        return Answer(sent, sent, lat, ttft, int(usage["completion_tokens"]))
+
+
+class StatefulProvider(_Provider):
+    """vllm-stateful: ticks are appended to one session; questions are read-only session queries."""
+
+    poll_interval_s = 0.05
+    settle_s = 3.0
+
+    async def open(self, feed: rep.Feed) -> None:
+        await super().open(feed)
+        self.session_id = f"stream-bench-{uuid.uuid4().hex[:16]}"
+        _check(await self.client.post(f"{self.api_base}/sessions", json={"id": self.session_id}), 200, 201)
+        self.base_tokens = (await self._sample())[1]
+        self.tick_tokens = await self._count_tokens([t.line for t in feed.ticks])
+        self.acks: list[float] = []
+        self.samples: list[tuple[float, int]] = []
+        self.retries = 0
+        self._poller = asyncio.create_task(self._poll())
+
+    async def _count_tokens(self, texts: list[str]) -> list[int]:
+        sem = asyncio.Semaphore(8)
+
+        async def one(text: str) -> int:
+            async with sem:
+                body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+                return int(_check(await self.client.post(f"{self.root}/tokenize", json=body), 200)["count"])
+
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+    async def _sample(self) -> tuple[float, int]:
+        body = _check(await self.client.get(f"{self.api_base}/sessions/{self.session_id}"), 200)
+        return time.perf_counter(), int(body["context_tokens"])
+
+    async def _poll(self) -> None:
+        while True:
+            self.samples.append(await self._sample())
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def append(self, tick: rep.Tick, give_up_s: float = 300.0) -> None:
+        """Append one tick; on 429/503 wait ``Retry-After`` and resend the same tick (never dropped)."""
+        deadline = time.perf_counter() + give_up_s
+        url = f"{self.api_base}/sessions/{self.session_id}/append"
+        while True:
+            resp = await self.client.post(url, json={"text": tick.line})
+            if resp.status_code in (200, 202):
+                self.acks.append(time.perf_counter())
+                return
+            if resp.status_code not in (429, 503) or time.perf_counter() > deadline:
+                _check(resp, 202)
+            self.retries += 1
+            await asyncio.sleep(_retry_after(resp))
+
+    async def ask(self, q: rep.Question, received: asyncio.Event) -> Answer:
+        body = {"prompt": q.prompt, "max_tokens": self.max_tokens, "stateful": self.session_id, "stateful_commit": False}
+        lat, ttft, usage, session = await self._complete(body, received)
+        if not session:
+            raise BenchError(f"completion on session {self.session_id} has no 'session' object: not vllm-stateful?")
+        return Answer(int(session["context_tokens"]), int(usage["prompt_tokens"]), lat, ttft,
+                      int(usage["completion_tokens"]), session.get("recomputed_tokens"))
+
+    async def finish(self, run: ProviderRun, timeout_s: float = 300.0) -> None:
+        """Poll until the session covers every tick (or stops growing), then compute per-append lags."""
+        expected = self.base_tokens + sum(self.tick_tokens)
+        t_end, last_change = time.perf_counter() + timeout_s, time.perf_counter()
+        while time.perf_counter() < t_end:
+            prev = self.samples[-1][1] if self.samples else -1
+            self.samples.append(await self._sample())
+            if self.samples[-1][1] >= expected:
+                break
+            if self.samples[-1][1] != prev:
+                last_change = time.perf_counter()
+            elif time.perf_counter() - last_change > self.settle_s:
+                break
+            await asyncio.sleep(self.poll_interval_s)
+        self._poller.cancel()
+        self.samples.sort()
+        final = self.samples[-1][1]
+        # Exact when the server counts each append as its own tokenization; otherwise spread the
+        # difference evenly over appends (a fixed per-append overhead) and say so.
+        extra = (final - expected) / len(self.acks) if final != expected else 0.0
+        run.token_accounting = "exact" if extra == 0 else f"off by {final - expected} tokens; spread per append"
+        cum, targets = 0, []
+        for k, n in enumerate(self.tick_tokens):
+            cum += n
+            targets.append(self.base_tokens + cum + extra * (k + 1))
+        run.append_lags = rep.ingest_lags(self.acks, targets, self.samples)
+        run.append_retries = self.retries
+
+    async def close(self) -> None:
+        if getattr(self, "_poller", None):
+            self._poller.cancel()
+        if getattr(self, "session_id", None):
+            try:
+                await self.client.delete(f"{self.api_base}/sessions/{self.session_id}")
+            except httpx.HTTPError:
+                pass
+        await super().close()
+
+
+async def _until_received(received: asyncio.Event, task: asyncio.Task) -> None:
+    waiter = asyncio.ensure_future(received.wait())
+    try:
+        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        task.result()  # re-raise a failure before headers
+
+
+async def run_provider(provider: _Provider, feed: rep.Feed, rate: float, log: bool = False) -> ProviderRun:
+    """Replay ``feed`` at ``rate`` ticks/s against ``provider``; one row per question, in order.
+    Questions run one at a time; the feed waits at a question point for the previous question."""
+    run = ProviderRun(provider.name, [])
+    answers: list[Answer] = []
+    due = {q.after_tick: q for q in feed.questions}
+    pending: asyncio.Task | None = None
+    try:
+        await provider.open(feed)
+        t0 = time.perf_counter()
+        for tick in feed.ticks:
+            await asyncio.sleep(max(0.0, t0 + tick.idx / rate - time.perf_counter()))
+            await provider.append(tick)
+            q = due.get(tick.idx)
+            if q is None:
+                continue
+            if pending is not None:
+                answers.append(await pending)
+            received = asyncio.Event()
+            pending = asyncio.create_task(provider.ask(q, received))
+            await _until_received(received, pending)
+        if pending is not None:
+            answers.append(await pending)
+            pending = None
+        run.wall_s = time.perf_counter() - t0
+        await provider.finish(run)
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await provider.close()
+    for q, a in zip(feed.questions, answers):
+        lag = run.append_lags[q.after_tick] if run.append_lags else None
+        run.rows.append(rep.QueryRow(provider.name, q.idx, a.context_tokens, a.prompt_tokens_sent,
+                                     a.latency_s, a.ttft_s, a.completion_tokens, lag))
+        run.recomputed_tokens.append(a.recomputed_tokens)
+        if log:
+            print(f"[{provider.name}] q{q.idx} ctx={a.context_tokens} sent={a.prompt_tokens_sent} "
+                  f"latency={a.latency_s:.3f}s", file=sys.stderr)
+    return run
+
+
+def run_provider_sync(provider: _Provider, feed: rep.Feed, rate: float, log: bool = False) -> ProviderRun:
+    """``run_provider`` in a fresh event loop (the provider's client binds to it on first use)."""
+    return asyncio.run(run_provider(provider, feed, rate, log))
+
+
+def make_provider(kind: str, name: str, api_base: str, model: str | None, max_tokens: int, poll_interval_s: float = 0.05) -> _Provider:
+    if kind == "stateful":
+        p = StatefulProvider(name, api_base, model, max_tokens)
+        p.poll_interval_s = poll_interval_s
+        return p
+    if kind == "stateless":
+        return StatelessProvider(name, api_base, model, max_tokens)
+    raise ValueError(f"unknown provider kind {kind!r} (stateful|stateless)")
+
+
+# ---------------------------------------------------------------- servers
+
+
+def _on_cpu() -> bool:
+    return detect_device() == "cpu"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def load_config(path: Path | None) -> dict[str, Any]:
+    import yaml
+
+    path = path or DEFAULT_CONFIG
+    if not path.exists():
+        raise SystemExit(f"config {path} not found (the defaults live in configs/bench_streaming.yaml)")
+    return yaml.safe_load(path.read_text())
+
+
+def resolve_model(model: str) -> Path:
+    if model in ("tiny", "small"):
+        from vllm_stateful.demo_model import ensure_demo_model
+
+        return Path(ensure_demo_model(model))
+    path = Path(model)
+    if not path.is_dir():
+        raise BenchError(f"model {model!r} is neither a demo size (tiny|small) nor a directory")
+    return path
+
+
+def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -> str:
+    """CSV, PNG, summary.md, summary.json under ``out_dir``; returns the summary line."""
+    rows = [r for run in runs for r in run.rows]
+    rep.write_csv(rows, out_dir / "streaming.csv")
+    rep.plot_latency(rows, out_dir / "streaming.png")
+    lags = {run.provider: [x for x in run.append_lags if x is not None] for run in runs}
+    summaries, largest = rep.summarize(rows, lags, cfg["ref_tokens"], cfg["nearest_k"])
+    table = rep.bucket_table(rows, cfg["bucket_edges"])
+    (out_dir / "summary.md").write_text(rep.markdown_report(table, summaries, largest, cfg["baseline"]))
+    extra = {run.provider: {"append_retries": run.append_retries, "wall_s": run.wall_s,
+                            "token_accounting": run.token_accounting,
+                            "appends_never_covered": sum(x is None for x in run.append_lags),
+                            "recomputed_tokens": run.recomputed_tokens if any(x is not None for x in run.recomputed_tokens) else None}
+             for run in runs}
+    speed = rep.speedups(summaries, cfg["baseline"]) if any(s.provider == cfg["baseline"] for s in summaries) else {}
+    (out_dir / "summary.json").write_text(json.dumps({
+        "config": cfg, "largest_context": largest, "providers": [asdict(s) for s in summaries],
+        "speedups_of_baseline": speed, "buckets": [asdict(b) for b in table], "runs": extra}, indent=2))
+    return rep.summary_line(summaries, largest, cfg["baseline"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default {DEFAULT_CONFIG})")
+    for flag, typ in (("model", str), ("seed", int), ("ticks", int), ("questions", int), ("rate", float),
+                      ("max_tokens", int), ("out_dir", str)):
+        ap.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None)
+    ap.add_argument("--providers", default=None, help="comma-separated provider names to run (default: all in the config)")
+    ap.add_argument("--base-url", default=None, help="use this running server (…/v1) for the one selected provider")
+    ap.add_argument("--model-name", default=None, help="served model name with --base-url (default: first of /v1/models)")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config)
+    cfg.update({k: v for k, v in vars(a).items() if v is not None and k not in ("config", "providers", "base_url", "model_name")})
+    providers = cfg["providers"]
+    if a.providers:
+        wanted = a.providers.split(",")
+        unknown = set(wanted) - {p["name"] for p in providers}
+        if unknown:
+            raise SystemExit(f"unknown providers {sorted(unknown)}; known: {[p['name'] for p in providers]}")
+        providers = [p for p in providers if p["name"] in wanted]
+    if a.base_url and len(providers) != 1:
+        raise SystemExit("--base-url needs exactly one provider (--providers NAME)")
+    feed = rep.make_feed(cfg["ticks"], cfg["questions"], cfg["seed"], jitter=cfg["question_jitter"])
+    out_dir = ROOT / cfg["out_dir"] if not Path(cfg["out_dir"]).is_absolute() else Path(cfg["out_dir"])
+    srv = cfg["server"]
+    runs: list[ProviderRun] = []
+    for p in providers:
+        print(f"[{p['name']}] {len(feed.ticks)} ticks at {cfg['rate']}/s, {len(feed.questions)} questions", file=sys.stderr)
+
+        def once(api_base: str, model: str | None) -> ProviderRun:
+            prov = make_provider(p["kind"], p["name"], api_base, model, cfg["max_tokens"], cfg["poll_interval_s"])
+            return run_provider_sync(prov, feed, cfg["rate"], log=True)
+
+        if a.base_url:
+            runs.append(once(a.base_url, a.model_name))
+        else:
+            model_dir = resolve_model(str(cfg["model"]))
+            log_path = ROOT / cfg["log_dir"] / f"server-{p['name']}.log"
+            env = {k: str(v) for k, v in srv.get("cpu_env", {}).items()} if _on_cpu() else {}
+            kind = "stateful" if p["server"] == "stateful" else "vllm"
+            with launched_server(kind, str(model_dir), model_dir.name, [*srv["common_args"], *p.get("args", [])],
+                                 log_path, env, srv["startup_timeout_s"]) as api_base:
+                runs.append(once(api_base, model_dir.name))
+        rep.write_csv([r for run in runs for r in run.rows], out_dir / "streaming.csv")  # keep partial results
+    print(write_outputs(runs, cfg, out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
