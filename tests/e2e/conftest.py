@@ -16,6 +16,8 @@ import pytest
 MAX_MODEL_LEN = 2048
 SESSION_QUOTA = 1536
 INGEST_QUEUE_TOKENS = 512
+# A small KV pool (block size 32) so that a burst of stateless requests forces vLLM to preempt.
+NUM_KV_BLOCKS = 640
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
         "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
         "--session-quota", str(SESSION_QUOTA), "--max-ingest-queue-tokens", str(INGEST_QUEUE_TOKENS),
+        "--num-gpu-blocks-override", str(NUM_KV_BLOCKS),
     ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -116,3 +116,34 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
     deadline = time.time() + 5
     while stateful_server.get(f"/v1/sessions/{sid}").status_code != 404 and time.time() < deadline:
         time.sleep(0.1)
+
+
+def _metric(server, name: str) -> float:
+    import re
+
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", server.get("/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_appends_queued_behind_a_turn_are_coalesced_into_one_prefill(stateful_server):
+    sid = "dp-coalesce"
+    stateful_server.post("/v1/sessions", json={"id": sid, "prompt": [40, 41, 42]})
+    batches_before = _metric(stateful_server, "vllm_stateful:ingest_batches_total")
+    url = stateful_server.base_url + "/completions"
+    turn = {"model": "tiny", "prompt": [50], "max_tokens": 400, "ignore_eos": True, "stream": True, "stateful": sid}
+    with httpx.stream("POST", url, json=turn, timeout=120) as resp:
+        lines = resp.iter_lines()
+        next(lines)  # the turn is running and holds the session's write lock
+        acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]})
+                for i in range(10)]
+        assert [a.status_code for a in acks] == [202] * 10
+        for _ in lines:
+            pass
+    stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [99], "wait": True})
+    body = _tokens(stateful_server, sid)
+    # the turn (prompt + 400 generated) committed first, then the ten appends in order, then the last
+    assert body["token_ids"][:4] == [40, 41, 42, 50] and len(body["token_ids"]) == 4 + 400 + 11
+    assert body["token_ids"][-11:] == [60 + i for i in range(10)] + [99]
+    # one prefill for the ten queued appends, one for the last
+    assert _metric(stateful_server, "vllm_stateful:ingest_batches_total") - batches_before == 2
+    stateful_server.delete(f"/v1/sessions/{sid}")

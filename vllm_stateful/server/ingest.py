@@ -99,10 +99,12 @@ class Ingestor:
 
     async def _drain(self, session: Session, queue: _Queue) -> None:
         while queue.items and session.state != "closed":
-            batch, queue.items = queue.items, []
             async with session.write_lock:
+                # taken under the lock: whatever queued while a turn ran becomes one prefill
+                batch, queue.items = queue.items, []
                 turn_input = self._coalesce(session, batch)
                 try:
+                    self.service.metrics.ingest_batches.inc()
                     await self.service.ingest_now(session, turn_input)
                 except Exception as exc:  # acknowledged data must not vanish silently
                     logger.exception("ingest into session %s failed", session.id)
