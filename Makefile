@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit bench bench-chat bench-streaming bench-sessions clean
+.PHONY: setup run test test-unit lint bench bench-chat bench-streaming bench-sessions clean
 
 setup: $(VENV)/.setup-$(TARGET)
 
@@ -31,6 +31,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check vllm_stateful tests benchmarks
+	$(BIN)/ruff format --check vllm_stateful tests benchmarks
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -20,14 +20,9 @@ import argparse
 import datetime as _dt
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +77,9 @@ def load_config(path: str | os.PathLike, device: str) -> dict[str, Any]:
     return merge(raw, sections[device])
 
 
-def server_command(spec: RunSpec, model_path: str, served_name: str, host: str, port: int,
-                   common_args: Sequence[str]) -> list[str]:
+def server_command(
+    spec: RunSpec, model_path: str, served_name: str, host: str, port: int, common_args: Sequence[str]
+) -> list[str]:
     """The argv that starts ``spec``'s server with this interpreter."""
     return serve_argv(spec.kind, model_path, served_name, port, [*common_args, *spec.args], host)
 
@@ -91,8 +87,9 @@ def server_command(spec: RunSpec, model_path: str, served_name: str, host: str, 
 def warm_up(base_url: str, model: str) -> None:
     """One short request that shares no prefix with the workload (no system prompt)."""
     client = stateful_benchmark.make_client(base_url)
-    client.chat.completions.create(model=model, max_tokens=4, temperature=0.0,
-                                   messages=[{"role": "user", "content": WARMUP_PROMPT}])
+    client.chat.completions.create(
+        model=model, max_tokens=4, temperature=0.0, messages=[{"role": "user", "content": WARMUP_PROMPT}]
+    )
 
 
 def run_one(spec: RunSpec, cfg: dict[str, Any], model_path: str, out_dir: Path) -> list[report.Row]:
@@ -111,8 +108,16 @@ def run_one(spec: RunSpec, cfg: dict[str, Any], model_path: str, out_dir: Path) 
         print(f"[{spec.label}] ready in {time.monotonic() - started:.0f}s", flush=True)
         warm_up(base_url, name)
         rows = stateful_benchmark.run_benchmark(
-            spec.provider, base_url, name, int(wl["topics"]), int(wl["turns"]), int(wl["max_tokens"]),
-            model_path, label=spec.label, temperature=float(wl["temperature"]), progress=True,
+            spec.provider,
+            base_url,
+            name,
+            int(wl["topics"]),
+            int(wl["turns"]),
+            int(wl["max_tokens"]),
+            model_path,
+            label=spec.label,
+            temperature=float(wl["temperature"]),
+            progress=True,
         )
     report.write_csv(rows, out_dir / f"{spec.label}.csv")
     return rows
@@ -185,8 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     device = detect_device() if args.device == "auto" else args.device
     cfg = apply_overrides(load_config(args.config, device), args)
-    specs = [RunSpec(r["label"], r["kind"], r["provider"], tuple(map(str, r.get("args", []))))
-             for r in cfg["runs"] if not args.only or r["label"] in args.only]
+    specs = [
+        RunSpec(r["label"], r["kind"], r["provider"], tuple(map(str, r.get("args", []))))
+        for r in cfg["runs"]
+        if not args.only or r["label"] in args.only
+    ]
     if not specs:
         raise SystemExit(f"no runs selected (--only {args.only})")
     model_path = cfg["model"]["path"]

@@ -163,9 +163,7 @@ def per_turn_mean(rows: Sequence[Row], metric: str) -> dict[str, list[tuple[int,
     buckets: dict[str, dict[int, list[float]]] = {}
     for r in rows:
         buckets.setdefault(r.provider, {}).setdefault(r.turn, []).append(value(r))
-    return {
-        p: [(t, sum(v) / len(v)) for t, v in sorted(by_turn.items())] for p, by_turn in buckets.items()
-    }
+    return {p: [(t, sum(v) / len(v)) for t, v in sorted(by_turn.items())] for p, by_turn in buckets.items()}
 
 
 def _metric_getter(rows: Sequence[Row], metric: str):
@@ -249,9 +247,7 @@ def pick_reference(summaries: Sequence[ProviderSummary], reference: str | None =
     return next((n for n in names if is_session_provider(n)), names[-1])
 
 
-def ratio_table(
-    summaries: Sequence[ProviderSummary], reference: str | None = None
-) -> dict[str, dict[str, float]]:
+def ratio_table(summaries: Sequence[ProviderSummary], reference: str | None = None) -> dict[str, dict[str, float]]:
     """``{baseline: {metric: baseline_value / reference_value}}`` for every non-reference provider
     and every metric in ``SUMMARY_METRICS``."""
     ref_name = pick_reference(summaries, reference)
@@ -272,14 +268,18 @@ def format_markdown(summaries: Sequence[ProviderSummary], reference: str | None 
     ref_name = pick_reference(summaries, reference)
     ratios = ratio_table(summaries, ref_name)
     turn = summaries[0].turn
-    head = ["provider", "topics", f"TTFT turn {turn} (s)", f"prompt tokens turn {turn}",
-            f"cumulative prefill turn {turn}"]
+    head = [
+        "provider",
+        "topics",
+        f"TTFT turn {turn} (s)",
+        f"prompt tokens turn {turn}",
+        f"cumulative prefill turn {turn}",
+    ]
     head += [f"{label} / {ref_name}" for _, label in SUMMARY_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         r = ratios.get(s.provider)
-        cells = [s.provider, str(s.topics), f"{s.ttft_s:.3f}", f"{s.prompt_tokens:.0f}",
-                 f"{s.cumulative_prefill:.0f}"]
+        cells = [s.provider, str(s.topics), f"{s.ttft_s:.3f}", f"{s.prompt_tokens:.0f}", f"{s.cumulative_prefill:.0f}"]
         cells += [_fmt_ratio(r[m]) if r else "1.00x (ref)" for m, _ in SUMMARY_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -345,8 +345,7 @@ def plot_all(rows: Sequence[Row], out_dir: str | os.PathLike, reference: str | N
         ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_title(label)
-    fig.suptitle(f"turn {summaries[0].turn} summary (ratios vs {pick_reference(summaries, reference)} "
-                 "in summary.md)")
+    fig.suptitle(f"turn {summaries[0].turn} summary (ratios vs {pick_reference(summaries, reference)} in summary.md)")
     _save(fig, paths[3])
     return paths
 
@@ -374,8 +373,13 @@ def _lines(ax, series: dict[str, list[tuple[int, float]]], ylabel: str, title: s
 
     styles = ("-", "--", ":", "-.")
     for i, (name, points) in enumerate(series.items()):
-        ax.plot([t for t, _ in points], [v for _, v in points], marker="os^Dv"[i % 5],
-                linestyle=styles[i % len(styles)], label=name)
+        ax.plot(
+            [t for t, _ in points],
+            [v for _, v in points],
+            marker="os^Dv"[i % 5],
+            linestyle=styles[i % len(styles)],
+            label=name,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("turn")
     ax.set_ylabel(ylabel)

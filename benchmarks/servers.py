@@ -44,8 +44,14 @@ class ManagedServer:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
-        self._proc = subprocess.Popen(self.argv, env={**os.environ, **env}, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
+        self._proc = subprocess.Popen(
+            self.argv,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO_ROOT,
+        )
 
     def wait_ready(self, timeout_s: float) -> None:
         """Return once ``/health`` and ``/v1/models`` answer 200. Raises RuntimeError (with the log
@@ -97,8 +103,9 @@ class ManagedServer:
         self.stop()
 
 
-def serve_argv(kind: str, model_path: str, served_name: str, port: int, args: Sequence[str],
-               host: str = "127.0.0.1") -> list[str]:
+def serve_argv(
+    kind: str, model_path: str, served_name: str, port: int, args: Sequence[str], host: str = "127.0.0.1"
+) -> list[str]:
     """argv for ``kind`` = ``vllm`` (stock OpenAI server) or ``stateful`` (vllm-stateful serve)."""
     if kind == "vllm":
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
@@ -110,8 +117,15 @@ def serve_argv(kind: str, model_path: str, served_name: str, port: int, args: Se
 
 
 @contextmanager
-def launched_server(kind: str, model_path: str, served_name: str, args: Sequence[str], log_path: Path,
-                    env: dict[str, str], startup_timeout_s: float = 900) -> Iterator[str]:
+def launched_server(
+    kind: str,
+    model_path: str,
+    served_name: str,
+    args: Sequence[str],
+    log_path: Path,
+    env: dict[str, str],
+    startup_timeout_s: float = 900,
+) -> Iterator[str]:
     """Run one server for the ``with`` block; yields its ``.../v1`` base URL once it answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"

@@ -21,19 +21,31 @@ import time
 from pathlib import Path
 
 import httpx
-
 from servers import detect_device, launched_server
 
 REPO = Path(__file__).resolve().parent.parent
-FIELDS = ["provider", "turn", "context_tokens", "sent_tokens", "cached_tokens", "recomputed_tokens", "ttft_s", "total_s"]
+FIELDS = [
+    "provider",
+    "turn",
+    "context_tokens",
+    "sent_tokens",
+    "cached_tokens",
+    "recomputed_tokens",
+    "ttft_s",
+    "total_s",
+]
 
 
 def timed_completion(base: str, body: dict) -> tuple[dict, float, float]:
     """Stream one completion; return (final usage/session fields, ttft, total seconds)."""
     start = time.perf_counter()
     ttft, final, token_ids = None, {}, []
-    with httpx.stream("POST", base + "/completions", json={**body, "stream": True,
-                      "stream_options": {"include_usage": True}, "return_token_ids": True}, timeout=600) as r:
+    with httpx.stream(
+        "POST",
+        base + "/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True},
+        timeout=600,
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -51,34 +63,59 @@ def run_stateful(base: str, model: str, turns: list[list[int]], max_tokens: int)
     rows, prompts, history = [], [], []
     for i, new in enumerate(turns, 1):
         prompts.append(history + new)
-        final, ttft, total = timed_completion(base, {"model": model, "prompt": new, "max_tokens": max_tokens,
-                                                     "temperature": 0, "stateful": "latency-bench"})
+        final, ttft, total = timed_completion(
+            base,
+            {"model": model, "prompt": new, "max_tokens": max_tokens, "temperature": 0, "stateful": "latency-bench"},
+        )
         s = final["session"]
         history = history + new + final["token_ids"]
-        rows.append({"provider": "stateful", "turn": i, "context_tokens": s["context_tokens"],
-                     "sent_tokens": len(new), "cached_tokens": final["usage"]["prompt_tokens_details"]["cached_tokens"],
-                     "recomputed_tokens": s["recomputed_tokens"], "ttft_s": ttft, "total_s": total})
+        rows.append(
+            {
+                "provider": "stateful",
+                "turn": i,
+                "context_tokens": s["context_tokens"],
+                "sent_tokens": len(new),
+                "cached_tokens": final["usage"]["prompt_tokens_details"]["cached_tokens"],
+                "recomputed_tokens": s["recomputed_tokens"],
+                "ttft_s": ttft,
+                "total_s": total,
+            }
+        )
     httpx.delete(base + "/sessions/latency-bench", timeout=60)
     return rows, prompts
 
 
-def run_stateless(label: str, base: str, model: str, prompts: list[list[int]], which: list[int],
-                  max_tokens: int, warm: list[int]) -> list[dict]:
+def run_stateless(
+    label: str, base: str, model: str, prompts: list[list[int]], which: list[int], max_tokens: int, warm: list[int]
+) -> list[dict]:
     rows = []
     for turn in sorted(set(which) | set(warm)):
-        final, ttft, total = timed_completion(base, {"model": model, "prompt": prompts[turn - 1],
-                                                     "max_tokens": max_tokens, "temperature": 0})
+        final, ttft, total = timed_completion(
+            base, {"model": model, "prompt": prompts[turn - 1], "max_tokens": max_tokens, "temperature": 0}
+        )
         if turn in which:
             details = final["usage"].get("prompt_tokens_details") or {}
-            rows.append({"provider": label, "turn": turn, "context_tokens": len(prompts[turn - 1]),
-                         "sent_tokens": len(prompts[turn - 1]), "cached_tokens": details.get("cached_tokens") or 0,
-                         "recomputed_tokens": "", "ttft_s": ttft, "total_s": total})
+            rows.append(
+                {
+                    "provider": label,
+                    "turn": turn,
+                    "context_tokens": len(prompts[turn - 1]),
+                    "sent_tokens": len(prompts[turn - 1]),
+                    "cached_tokens": details.get("cached_tokens") or 0,
+                    "recomputed_tokens": "",
+                    "ttft_s": ttft,
+                    "total_s": total,
+                }
+            )
     return rows
 
 
 def summarize(rows: list[dict], first: list[int], last: list[int]) -> str:
-    lines = ["| provider | context at turn 1 / N | TTFT turns 1-W (s) | TTFT last W (s) | last/first | "
-             "total turns 1-W (s) | total last W (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| provider | context at turn 1 / N | TTFT turns 1-W (s) | TTFT last W (s) | last/first | "
+        "total turns 1-W (s) | total last W (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     by = {}
     for r in rows:
         by.setdefault(r["provider"], {})[r["turn"]] = r
@@ -87,8 +124,10 @@ def summarize(rows: list[dict], first: list[int], last: list[int]) -> str:
         la = [turns[t] for t in last if t in turns]
         mf, ml = (statistics.mean(x["ttft_s"] for x in g) for g in (f, la))
         tf, tl = (statistics.mean(x["total_s"] for x in g) for g in (f, la))
-        lines.append(f"| {name} | {f[0]['context_tokens']} / {la[-1]['context_tokens']} | {mf:.3f} | {ml:.3f} | "
-                     f"{ml / mf:.1f}x | {tf:.3f} | {tl:.3f} |")
+        lines.append(
+            f"| {name} | {f[0]['context_tokens']} / {la[-1]['context_tokens']} | {mf:.3f} | {ml:.3f} | "
+            f"{ml / mf:.1f}x | {tf:.3f} | {tl:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -101,8 +140,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name in dict.fromkeys(r["provider"] for r in rows):
         pts = sorted((r["turn"], r["ttft_s"]) for r in rows if r["provider"] == name)
-        ax.plot(*zip(*pts), marker="." if name != "stateful" else None, linestyle="-" if name == "stateful" else "",
-                label=name)
+        ax.plot(
+            *zip(*pts),
+            marker="." if name != "stateful" else None,
+            linestyle="-" if name == "stateful" else "",
+            label=name,
+        )
     ax.set_xlabel("turn")
     ax.set_ylabel("time to first token (s)")
     ax.set_yscale("log")
@@ -132,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--block-size", "32", "--max-model-len", "8192", "--enforce-eager", "--enable-prompt-tokens-details"]
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [("stateful", "stateful", []), ("vllm-apc", "vllm", ["--enable-prefix-caching"]),
-            ("vllm-no-apc", "vllm", ["--no-enable-prefix-caching"])]
+    runs = [
+        ("stateful", "stateful", []),
+        ("vllm-apc", "vllm", ["--enable-prefix-caching"]),
+        ("vllm-no-apc", "vllm", ["--no-enable-prefix-caching"]),
+    ]
     rows: list[dict] = []
     prompts: list[list[int]] = []
     for label, kind, extra in runs:
-        with launched_server(kind, model_path, "bench", common + extra, args.out_dir / "tmp" / f"{label}.log",
-                             env) as base:
+        with launched_server(
+            kind, model_path, "bench", common + extra, args.out_dir / "tmp" / f"{label}.log", env
+        ) as base:
             timed_completion(base, {"model": "bench", "prompt": [5, 6, 7], "max_tokens": 2})  # warm-up
             if label == "stateful":
                 got, prompts = run_stateful(base, "bench", turns, args.max_tokens)
@@ -154,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(rows, first, last)
     plot(rows, args.out_dir / "turn_latency.png")
     cmd = "python benchmarks/session_turn_latency.py " + " ".join(argv or [])
-    (args.out_dir / "summary.md").write_text(f"# Per-turn latency, {args.turns}-turn session\n\n"
-                                             f"Command: `{cmd.strip()}`; model `{args.model}`; "
-                                             f"{args.new_tokens} new tokens + {args.max_tokens} generated per turn.\n\n"
-                                             f"{table}\n")
+    (args.out_dir / "summary.md").write_text(
+        f"# Per-turn latency, {args.turns}-turn session\n\n"
+        f"Command: `{cmd.strip()}`; model `{args.model}`; "
+        f"{args.new_tokens} new tokens + {args.max_tokens} generated per turn.\n\n"
+        f"{table}\n"
+    )
     print(table)
     recomputed = sum(r["recomputed_tokens"] for r in rows if r["provider"] == "stateful")
     print(f"stateful: recomputed tokens over {args.turns} turns = {recomputed}")

@@ -51,126 +51,136 @@ class Topic:
 
 
 TOPICS: tuple[Topic, ...] = (
-    Topic("travel_plan", (
-        "I want to plan a two-week trip to Japan next April with my partner. We like food, hiking and "
-        "quiet towns more than big cities. Our total budget is 7000 dollars. Suggest a rough route.",
-        "Take the route you just suggested and split the 7000 dollar budget across flights, lodging, "
-        "food, transport and activities. Show the numbers per category.",
-        "Given that split, is a 14-day Japan Rail Pass worth it for your route, or are regional passes "
-        "cheaper? Compare against the transport line of your budget.",
-        "My partner is vegetarian. Which stops on the route will be hardest for her, and how should the "
-        "food budget you set change because of it?",
-        "We now want to add two nights in a traditional ryokan. Where on the route fits best, and what "
-        "would you cut from the budget to pay for it?",
-        "Write the day-by-day itinerary for the first five days, using the route, the rail decision and "
-        "the ryokan placement we agreed on.",
-        "Now the remaining nine days, keeping the same style and making sure the hiking days are not "
-        "back to back with the long train rides.",
-        "Cherry blossom season may push hotel prices up 30 percent. Redo the lodging line of the budget "
-        "with that increase and tell me if we are still under 7000.",
-        "If we are over budget, which two days of the itinerary would you shorten or drop, and why those "
-        "rather than others?",
-        "Make a packing list tailored to the hikes and the ryokan stay in the final itinerary, for April "
-        "weather at those places.",
-        "Summarize the final plan in ten bullet points: route, passes, lodging, food approach, budget "
-        "total, and the days we changed.",
-        "Finally, list the three bookings we must make first and the latest date to make each, based on "
-        "everything we decided above.",
-    )),
-    Topic("car_purchase", (
-        "I need a used car for a family of four. I drive 60 kilometers a day, mostly highway, and can "
-        "spend up to 18000 euros. Give me five candidate models with their typical prices.",
-        "From those five, drop the two with the worst reliability records and explain the choice.",
-        "For the remaining three, estimate fuel cost per year for my 60 kilometers a day at 1.80 euros "
-        "per liter.",
-        "Add insurance and yearly maintenance estimates to the fuel numbers and give a total yearly cost "
-        "per car.",
-        "One dealer offers the cheapest of the three with 95000 kilometers for 15500 euros. Is that a fair "
-        "price given what you said about its typical price?",
-        "What should I check on that specific car during the test drive, considering its known weak "
-        "points you mentioned?",
-        "The inspection found worn brake discs and a small oil leak. Estimate repair costs and tell me "
-        "what to offer instead of 15500.",
-        "The dealer refuses to go below 14900. Compare that deal against the second car on our list "
-        "using the yearly costs you computed.",
-        "If I finance 10000 euros over four years at 6.9 percent, what is the monthly payment, and how "
-        "does it change the comparison?",
-        "My partner now says we need a tow hitch for a small camper. Which of our three cars can tow "
-        "1200 kilograms, and does that change your recommendation?",
-        "Give me the final recommendation with price to offer, financing, and the total cost over four "
-        "years, using all the numbers above.",
-        "Draft a short message to the dealer making the offer we settled on, mentioning the defects found "
-        "in the inspection.",
-    )),
-    Topic("band_launch", (
-        "My indie rock band of four is releasing our first EP of five songs in three months. We have "
-        "2500 dollars and no label. Outline a launch plan.",
-        "Based on that plan, which platforms should we focus on first, and why those for our genre?",
-        "Split the 2500 dollars across the items in your plan and explain each amount.",
-        "We can afford one music video. Which of the five songs should it be for, and how should the "
-        "video budget you set be spent?",
-        "Create a twelve-week calendar from now to release, placing the video, the singles and the "
-        "social posts from your plan.",
-        "Our drummer can only work on weekends. Adjust the calendar so no task that needs the whole band "
-        "falls on a weekday.",
-        "Write three short social posts for the first single in the calendar, in a voice that matches "
-        "the platforms you picked.",
-        "A local venue offers a release show on week eleven for 400 dollars. Should we take it, and what "
-        "would you cut from the budget to afford it?",
-        "How many tickets do we need to sell at 12 dollars to break even on that show, including the "
-        "costs you listed?",
-        "Draft an email to three music blogs pitching the EP, mentioning the single and the release show "
-        "we decided on.",
-        "List the metrics we should track each week after release and targets for the first month, "
-        "given the budget and platforms above.",
-        "Summarize the whole launch plan on one page: budget, calendar milestones, show, and metrics.",
-    )),
-    Topic("fitness_plan", (
-        "I am 38, I sit at a desk all day, and I want to run a 10 kilometer race in 16 weeks. I can train "
-        "four days a week for 45 minutes. Where should I start?",
-        "Turn that into a weekly structure: which four days, what type of session each day, and why in "
-        "that order.",
-        "Write out weeks one to four in detail with distances or times for each of the sessions you "
-        "defined.",
-        "After week two my left knee aches after the long run. How should the plan for weeks three and "
-        "four change?",
-        "Add two short strength routines that protect the knee, and tell me which of the four days they "
-        "go on without overloading.",
-        "I weigh 84 kilograms and want to reach 78 by race day. How many calories per day should I eat, "
-        "given the training load you planned?",
-        "Build a sample day of meals that hits that calorie target and supports the long run day.",
-        "Weeks five to eight: write them out, building on the adjusted weeks three and four.",
-        "I have a business trip in week nine with no running track, only a hotel gym. Adapt that week.",
-        "Weeks ten to fourteen: increase the load toward race pace. What race pace should I target given "
-        "how the earlier weeks went?",
-        "Plan the taper for weeks fifteen and sixteen and the race-day routine, including what to eat "
-        "from the meal plan.",
-        "Summarize the whole sixteen-week plan in a table: week, four sessions, strength days, and the "
-        "weight target per month.",
-    )),
-    Topic("learning_python", (
-        "I am an accountant with no programming background and want to learn Python to automate my "
-        "spreadsheets. I have five hours a week. Suggest a learning path.",
-        "For the first step of that path, give me three tiny exercises using numbers from an invoice.",
-        "Here is my attempt at the first exercise: total = 0; for x in [120, 80, 45]: total = total + x. "
-        "What does it print if I add print(total), and how would you improve it?",
-        "Next, show me how to read a CSV file of invoices with columns date, client, amount, and sum the "
-        "amounts like in the exercise.",
-        "Now group the totals by client from that CSV example and print the top three clients.",
-        "The amounts in my real file use commas as decimal separators, like 1.234,56. Fix the code from "
-        "the last two answers to handle that.",
-        "Which point of the learning path are we at now, and what should I study next week given the "
-        "five hours I have?",
-        "Show me how to write the per-client totals to a new Excel file with a header row, extending the "
-        "code we built.",
-        "Add a check that flags any invoice above 10000 as a possible error and writes those to a second "
-        "sheet.",
-        "My manager wants this to run every Monday. Explain the simplest way to schedule the script on "
-        "Windows, step by step.",
-        "Refactor the whole script we built into three functions with clear names, keeping the comma "
-        "fix and the 10000 check.",
-        "Review my progress over this conversation and set three goals for the next month of the path.",
-    )),
+    Topic(
+        "travel_plan",
+        (
+            "I want to plan a two-week trip to Japan next April with my partner. We like food, hiking and "
+            "quiet towns more than big cities. Our total budget is 7000 dollars. Suggest a rough route.",
+            "Take the route you just suggested and split the 7000 dollar budget across flights, lodging, "
+            "food, transport and activities. Show the numbers per category.",
+            "Given that split, is a 14-day Japan Rail Pass worth it for your route, or are regional passes "
+            "cheaper? Compare against the transport line of your budget.",
+            "My partner is vegetarian. Which stops on the route will be hardest for her, and how should the "
+            "food budget you set change because of it?",
+            "We now want to add two nights in a traditional ryokan. Where on the route fits best, and what "
+            "would you cut from the budget to pay for it?",
+            "Write the day-by-day itinerary for the first five days, using the route, the rail decision and "
+            "the ryokan placement we agreed on.",
+            "Now the remaining nine days, keeping the same style and making sure the hiking days are not "
+            "back to back with the long train rides.",
+            "Cherry blossom season may push hotel prices up 30 percent. Redo the lodging line of the budget "
+            "with that increase and tell me if we are still under 7000.",
+            "If we are over budget, which two days of the itinerary would you shorten or drop, and why those "
+            "rather than others?",
+            "Make a packing list tailored to the hikes and the ryokan stay in the final itinerary, for April "
+            "weather at those places.",
+            "Summarize the final plan in ten bullet points: route, passes, lodging, food approach, budget "
+            "total, and the days we changed.",
+            "Finally, list the three bookings we must make first and the latest date to make each, based on "
+            "everything we decided above.",
+        ),
+    ),
+    Topic(
+        "car_purchase",
+        (
+            "I need a used car for a family of four. I drive 60 kilometers a day, mostly highway, and can "
+            "spend up to 18000 euros. Give me five candidate models with their typical prices.",
+            "From those five, drop the two with the worst reliability records and explain the choice.",
+            "For the remaining three, estimate fuel cost per year for my 60 kilometers a day at 1.80 euros per liter.",
+            "Add insurance and yearly maintenance estimates to the fuel numbers and give a total yearly cost per car.",
+            "One dealer offers the cheapest of the three with 95000 kilometers for 15500 euros. Is that a fair "
+            "price given what you said about its typical price?",
+            "What should I check on that specific car during the test drive, considering its known weak "
+            "points you mentioned?",
+            "The inspection found worn brake discs and a small oil leak. Estimate repair costs and tell me "
+            "what to offer instead of 15500.",
+            "The dealer refuses to go below 14900. Compare that deal against the second car on our list "
+            "using the yearly costs you computed.",
+            "If I finance 10000 euros over four years at 6.9 percent, what is the monthly payment, and how "
+            "does it change the comparison?",
+            "My partner now says we need a tow hitch for a small camper. Which of our three cars can tow "
+            "1200 kilograms, and does that change your recommendation?",
+            "Give me the final recommendation with price to offer, financing, and the total cost over four "
+            "years, using all the numbers above.",
+            "Draft a short message to the dealer making the offer we settled on, mentioning the defects found "
+            "in the inspection.",
+        ),
+    ),
+    Topic(
+        "band_launch",
+        (
+            "My indie rock band of four is releasing our first EP of five songs in three months. We have "
+            "2500 dollars and no label. Outline a launch plan.",
+            "Based on that plan, which platforms should we focus on first, and why those for our genre?",
+            "Split the 2500 dollars across the items in your plan and explain each amount.",
+            "We can afford one music video. Which of the five songs should it be for, and how should the "
+            "video budget you set be spent?",
+            "Create a twelve-week calendar from now to release, placing the video, the singles and the "
+            "social posts from your plan.",
+            "Our drummer can only work on weekends. Adjust the calendar so no task that needs the whole band "
+            "falls on a weekday.",
+            "Write three short social posts for the first single in the calendar, in a voice that matches "
+            "the platforms you picked.",
+            "A local venue offers a release show on week eleven for 400 dollars. Should we take it, and what "
+            "would you cut from the budget to afford it?",
+            "How many tickets do we need to sell at 12 dollars to break even on that show, including the "
+            "costs you listed?",
+            "Draft an email to three music blogs pitching the EP, mentioning the single and the release show "
+            "we decided on.",
+            "List the metrics we should track each week after release and targets for the first month, "
+            "given the budget and platforms above.",
+            "Summarize the whole launch plan on one page: budget, calendar milestones, show, and metrics.",
+        ),
+    ),
+    Topic(
+        "fitness_plan",
+        (
+            "I am 38, I sit at a desk all day, and I want to run a 10 kilometer race in 16 weeks. I can train "
+            "four days a week for 45 minutes. Where should I start?",
+            "Turn that into a weekly structure: which four days, what type of session each day, and why in that order.",
+            "Write out weeks one to four in detail with distances or times for each of the sessions you defined.",
+            "After week two my left knee aches after the long run. How should the plan for weeks three and "
+            "four change?",
+            "Add two short strength routines that protect the knee, and tell me which of the four days they "
+            "go on without overloading.",
+            "I weigh 84 kilograms and want to reach 78 by race day. How many calories per day should I eat, "
+            "given the training load you planned?",
+            "Build a sample day of meals that hits that calorie target and supports the long run day.",
+            "Weeks five to eight: write them out, building on the adjusted weeks three and four.",
+            "I have a business trip in week nine with no running track, only a hotel gym. Adapt that week.",
+            "Weeks ten to fourteen: increase the load toward race pace. What race pace should I target given "
+            "how the earlier weeks went?",
+            "Plan the taper for weeks fifteen and sixteen and the race-day routine, including what to eat "
+            "from the meal plan.",
+            "Summarize the whole sixteen-week plan in a table: week, four sessions, strength days, and the "
+            "weight target per month.",
+        ),
+    ),
+    Topic(
+        "learning_python",
+        (
+            "I am an accountant with no programming background and want to learn Python to automate my "
+            "spreadsheets. I have five hours a week. Suggest a learning path.",
+            "For the first step of that path, give me three tiny exercises using numbers from an invoice.",
+            "Here is my attempt at the first exercise: total = 0; for x in [120, 80, 45]: total = total + x. "
+            "What does it print if I add print(total), and how would you improve it?",
+            "Next, show me how to read a CSV file of invoices with columns date, client, amount, and sum the "
+            "amounts like in the exercise.",
+            "Now group the totals by client from that CSV example and print the top three clients.",
+            "The amounts in my real file use commas as decimal separators, like 1.234,56. Fix the code from "
+            "the last two answers to handle that.",
+            "Which point of the learning path are we at now, and what should I study next week given the "
+            "five hours I have?",
+            "Show me how to write the per-client totals to a new Excel file with a header row, extending the "
+            "code we built.",
+            "Add a check that flags any invoice above 10000 as a possible error and writes those to a second sheet.",
+            "My manager wants this to run every Monday. Explain the simplest way to schedule the script on "
+            "Windows, step by step.",
+            "Refactor the whole script we built into three functions with clear names, keeping the comma "
+            "fix and the 10000 check.",
+            "Review my progress over this conversation and set three goals for the next month of the path.",
+        ),
+    ),
 )
 
 
@@ -354,18 +364,29 @@ def run_topic(
             extra: dict[str, Any] = {"stateful": session_id} if stateful else {}
             started = time.perf_counter()
             stream = client.chat.completions.create(
-                model=model, messages=sent, max_tokens=max_tokens, temperature=temperature, stream=True,
-                stream_options={"include_usage": True}, extra_body=extra or None,
+                model=model,
+                messages=sent,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=extra or None,
             )
             result = consume_stream(stream, started)
             counted = counter.count(sent, history if stateful and i > 1 else ())
             prompt_tokens = counted if counted is not None else max(result.prompt_tokens, 0)
             cumulative += prompt_tokens
             row = Row(
-                provider=label or provider, topic=topic.name, turn=i, ttft_s=result.ttft_s,
-                prompt_tokens=prompt_tokens, cumulative_prompt_tokens=cumulative,
-                cached_tokens=result.cached_tokens, recomputed_tokens=result.recomputed_tokens,
-                completion_tokens=max(result.completion_tokens, 0), total_s=result.total_s,
+                provider=label or provider,
+                topic=topic.name,
+                turn=i,
+                ttft_s=result.ttft_s,
+                prompt_tokens=prompt_tokens,
+                cumulative_prompt_tokens=cumulative,
+                cached_tokens=result.cached_tokens,
+                recomputed_tokens=result.recomputed_tokens,
+                completion_tokens=max(result.completion_tokens, 0),
+                total_s=result.total_s,
             )
             rows.append(row)
             if on_turn is not None:
@@ -398,8 +419,9 @@ def run_benchmark(
 ) -> list[Row]:
     """Run ``topics`` topics x ``turns`` turns against ``base_url`` and return the rows in run order.
 
-    ``model`` is resolved by ``resolve_model`` (None: the server's first listed model). ``label`` (default: ``provider``) fills the
-    CSV ``provider`` column; labels starting with ``stateful`` mark session rows for the report.
+    ``model`` is resolved by ``resolve_model`` (None: the server's first listed model). ``label``
+    (default: ``provider``) fills the CSV ``provider`` column; labels starting with ``stateful`` mark
+    session rows for the report.
     ``prompt_tokens`` is counted with the tokenizer at ``tokenizer_path`` when given, else taken from
     the server's ``usage.prompt_tokens``.
     """
@@ -412,8 +434,18 @@ def run_benchmark(
     rows: list[Row] = []
     try:
         for topic in TOPICS[:topics]:
-            rows += run_topic(client, provider, topic, model, turns, max_tokens, counter, label=label,
-                              temperature=temperature, on_turn=bar.step if bar else None)
+            rows += run_topic(
+                client,
+                provider,
+                topic,
+                model,
+                turns,
+                max_tokens,
+                counter,
+                label=label,
+                temperature=temperature,
+                on_turn=bar.step if bar else None,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -439,11 +471,13 @@ class _Progress:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("provider", choices=PROVIDERS)
-    p.add_argument("--base-url", default=None,
-                   help=f"OpenAI base URL (default {DEFAULT_BASE_URL}; openai: $OPENAI_BASE_URL)")
+    p.add_argument(
+        "--base-url", default=None, help=f"OpenAI base URL (default {DEFAULT_BASE_URL}; openai: $OPENAI_BASE_URL)"
+    )
     p.add_argument("--model", default=None, help="served model name or model dir (default: first listed)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer dir for counting sent tokens (default: --model if it is a dir)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer dir for counting sent tokens (default: --model if it is a dir)"
+    )
     p.add_argument("--label", default=None, help="value of the CSV provider column (default PROVIDER)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--topics", type=int, default=len(TOPICS), help=f"1..{len(TOPICS)}")
@@ -458,13 +492,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     base_url = args.base_url or (
-        os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1") if args.provider == "openai"
+        os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        if args.provider == "openai"
         else DEFAULT_BASE_URL
     )
     rows = run_benchmark(
-        args.provider, base_url, args.model, args.topics, args.turns, args.max_tokens,
-        default_tokenizer_path(args.model, args.tokenizer), label=args.label, api_key=args.api_key,
-        temperature=args.temperature, progress=True,
+        args.provider,
+        base_url,
+        args.model,
+        args.topics,
+        args.turns,
+        args.max_tokens,
+        default_tokenizer_path(args.model, args.tokenizer),
+        label=args.label,
+        api_key=args.api_key,
+        temperature=args.temperature,
+        progress=True,
     )
     if args.csv:
         print(f"wrote {report.write_csv(rows, args.csv)}")

@@ -39,7 +39,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -112,10 +112,18 @@ class _Provider:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def _complete(self, body: dict[str, Any], received: asyncio.Event | None) -> tuple[float, float | None, dict, dict | None]:
+    async def _complete(
+        self, body: dict[str, Any], received: asyncio.Event | None
+    ) -> tuple[float, float | None, dict, dict | None]:
         """Stream one completion; (latency, ttft, usage, session). Sets ``received`` on response headers."""
-        body = {"model": self.model, "temperature": 0, "ignore_eos": True, **body,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.model,
+            "temperature": 0,
+            "ignore_eos": True,
+            **body,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         t0 = time.perf_counter()
         ttft, usage, session = None, {}, None
         async with self.client.stream("POST", f"{self.api_base}/completions", json=body) as resp:
@@ -212,12 +220,23 @@ class StatefulProvider(_Provider):
             await asyncio.sleep(_retry_after(resp))
 
     async def ask(self, q: rep.Question, received: asyncio.Event) -> Answer:
-        body = {"prompt": q.prompt, "max_tokens": self.max_tokens, "stateful": self.session_id, "stateful_commit": False}
+        body = {
+            "prompt": q.prompt,
+            "max_tokens": self.max_tokens,
+            "stateful": self.session_id,
+            "stateful_commit": False,
+        }
         lat, ttft, usage, session = await self._complete(body, received)
         if not session:
             raise BenchError(f"completion on session {self.session_id} has no 'session' object: not vllm-stateful?")
-        return Answer(int(session["context_tokens"]), int(usage["prompt_tokens"]), lat, ttft,
-                      int(usage["completion_tokens"]), session.get("recomputed_tokens"))
+        return Answer(
+            int(session["context_tokens"]),
+            int(usage["prompt_tokens"]),
+            lat,
+            ttft,
+            int(usage["completion_tokens"]),
+            session.get("recomputed_tokens"),
+        )
 
     async def finish(self, run: ProviderRun, timeout_s: float = 300.0) -> None:
         """Poll until the session covers every tick (or stops growing), then compute per-append lags."""
@@ -300,12 +319,25 @@ async def run_provider(provider: _Provider, feed: rep.Feed, rate: float, log: bo
         await provider.close()
     for q, a in zip(feed.questions, answers):
         lag = run.append_lags[q.after_tick] if run.append_lags else None
-        run.rows.append(rep.QueryRow(provider.name, q.idx, a.context_tokens, a.prompt_tokens_sent,
-                                     a.latency_s, a.ttft_s, a.completion_tokens, lag))
+        run.rows.append(
+            rep.QueryRow(
+                provider.name,
+                q.idx,
+                a.context_tokens,
+                a.prompt_tokens_sent,
+                a.latency_s,
+                a.ttft_s,
+                a.completion_tokens,
+                lag,
+            )
+        )
         run.recomputed_tokens.append(a.recomputed_tokens)
         if log:
-            print(f"[{provider.name}] q{q.idx} ctx={a.context_tokens} sent={a.prompt_tokens_sent} "
-                  f"latency={a.latency_s:.3f}s", file=sys.stderr)
+            print(
+                f"[{provider.name}] q{q.idx} ctx={a.context_tokens} sent={a.prompt_tokens_sent} "
+                f"latency={a.latency_s:.3f}s",
+                file=sys.stderr,
+            )
     return run
 
 
@@ -314,7 +346,9 @@ def run_provider_sync(provider: _Provider, feed: rep.Feed, rate: float, log: boo
     return asyncio.run(run_provider(provider, feed, rate, log))
 
 
-def make_provider(kind: str, name: str, api_base: str, model: str | None, max_tokens: int, poll_interval_s: float = 0.05) -> _Provider:
+def make_provider(
+    kind: str, name: str, api_base: str, model: str | None, max_tokens: int, poll_interval_s: float = 0.05
+) -> _Provider:
     if kind == "stateful":
         p = StatefulProvider(name, api_base, model, max_tokens)
         p.poll_interval_s = poll_interval_s
@@ -363,30 +397,62 @@ def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -
     summaries, largest = rep.summarize(rows, lags, cfg["ref_tokens"], cfg["nearest_k"])
     table = rep.bucket_table(rows, cfg["bucket_edges"])
     (out_dir / "summary.md").write_text(rep.markdown_report(table, summaries, largest, cfg["baseline"]))
-    extra = {run.provider: {"append_retries": run.append_retries, "wall_s": run.wall_s,
-                            "token_accounting": run.token_accounting,
-                            "appends_never_covered": sum(x is None for x in run.append_lags),
-                            "recomputed_tokens": run.recomputed_tokens if any(x is not None for x in run.recomputed_tokens) else None}
-             for run in runs}
+    extra = {
+        run.provider: {
+            "append_retries": run.append_retries,
+            "wall_s": run.wall_s,
+            "token_accounting": run.token_accounting,
+            "appends_never_covered": sum(x is None for x in run.append_lags),
+            "recomputed_tokens": run.recomputed_tokens if any(x is not None for x in run.recomputed_tokens) else None,
+        }
+        for run in runs
+    }
     speed = rep.speedups(summaries, cfg["baseline"]) if any(s.provider == cfg["baseline"] for s in summaries) else {}
-    (out_dir / "summary.json").write_text(json.dumps({
-        "config": cfg, "largest_context": largest, "providers": [asdict(s) for s in summaries],
-        "speedups_of_baseline": speed, "buckets": [asdict(b) for b in table], "runs": extra}, indent=2))
+    (out_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "config": cfg,
+                "largest_context": largest,
+                "providers": [asdict(s) for s in summaries],
+                "speedups_of_baseline": speed,
+                "buckets": [asdict(b) for b in table],
+                "runs": extra,
+            },
+            indent=2,
+        )
+    )
     return rep.summary_line(summaries, largest, cfg["baseline"])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default {DEFAULT_CONFIG})")
-    for flag, typ in (("model", str), ("seed", int), ("ticks", int), ("questions", int), ("rate", float),
-                      ("max_tokens", int), ("out_dir", str)):
+    for flag, typ in (
+        ("model", str),
+        ("seed", int),
+        ("ticks", int),
+        ("questions", int),
+        ("rate", float),
+        ("max_tokens", int),
+        ("out_dir", str),
+    ):
         ap.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None)
-    ap.add_argument("--providers", default=None, help="comma-separated provider names to run (default: all in the config)")
+    ap.add_argument(
+        "--providers", default=None, help="comma-separated provider names to run (default: all in the config)"
+    )
     ap.add_argument("--base-url", default=None, help="use this running server (…/v1) for the one selected provider")
-    ap.add_argument("--model-name", default=None, help="served model name with --base-url (default: first of /v1/models)")
+    ap.add_argument(
+        "--model-name", default=None, help="served model name with --base-url (default: first of /v1/models)"
+    )
     a = ap.parse_args(argv)
     cfg = load_config(a.config)
-    cfg.update({k: v for k, v in vars(a).items() if v is not None and k not in ("config", "providers", "base_url", "model_name")})
+    cfg.update(
+        {
+            k: v
+            for k, v in vars(a).items()
+            if v is not None and k not in ("config", "providers", "base_url", "model_name")
+        }
+    )
     providers = cfg["providers"]
     if a.providers:
         wanted = a.providers.split(",")
@@ -401,9 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     srv = cfg["server"]
     runs: list[ProviderRun] = []
     for p in providers:
-        print(f"[{p['name']}] {len(feed.ticks)} ticks at {cfg['rate']}/s, {len(feed.questions)} questions", file=sys.stderr)
+        print(
+            f"[{p['name']}] {len(feed.ticks)} ticks at {cfg['rate']}/s, {len(feed.questions)} questions",
+            file=sys.stderr,
+        )
 
-        def once(api_base: str, model: str | None) -> ProviderRun:
+        def once(api_base: str, model: str | None, p: dict[str, Any] = p) -> ProviderRun:
             prov = make_provider(p["kind"], p["name"], api_base, model, cfg["max_tokens"], cfg["poll_interval_s"])
             return run_provider_sync(prov, feed, cfg["rate"], log=True)
 
@@ -414,8 +483,15 @@ def main(argv: list[str] | None = None) -> int:
             log_path = ROOT / cfg["log_dir"] / f"server-{p['name']}.log"
             env = {k: str(v) for k, v in srv.get("cpu_env", {}).items()} if _on_cpu() else {}
             kind = "stateful" if p["server"] == "stateful" else "vllm"
-            with launched_server(kind, str(model_dir), model_dir.name, [*srv["common_args"], *p.get("args", [])],
-                                 log_path, env, srv["startup_timeout_s"]) as api_base:
+            with launched_server(
+                kind,
+                str(model_dir),
+                model_dir.name,
+                [*srv["common_args"], *p.get("args", [])],
+                log_path,
+                env,
+                srv["startup_timeout_s"],
+            ) as api_base:
                 runs.append(once(api_base, model_dir.name))
         rep.write_csv([r for run in runs for r in run.rows], out_dir / "streaming.csv")  # keep partial results
     print(write_outputs(runs, cfg, out_dir))

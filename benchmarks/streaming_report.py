@@ -30,8 +30,14 @@ QUESTION_TEMPLATES = (
 )
 DEFAULT_BUCKET_EDGES = (0, 1000, 2000, 3000, 4000, 5000, 6000, 8000)
 CSV_FIELDS = (
-    "provider", "question_idx", "context_tokens", "prompt_tokens_sent",
-    "latency_s", "ttft_s", "completion_tokens", "ingest_lag_s",
+    "provider",
+    "question_idx",
+    "context_tokens",
+    "prompt_tokens_sent",
+    "latency_s",
+    "ttft_s",
+    "completion_tokens",
+    "ingest_lag_s",
 )
 
 
@@ -243,10 +249,19 @@ def summarize(
         ref_lat, ref_ctx = latency_at(rs, ref_tokens, k)
         max_lat, max_ctx = latency_at(rs, largest, k)
         lags = list((ingest_lags or {}).get(p) or [])
-        out.append(ProviderSummary(
-            p, len(rs), ref_ctx, ref_lat, max_ctx, max_lat, max_lat / ref_lat,
-            percentile(lags, 50) if lags else None, percentile(lags, 95) if lags else None,
-        ))
+        out.append(
+            ProviderSummary(
+                p,
+                len(rs),
+                ref_ctx,
+                ref_lat,
+                max_ctx,
+                max_lat,
+                max_lat / ref_lat,
+                percentile(lags, 50) if lags else None,
+                percentile(lags, 95) if lags else None,
+            )
+        )
     return out, largest
 
 
@@ -263,7 +278,9 @@ def group_rows(rows: Iterable[QueryRow]) -> dict[str, list[QueryRow]]:
     return by
 
 
-def ingest_lags(acks: Sequence[float], targets: Sequence[float], samples: Sequence[tuple[float, int]]) -> list[float | None]:
+def ingest_lags(
+    acks: Sequence[float], targets: Sequence[float], samples: Sequence[tuple[float, int]]
+) -> list[float | None]:
     """Lag of each append: time of the first session sample taken at or after its acknowledgement whose
     ``context_tokens`` reaches its target, minus the acknowledgement time; None if never reached.
     ``samples`` are (time, context_tokens) in time order; sample times are when the reply arrived,
@@ -296,21 +313,30 @@ def summary_line(summaries: Sequence[ProviderSummary], largest: int, baseline: s
     return " | ".join(parts)
 
 
-def markdown_report(table: Sequence[BucketStat], summaries: Sequence[ProviderSummary], largest: int, baseline: str) -> str:
+def markdown_report(
+    table: Sequence[BucketStat], summaries: Sequence[ProviderSummary], largest: int, baseline: str
+) -> str:
     """The closing note: the bucket table, the growth ratio per provider, speed-ups and ingest lag."""
     lines = ["| provider | context | n | p50 latency (s) | p95 latency (s) |", "|---|---|---:|---:|---:|"]
     lines += [f"| {b.provider} | {b.bucket} | {b.n} | {b.p50_s:.3f} | {b.p95_s:.3f} |" for b in table]
-    lines += ["", "| provider | ctx @~1k | p50 @~1k (s) | ctx @max | p50 @max (s) | max ÷ ~1k | ingest lag p50/p95 (s) |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "| provider | ctx @~1k | p50 @~1k (s) | ctx @max | p50 @max (s) | max ÷ ~1k | ingest lag p50/p95 (s) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for s in summaries:
         lag = "" if s.ingest_lag_p50_s is None else f"{s.ingest_lag_p50_s:.3f} / {s.ingest_lag_p95_s:.3f}"
-        lines.append(f"| {s.provider} | {s.ref_context:.0f} | {s.ref_latency_s:.3f} | {s.max_context:.0f} "
-                     f"| {s.max_latency_s:.3f} | {s.growth:.2f} | {lag} |")
+        lines.append(
+            f"| {s.provider} | {s.ref_context:.0f} | {s.ref_latency_s:.3f} | {s.max_context:.0f} "
+            f"| {s.max_latency_s:.3f} | {s.growth:.2f} | {lag} |"
+        )
     lines += ["", summary_line(summaries, largest, baseline)]
     return "\n".join(lines) + "\n"
 
 
-def plot_latency(rows: Sequence[QueryRow], path: str | Path, title: str = "Query latency vs accumulated context") -> Path:
+def plot_latency(
+    rows: Sequence[QueryRow], path: str | Path, title: str = "Query latency vs accumulated context"
+) -> Path:
     """PNG: latency (log scale) against context tokens, one line per provider."""
     import matplotlib
 

@@ -120,9 +120,11 @@ def _run_vllm(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vllm-stateful {serve,demo-model} ...\n\n"
-              "  serve [MODEL] [vllm serve flags] [plugin flags]   vLLM's OpenAI server with sessions on\n"
-              "  demo-model [--size tiny|small] PATH               write a random-weight Qwen2 model")
+        print(
+            "usage: vllm-stateful {serve,demo-model} ...\n\n"
+            "  serve [MODEL] [vllm serve flags] [plugin flags]   vLLM's OpenAI server with sessions on\n"
+            "  demo-model [--size tiny|small] PATH               write a random-weight Qwen2 model"
+        )
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo-model":
@@ -138,9 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd == "serve":
         if any(a in ("-h", "--help") or a.startswith("--help=") for a in rest):
             plugin_parser().print_help()
-            print(f"\nAlways set: --scheduler-cls {SCHEDULER_CLS}, VLLM_PLUGINS+={PLUGIN_NAME}.\n"
-                  "CPU defaults (overridable): --block-size 32 --enforce-eager --max-model-len 8192, "
-                  "VLLM_CPU_KVCACHE_SPACE=4, VLLM_CPU_OMP_THREADS_BIND=all cores.\n\nvLLM options:\n")
+            print(
+                f"\nAlways set: --scheduler-cls {SCHEDULER_CLS}, VLLM_PLUGINS+={PLUGIN_NAME}.\n"
+                "CPU defaults (overridable): --block-size 32 --enforce-eager --max-model-len 8192, "
+                "VLLM_CPU_KVCACHE_SPACE=4, VLLM_CPU_OMP_THREADS_BIND=all cores.\n\nvLLM options:\n"
+            )
             sys.stdout.flush()
             return _run_vllm(["vllm", "serve", *rest])
         return _run_vllm(serve_argv(rest))

@@ -155,9 +155,9 @@ def build_demo_model(path: str | os.PathLike, size: str = "tiny", seed: int = 0)
     model = Qwen2ForCausalLM(config).to(getattr(torch, shape.dtype))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False
-    ).save_pretrained(out)
+    GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False).save_pretrained(
+        out
+    )
     (out / "stateful_demo.json").write_text(
         json.dumps({"size": size, "seed": seed, "params": model.num_parameters()}, indent=2)
     )

@@ -28,8 +28,7 @@ def _stateful_call(self, op: str, args: dict[str, Any] | None = None) -> Any:
     handler = getattr(self.scheduler, "handle_stateful_call", None)
     if handler is None:
         raise StatefulNotEnabled(
-            "this engine runs vLLM's stock scheduler; start it with "
-            "--scheduler-cls vllm_stateful.StatefulScheduler"
+            "this engine runs vLLM's stock scheduler; start it with --scheduler-cls vllm_stateful.StatefulScheduler"
         )
     return handler(op, args or {})
 

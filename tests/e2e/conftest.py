@@ -62,11 +62,27 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     cmd = [
-        sys.executable, "-m", "vllm_stateful.cli", "serve", tiny_model_path,
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-        "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
-        "--session-quota", str(SESSION_QUOTA), "--max-ingest-queue-tokens", str(INGEST_QUEUE_TOKENS),
-        "--num-gpu-blocks-override", str(NUM_KV_BLOCKS),
+        sys.executable,
+        "-m",
+        "vllm_stateful.cli",
+        "serve",
+        tiny_model_path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--seed",
+        "0",
+        "--session-quota",
+        str(SESSION_QUOTA),
+        "--max-ingest-queue-tokens",
+        str(INGEST_QUEUE_TOKENS),
+        "--num-gpu-blocks-override",
+        str(NUM_KV_BLOCKS),
     ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -26,9 +26,15 @@ MAX_TOKENS = 4
 def smoke_rows(stateful_server) -> dict[str, list[report.Row]]:
     """Rows of one short benchmark per provider, in the order stateful, stateless."""
     return {
-        provider: run_benchmark(provider, stateful_server.base_url, stateful_server.model, topics=1,
-                                turns=TURNS, max_tokens=MAX_TOKENS,
-                                tokenizer_path=stateful_server.model_path)
+        provider: run_benchmark(
+            provider,
+            stateful_server.base_url,
+            stateful_server.model,
+            topics=1,
+            turns=TURNS,
+            max_tokens=MAX_TOKENS,
+            tokenizer_path=stateful_server.model_path,
+        )
         for provider in ("stateful", "stateless")
     }
 

@@ -45,22 +45,40 @@ def test_query_equals_stateless_and_leaves_no_trace(stateful_server, client):
     before = _tokens(stateful_server, sid)
     free_before = stateful_server.integrity()["free_blocks"]
     for question in ([5, 6, 7], [8, 9], [5, 6, 7]):
-        r = client.completions.create(model="tiny", prompt=question, max_tokens=6, temperature=0,
-                                      extra_body={"stateful": sid, "stateful_commit": False,
-                                                  "return_token_ids": True})
+        r = client.completions.create(
+            model="tiny",
+            prompt=question,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"stateful": sid, "stateful_commit": False, "return_token_ids": True},
+        )
         assert r.model_extra["session"]["recomputed_tokens"] == 0
         assert r.model_extra["session"]["new_tokens"] == len(question)
-        stateless = client.completions.create(model="tiny", prompt=before["token_ids"] + question, max_tokens=6,
-                                              temperature=0, extra_body={"return_token_ids": True})
+        stateless = client.completions.create(
+            model="tiny",
+            prompt=before["token_ids"] + question,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+        )
         assert r.choices[0].model_extra["token_ids"] == stateless.choices[0].model_extra["token_ids"]
         after = _tokens(stateful_server, sid)
         assert (after["token_ids"], after["version"], after["pinned_blocks"]) == (
-            before["token_ids"], before["version"], before["pinned_blocks"])
+            before["token_ids"],
+            before["version"],
+            before["pinned_blocks"],
+        )
     # a commit after queries still sees the untouched partial block: same as stateless
-    r = client.completions.create(model="tiny", prompt=[8, 9], max_tokens=6, temperature=0,
-                                  extra_body={"stateful": sid, "return_token_ids": True})
-    stateless = client.completions.create(model="tiny", prompt=before["token_ids"] + [8, 9], max_tokens=6,
-                                          temperature=0, extra_body={"return_token_ids": True})
+    r = client.completions.create(
+        model="tiny", prompt=[8, 9], max_tokens=6, temperature=0, extra_body={"stateful": sid, "return_token_ids": True}
+    )
+    stateless = client.completions.create(
+        model="tiny",
+        prompt=before["token_ids"] + [8, 9],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     assert r.choices[0].model_extra["token_ids"] == stateless.choices[0].model_extra["token_ids"]
     assert stateful_server.integrity()["free_blocks"] <= free_before
     stateful_server.delete(f"/v1/sessions/{sid}")
@@ -71,8 +89,9 @@ def test_concurrent_appends_ingest_in_acknowledgement_order(stateful_server):
     stateful_server.post("/v1/sessions", json={"id": sid})
 
     def send(i):
-        r = httpx.post(f"{stateful_server.base_url}/sessions/{sid}/append",
-                       json={"token_ids": [1000 + i, 2000 + i]}, timeout=60)
+        r = httpx.post(
+            f"{stateful_server.base_url}/sessions/{sid}/append", json={"token_ids": [1000 + i, 2000 + i]}, timeout=60
+        )
         assert r.status_code == 202, r.text
         return r.json()["version"], i
 
@@ -80,8 +99,11 @@ def test_concurrent_appends_ingest_in_acknowledgement_order(stateful_server):
         acks = sorted(pool.map(send, range(40)))
     assert [v for v, _ in acks] == list(range(1, 41))
     # a query waits for every append acknowledged before it (read-your-writes)
-    q = httpx.post(f"{stateful_server.base_url}/completions", timeout=60, json={
-        "model": "tiny", "prompt": [1], "max_tokens": 1, "stateful": sid, "stateful_commit": False})
+    q = httpx.post(
+        f"{stateful_server.base_url}/completions",
+        timeout=60,
+        json={"model": "tiny", "prompt": [1], "max_tokens": 1, "stateful": sid, "stateful_commit": False},
+    )
     assert q.json()["session"]["context_tokens"] == 80 + 1
     expected = [t for _, i in acks for t in (1000 + i, 2000 + i)]
     assert _tokens(stateful_server, sid)["token_ids"] == expected
@@ -94,8 +116,9 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
     chunk = list(range(300, 300 + INGEST_QUEUE_TOKENS // 4))
 
     def send(i):
-        return i, httpx.post(f"{stateful_server.base_url}/sessions/{sid}/append",
-                             json={"token_ids": [3300 + i] + chunk}, timeout=60)
+        return i, httpx.post(
+            f"{stateful_server.base_url}/sessions/{sid}/append", json={"token_ids": [3300 + i] + chunk}, timeout=60
+        )
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
@@ -134,8 +157,7 @@ def test_appends_queued_behind_a_turn_are_coalesced_into_one_prefill(stateful_se
     with httpx.stream("POST", url, json=turn, timeout=120) as resp:
         lines = resp.iter_lines()
         next(lines)  # the turn is running and holds the session's write lock
-        acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]})
-                for i in range(10)]
+        acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]}) for i in range(10)]
         assert [a.status_code for a in acks] == [202] * 10
         for _ in lines:
             pass

@@ -46,8 +46,9 @@ def test_demo_model_generates_deterministically_and_matches_transformers(stock_l
     from vllm import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Plan a trip to Rome"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Plan a trip to Rome"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok.encode(prompt)
     params = SamplingParams(max_tokens=8, temperature=0)
     first = stock_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0].token_ids
@@ -57,7 +58,7 @@ def test_demo_model_generates_deterministically_and_matches_transformers(stock_l
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-    assert out[0, len(ids):].tolist() == list(first)
+    assert out[0, len(ids) :].tolist() == list(first)
 
 
 def test_demo_model_files(tiny_model_path):
@@ -65,8 +66,13 @@ def test_demo_model_files(tiny_model_path):
     from pathlib import Path
 
     root = Path(tiny_model_path)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (root / name).exists(), name
     config = json.loads((root / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
@@ -74,4 +80,5 @@ def test_demo_model_files(tiny_model_path):
 
     tok = AutoTokenizer.from_pretrained(root)
     assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
-        [{"role": "user", "content": "x"}], tokenize=False)
+        [{"role": "user", "content": "x"}], tokenize=False
+    )

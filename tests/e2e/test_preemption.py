@@ -22,21 +22,36 @@ def _preemptions(server) -> float:
 def test_burst_that_preempts_leaves_pinned_sessions_intact(stateful_server, client):
     rng = random.Random(3)
     sid = "preempt-1"
-    client.completions.create(model="tiny", prompt=[rng.randrange(10, 3000) for _ in range(600)], max_tokens=4,
-                              temperature=0, extra_body={"stateful": sid})
+    client.completions.create(
+        model="tiny",
+        prompt=[rng.randrange(10, 3000) for _ in range(600)],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"stateful": sid},
+    )
     before = stateful_server.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"}).json()
-    expected = client.completions.create(  # read-only query while the pinned KV is certainly intact
-        model="tiny", prompt=[11, 12, 13], max_tokens=6, temperature=0,
-        extra_body={"stateful": sid, "stateful_commit": False, "return_token_ids": True},
-    ).choices[0].model_extra["token_ids"]
+    expected = (
+        client.completions.create(  # read-only query while the pinned KV is certainly intact
+            model="tiny",
+            prompt=[11, 12, 13],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"stateful": sid, "stateful_commit": False, "return_token_ids": True},
+        )
+        .choices[0]
+        .model_extra["token_ids"]
+    )
     preempted_before = _preemptions(stateful_server)
     # 16 x (900 + 600) tokens = 24k > the 20k-token pool: vLLM must preempt running requests
     burst = [[rng.randrange(10, 3000) for _ in range(900)] for _ in range(16)]
     assert 16 * 1500 > NUM_KV_BLOCKS * 32
 
     def stateless(prompt):
-        r = httpx.post(stateful_server.base_url + "/completions", timeout=300, json={
-            "model": "tiny", "prompt": prompt, "max_tokens": 600, "ignore_eos": True, "temperature": 0})
+        r = httpx.post(
+            stateful_server.base_url + "/completions",
+            timeout=300,
+            json={"model": "tiny", "prompt": prompt, "max_tokens": 600, "ignore_eos": True, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         return r.json()["usage"]["completion_tokens"]
 
@@ -47,8 +62,13 @@ def test_burst_that_preempts_leaves_pinned_sessions_intact(stateful_server, clie
     assert after["token_ids"] == before["token_ids"] and after["pinned_blocks"] == before["pinned_blocks"]
     stateful_server.integrity()
     # the pinned KV is intact: the next turn reuses all of it and answers as before the burst
-    r = client.completions.create(model="tiny", prompt=[11, 12, 13], max_tokens=6, temperature=0,
-                                  extra_body={"stateful": sid, "return_token_ids": True})
+    r = client.completions.create(
+        model="tiny",
+        prompt=[11, 12, 13],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"stateful": sid, "return_token_ids": True},
+    )
     assert r.model_extra["session"]["recomputed_tokens"] == 0
     assert r.usage.prompt_tokens_details.cached_tokens == len(before["token_ids"]) - 1
     assert r.choices[0].model_extra["token_ids"] == expected

@@ -25,7 +25,10 @@ def _session(server, sid: str, tokens: bool = False) -> dict:
 def _stateless_ids(client, model: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """Greedy continuation of ``prompt_ids`` by a plain (session-less) request."""
     r = client.completions.create(
-        model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0,
+        model=model,
+        prompt=prompt_ids,
+        max_tokens=max_tokens,
+        temperature=0,
         extra_body={"return_token_ids": True},
     )
     return list(r.choices[0].model_extra["token_ids"])
@@ -38,11 +41,14 @@ def test_completions_session_equals_stateless_30_turns(stateful_server, client):
     for turn in range(30):
         new = [rng.randrange(10, 3000) for _ in range(rng.randint(3, 25))]
         r = client.completions.create(
-            model="tiny", prompt=new, max_tokens=6, temperature=0,
+            model="tiny",
+            prompt=new,
+            max_tokens=6,
+            temperature=0,
             extra_body={"stateful": sid, "return_token_ids": True},
         )
         got = _session(stateful_server, sid, tokens=True)["token_ids"]
-        out = got[len(history) + len(new):]
+        out = got[len(history) + len(new) :]
         assert got[: len(history) + len(new)] == history + new
         assert out == _stateless_ids(client, "tiny", history + new, 6), f"turn {turn}"
         s = r.model_extra["session"]
@@ -67,7 +73,11 @@ def test_chat_session_equals_stateless_6_turns(stateful_server, client, tokenize
     for turn in range(6):
         before = _session(stateful_server, sid, tokens=True)["token_ids"] if turn else []
         r = client.chat.completions.create(
-            model="tiny", messages=new_messages, max_tokens=8, temperature=0, extra_body={"stateful": sid},
+            model="tiny",
+            messages=new_messages,
+            max_tokens=8,
+            temperature=0,
+            extra_body={"stateful": sid},
         )
         conversation += new_messages[1:] if turn == 0 else new_messages
         after = _session(stateful_server, sid, tokens=True)["token_ids"]
@@ -88,12 +98,24 @@ def test_chat_session_equals_stateless_6_turns(stateful_server, client, tokenize
 
 def test_streaming_turn_carries_session_and_usage(stateful_server, client):
     sid = "stream-1"
-    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                   temperature=0, extra_body={"stateful": sid})
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "more"}], max_tokens=5, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"stateful": sid},
-    ))
+    client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"stateful": sid},
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "more"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"stateful": sid},
+        )
+    )
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].model_extra["session"]["version"] == 2
     usage_chunk = chunks[-1]
@@ -101,14 +123,31 @@ def test_streaming_turn_carries_session_and_usage(stateful_server, client):
     assert usage_chunk.model_extra["session"]["recomputed_tokens"] == 0
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text) > 0
+    # completions stream with return_token_ids: the chunks' ids are exactly what the session appended
+    history = stateful_server.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"}).json()["token_ids"]
+    stream = client.completions.create(
+        model="tiny",
+        prompt=[5, 6],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        extra_body={"stateful": sid, "return_token_ids": True},
+    )
+    streamed = [t for c in stream for ch in c.choices for t in (ch.model_extra.get("token_ids") or [])]
+    after = stateful_server.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"}).json()["token_ids"]
+    assert len(streamed) == 4 and after == history + [5, 6] + streamed
     stateful_server.delete(f"/v1/sessions/{sid}")
 
 
 def test_aliases_header_and_ark_field(stateful_server, client):
     client.completions.create(model="tiny", prompt="abc", max_tokens=2, extra_body={"ark_stateful": "alias-1"})
     assert _session(stateful_server, "alias-1")["version"] == 1
-    r = httpx.post(stateful_server.base_url + "/completions", headers={"X-Stateful-Session": "alias-1"},
-                   json={"model": "tiny", "prompt": "def", "max_tokens": 2}, timeout=60)
+    r = httpx.post(
+        stateful_server.base_url + "/completions",
+        headers={"X-Stateful-Session": "alias-1"},
+        json={"model": "tiny", "prompt": "def", "max_tokens": 2},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["session"]["version"] == 2
     stateful_server.delete("/v1/sessions/alias-1")
 
@@ -121,19 +160,33 @@ def test_session_routes_and_block_accounting(stateful_server, client):
     assert sid.startswith("sess_") and len(sid) == 5 + 32
     assert created.json()["context_tokens"] > 0 and created.json()["version"] == 1
     assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 409
-    named = stateful_server.post("/v1/sessions", json={"id": "acct-named", "messages": [
-        {"role": "system", "content": "be brief"}]}).json()
+    named = stateful_server.post(
+        "/v1/sessions", json={"id": "acct-named", "messages": [{"role": "system", "content": "be brief"}]}
+    ).json()
     for _ in range(3):
         client.completions.create(model="tiny", prompt=" more words", max_tokens=5, extra_body={"stateful": sid})
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5,
-                                       extra_body={"stateful": "acct-named"})
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=5,
+            extra_body={"stateful": "acct-named"},
+        )
     listed = {s["id"]: s for s in stateful_server.get("/v1/sessions").json()["data"]}
     assert {sid, "acct-named"} <= set(listed)
     body = stateful_server.integrity()
     pinned = listed[sid]["pinned_blocks"] + listed["acct-named"]["pinned_blocks"]
     assert pinned > 0 and body["free_blocks"] <= baseline - pinned
-    for key in ("id", "version", "context_tokens", "pinned_blocks", "state", "created_at", "last_used_at",
-                "ttl_s", "flash_queries"):
+    for key in (
+        "id",
+        "version",
+        "context_tokens",
+        "pinned_blocks",
+        "state",
+        "created_at",
+        "last_used_at",
+        "ttl_s",
+        "flash_queries",
+    ):
         assert key in listed[sid]
     assert listed[sid]["state"] == "resident" and named["version"] == 1
     freed = stateful_server.delete(f"/v1/sessions/{sid}").json()
@@ -147,8 +200,9 @@ def test_session_routes_and_block_accounting(stateful_server, client):
 def test_ttl_expiry_releases_blocks(stateful_server, client):
     baseline = stateful_server.integrity()["free_blocks"]
     assert stateful_server.post("/v1/sessions", json={"id": "short-lived", "ttl_s": 1}).status_code == 201
-    client.completions.create(model="tiny", prompt="some tokens " * 10, max_tokens=3,
-                              extra_body={"stateful": "short-lived"})
+    client.completions.create(
+        model="tiny", prompt="some tokens " * 10, max_tokens=3, extra_body={"stateful": "short-lived"}
+    )
     assert stateful_server.integrity()["free_blocks"] < baseline
     deadline = time.time() + 15
     while stateful_server.get("/v1/sessions/short-lived").status_code == 200 and time.time() < deadline:
@@ -186,8 +240,11 @@ def test_errors_leave_session_unchanged(stateful_server, client):
     _error(stateful_server.delete("/v1/sessions/nope"), 404, "session_not_found")
     _error(stateful_server.post("/v1/sessions/nope/append", json={"text": "x"}), 404, "session_not_found")
     _error(stateful_server.post("/v1/sessions", json={"id": "x", "bogus": 1}), 400, "invalid_request")
-    _error(stateful_server.post("/v1/sessions/" + sid + "/append", json={"text": "a", "token_ids": [1]}),
-           400, "invalid_request")
+    _error(
+        stateful_server.post("/v1/sessions/" + sid + "/append", json={"text": "a", "token_ids": [1]}),
+        400,
+        "invalid_request",
+    )
     # 413: past the model's context length
     too_long = list(range(10, 10 + MAX_MODEL_LEN))
     _error(post({"prompt": too_long, "stateful": sid}), 413, "context_length_exceeded")
@@ -199,7 +256,10 @@ def test_errors_leave_session_unchanged(stateful_server, client):
     assert int(r.headers["Retry-After"]) >= 1
     after = _session(stateful_server, sid, tokens=True)
     assert (after["version"], after["token_ids"], after["pinned_blocks"]) == (
-        before["version"], before["token_ids"], before["pinned_blocks"])
+        before["version"],
+        before["token_ids"],
+        before["pinned_blocks"],
+    )
     assert stateful_server.integrity()["free_blocks"] == free_before
     stateful_server.delete(f"/v1/sessions/{sid}")
 
@@ -212,9 +272,19 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
     seen_first_chunk, hang_up = threading.Event(), threading.Event()
 
     def long_stream():
-        with httpx.stream("POST", url, json={"model": "tiny", "prompt": " long", "max_tokens": 1500,
-                                             "stream": True, "stateful": sid, "ignore_eos": True},
-                          timeout=60) as resp:
+        with httpx.stream(
+            "POST",
+            url,
+            json={
+                "model": "tiny",
+                "prompt": " long",
+                "max_tokens": 1500,
+                "stream": True,
+                "stateful": sid,
+                "ignore_eos": True,
+            },
+            timeout=60,
+        ) as resp:
             for _ in resp.iter_lines():
                 seen_first_chunk.set()
                 hang_up.wait(60)
@@ -227,8 +297,11 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
         r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid}, timeout=60)
         _error(r, 409, "session_busy")
         # a read-only query is not a committing request: allowed concurrently
-        q = httpx.post(url, json={"model": "tiny", "prompt": "q", "max_tokens": 2, "stateful": sid,
-                                  "stateful_commit": False}, timeout=60)
+        q = httpx.post(
+            url,
+            json={"model": "tiny", "prompt": "q", "max_tokens": 2, "stateful": sid, "stateful_commit": False},
+            timeout=60,
+        )
         assert q.status_code == 200, q.text
     finally:
         hang_up.set()
@@ -248,6 +321,25 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
     stateful_server.delete(f"/v1/sessions/{sid}")
 
 
+def test_delete_during_a_turn_releases_everything(stateful_server, client):
+    baseline = stateful_server.integrity()["free_blocks"]
+    sid = "delete-mid-turn"
+    client.completions.create(model="tiny", prompt=list(range(100, 400)), max_tokens=2, extra_body={"stateful": sid})
+    url = stateful_server.base_url + "/completions"
+    turn = {"model": "tiny", "prompt": [7], "max_tokens": 1200, "ignore_eos": True, "stream": True, "stateful": sid}
+    with httpx.stream("POST", url, json=turn, timeout=120) as resp:
+        lines = resp.iter_lines()
+        next(lines)
+        deleted = stateful_server.delete(f"/v1/sessions/{sid}")
+        assert deleted.status_code == 200 and deleted.json()["freed_blocks"] > 0
+        rest = [line for line in lines if line]
+    # the aborted turn ends its stream with an error event, then [DONE]
+    assert rest[-1] == "data: [DONE]" and '"session_not_found"' in rest[-2]
+    assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 404
+    body = stateful_server.integrity()
+    assert sid not in body["sessions"] and body["free_blocks"] == baseline
+
+
 @pytest.mark.slow
 def test_8_sessions_100_turns_concurrently(stateful_server):
     from openai import AsyncOpenAI
@@ -261,7 +353,10 @@ def test_8_sessions_100_turns_concurrently(stateful_server):
         for _ in range(100):
             new = [rng.randrange(10, 3000) for _ in range(rng.randint(1, 6))]
             r = await aclient.completions.create(
-                model="tiny", prompt=new, max_tokens=2, temperature=0,
+                model="tiny",
+                prompt=new,
+                max_tokens=2,
+                temperature=0,
                 extra_body={"stateful": sid, "return_token_ids": True},
             )
             assert r.model_extra["session"]["recomputed_tokens"] == 0
@@ -284,7 +379,12 @@ def test_8_sessions_100_turns_concurrently(stateful_server):
 def test_metrics_expose_session_counters(stateful_server, client):
     client.completions.create(model="tiny", prompt="m", max_tokens=2, extra_body={"stateful": "metrics-1"})
     text = stateful_server.get("/metrics").text
-    for name in ("vllm_stateful:sessions", "vllm_stateful:pinned_blocks", "vllm_stateful:turns_total",
-                 "vllm_stateful:recomputed_tokens_total", "vllm_stateful:ingest_queued_tokens"):
+    for name in (
+        "vllm_stateful:sessions",
+        "vllm_stateful:pinned_blocks",
+        "vllm_stateful:turns_total",
+        "vllm_stateful:recomputed_tokens_total",
+        "vllm_stateful:ingest_queued_tokens",
+    ):
         assert name in text, name
     stateful_server.delete("/v1/sessions/metrics-1")

@@ -24,8 +24,10 @@ from benchmarks import streaming_report as rep  # noqa: E402
 @pytest.mark.e2e
 def test_streaming_benchmark_smoke(stateful_server, tmp_path):
     feed = rep.make_feed(n_ticks=40, n_questions=3, seed=11)
-    providers = {kind: sb.make_provider(kind, kind, stateful_server.base_url, stateful_server.model, max_tokens=2)
-                 for kind in ("stateful", "stateless")}
+    providers = {
+        kind: sb.make_provider(kind, kind, stateful_server.base_url, stateful_server.model, max_tokens=2)
+        for kind in ("stateful", "stateless")
+    }
     runs = {kind: sb.run_provider_sync(p, feed, rate=50.0) for kind, p in providers.items()}
     stateful, stateless = runs["stateful"].rows, runs["stateless"].rows
 

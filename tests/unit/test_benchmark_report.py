@@ -21,8 +21,16 @@ from benchmarks.report import Row  # noqa: E402
 pytestmark = pytest.mark.unit
 
 
-def row(provider: str, topic: str, turn: int, prompt: int, cached: int = 0, recomputed: int = 0,
-        ttft: float = 0.5, completion: int = 4) -> Row:
+def row(
+    provider: str,
+    topic: str,
+    turn: int,
+    prompt: int,
+    cached: int = 0,
+    recomputed: int = 0,
+    ttft: float = 0.5,
+    completion: int = 4,
+) -> Row:
     return Row(provider, topic, turn, ttft, prompt, 0, cached, recomputed, completion, ttft + 0.25)
 
 
@@ -31,10 +39,26 @@ def conversation() -> list[Row]:
     rows = []
     for topic, extra in (("a", 0), ("b", 10)):
         for turn in (1, 2, 3):
-            rows.append(row("vllm-apc", topic, turn, prompt=100 * turn + extra,
-                            cached=0 if turn == 1 else 100 * (turn - 1), ttft=0.2 * turn))
-            rows.append(row("stateful", topic, turn, prompt=100 + extra if turn == 1 else 40,
-                            cached=0 if turn == 1 else 100 * (turn - 1), ttft=0.1))
+            rows.append(
+                row(
+                    "vllm-apc",
+                    topic,
+                    turn,
+                    prompt=100 * turn + extra,
+                    cached=0 if turn == 1 else 100 * (turn - 1),
+                    ttft=0.2 * turn,
+                )
+            )
+            rows.append(
+                row(
+                    "stateful",
+                    topic,
+                    turn,
+                    prompt=100 + extra if turn == 1 else 40,
+                    cached=0 if turn == 1 else 100 * (turn - 1),
+                    ttft=0.1,
+                )
+            )
     return report.fill_cumulative(rows)
 
 
@@ -42,9 +66,18 @@ def test_csv_header_and_round_trip(tmp_path: Path) -> None:
     rows = conversation()
     path = report.write_csv(rows, tmp_path / "sub" / "rows.csv")
     assert path.read_text().splitlines()[0] == ",".join(report.CSV_FIELDS)
-    assert report.CSV_FIELDS == ("provider", "topic", "turn", "ttft_s", "prompt_tokens",
-                                 "cumulative_prompt_tokens", "cached_tokens", "recomputed_tokens",
-                                 "completion_tokens", "total_s")
+    assert report.CSV_FIELDS == (
+        "provider",
+        "topic",
+        "turn",
+        "ttft_s",
+        "prompt_tokens",
+        "cumulative_prompt_tokens",
+        "cached_tokens",
+        "recomputed_tokens",
+        "completion_tokens",
+        "total_s",
+    )
     assert report.read_csv(path) == rows
 
 
@@ -144,6 +177,7 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
 
 # --- stateful_benchmark helpers (no server) -------------------------------------------------------
 
+
 def test_consume_stream_reads_ttft_usage_and_session() -> None:
     pytest.importorskip("openai")
     from openai.types.chat import ChatCompletionChunk
@@ -152,11 +186,16 @@ def test_consume_stream_reads_ttft_usage_and_session() -> None:
 
     def chunk(content: str | None = None, **extra: object) -> ChatCompletionChunk:
         choices = [] if content is None else [{"index": 0, "delta": {"content": content}}]
-        return ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk",
-                                                   "created": 0, "model": "m", "choices": choices, **extra})
+        return ChatCompletionChunk.model_validate(
+            {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": choices, **extra}
+        )
 
-    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
-             "prompt_tokens_details": {"cached_tokens": 96}}
+    usage = {
+        "prompt_tokens": 12,
+        "completion_tokens": 3,
+        "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 96},
+    }
     session = {"id": "s", "version": 3, "context_tokens": 96, "new_tokens": 12, "recomputed_tokens": 2}
     stream = [chunk(""), chunk("Hi"), chunk(" there"), chunk(None, usage=usage, session=session)]
     ticks = iter([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -183,13 +222,17 @@ def test_prompt_counter_counts_only_what_a_follow_up_adds(tmp_path: Path) -> Non
     )
     tok.save_pretrained(tmp_path)
     counter = PromptCounter(tmp_path)
-    prior = [{"role": "system", "content": "Plan a trip."}, {"role": "user", "content": "Where to?"},
-             {"role": "assistant", "content": "Japan in April."}]
+    prior = [
+        {"role": "system", "content": "Plan a trip."},
+        {"role": "user", "content": "Where to?"},
+        {"role": "assistant", "content": "Japan in April."},
+    ]
     new = [{"role": "user", "content": "What budget?"}]
     whole = counter.count(prior + new)
     added = counter.count(new, prior)
     assert 0 < added < whole
     assert added < counter.count(new)  # the implicit default system prompt is not counted
-    assert added == whole - len(tok(tok.apply_chat_template(prior, tokenize=False),
-                                    add_special_tokens=False)["input_ids"])
+    assert added == whole - len(
+        tok(tok.apply_chat_template(prior, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     assert PromptCounter(None).count(new) is None

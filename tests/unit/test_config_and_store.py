@@ -20,8 +20,10 @@ def test_config_defaults_and_parsing():
     assert StatefulConfig.from_additional_config({"other_plugin": 1}) == StatefulConfig()
 
 
-@pytest.mark.parametrize("section", [{"cel_budget": 1}, {"admission": "evict"}, {"admission": "offload"},
-                                     {"cell_budget": -1}, {"default_ttl_s": -1}])
+@pytest.mark.parametrize(
+    "section",
+    [{"cel_budget": 1}, {"admission": "evict"}, {"admission": "offload"}, {"cell_budget": -1}, {"default_ttl_s": -1}],
+)
 def test_config_rejects_bad_values(section):
     with pytest.raises(ValueError):
         StatefulConfig.from_additional_config({"stateful": section})
@@ -73,8 +75,7 @@ def test_serve_argv_switches_plugin_on_and_keeps_user_flags(monkeypatch):
 
     monkeypatch.setenv("VLLM_PLUGINS", "other")
     monkeypatch.setattr(cli, "_is_cpu_build", lambda: True)
-    argv = cli.serve_argv(["/m", "--block-size", "64", "--cell-budget", "2048",
-                           "--additional-config", '{"x": 1}'])
+    argv = cli.serve_argv(["/m", "--block-size", "64", "--cell-budget", "2048", "--additional-config", '{"x": 1}'])
     assert argv[:3] == ["vllm", "serve", "/m"]
     assert argv[argv.index("--scheduler-cls") + 1] == "vllm_stateful.engine.scheduler.StatefulScheduler"
     assert argv.count("--block-size") == 1 and argv[argv.index("--block-size") + 1] == "64"

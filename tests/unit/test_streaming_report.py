@@ -85,15 +85,28 @@ def _row(p, i, ctx, lat, lag=None):
 
 
 def test_bucket_table_groups_by_provider_and_bucket():
-    rows = [_row("a", 0, 500, 1.0), _row("a", 1, 900, 3.0), _row("a", 2, 4500, 10.0),
-            _row("b", 0, 500, 0.5), _row("a", 3, 1200, 2.0)]
+    rows = [
+        _row("a", 0, 500, 1.0),
+        _row("a", 1, 900, 3.0),
+        _row("a", 2, 4500, 10.0),
+        _row("b", 0, 500, 0.5),
+        _row("a", 3, 1200, 2.0),
+    ]
     table = rep.bucket_table(rows)
-    assert [(b.provider, b.bucket, b.n) for b in table] == [("a", "0-1k", 2), ("a", "1-2k", 1), ("a", "4-5k", 1), ("b", "0-1k", 1)]
+    assert [(b.provider, b.bucket, b.n) for b in table] == [
+        ("a", "0-1k", 2),
+        ("a", "1-2k", 1),
+        ("a", "4-5k", 1),
+        ("b", "0-1k", 1),
+    ]
     assert table[0].p50_s == 2.0 and table[0].p95_s == pytest.approx(2.9)
 
 
 def test_latency_at_takes_median_of_nearest():
-    rows = [_row("a", i, c, l) for i, (c, l) in enumerate([(100, 1.0), (900, 2.0), (1100, 4.0), (1300, 9.0), (5000, 20.0)])]
+    rows = [
+        _row("a", i, c, lat)
+        for i, (c, lat) in enumerate([(100, 1.0), (900, 2.0), (1100, 4.0), (1300, 9.0), (5000, 20.0)])
+    ]
     assert rep.latency_at(rows, 1000, k=3) == (4.0, 1100)
     assert rep.latency_at(rows, 6000, k=1) == (20.0, 5000)
 
@@ -132,8 +145,10 @@ def test_ingest_lags_first_covering_sample_after_ack():
 
 
 def test_csv_round_trip(tmp_path):
-    rows = [rep.QueryRow("vllm-stateful", 0, 1234, 19, 0.25, 0.2, 8, 0.05),
-            rep.QueryRow("vllm-no-cache", 0, 1234, 1253, 3.5, None, 8, None)]
+    rows = [
+        rep.QueryRow("vllm-stateful", 0, 1234, 19, 0.25, 0.2, 8, 0.05),
+        rep.QueryRow("vllm-no-cache", 0, 1234, 1253, 3.5, None, 8, None),
+    ]
     path = rep.write_csv(rows, tmp_path / "sub" / "s.csv")
     assert path.read_text().splitlines()[0] == ",".join(rep.CSV_FIELDS)
     assert rep.read_csv(path) == rows
@@ -163,8 +178,11 @@ class FakeServer:
         return len(text.split())
 
     def _sse(self, prompt_tokens: int, session: dict | None) -> httpx.Response:
-        chunks = [{"choices": [{"index": 0, "text": "x"}]}, {"choices": [{"index": 0, "text": "y"}]},
-                  {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 2}}]
+        chunks = [
+            {"choices": [{"index": 0, "text": "x"}]},
+            {"choices": [{"index": 0, "text": "y"}]},
+            {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 2}},
+        ]
         if session:
             chunks[-1]["session"] = session
         body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
@@ -202,8 +220,16 @@ class FakeServer:
                 return self._sse(n, None)
             assert body["stateful_commit"] is False
             self.events.append(("ask", body["prompt"]))
-            return self._sse(n, {"id": sid, "version": 1, "context_tokens": self.sessions[sid] + n,
-                                 "new_tokens": n, "recomputed_tokens": 0})
+            return self._sse(
+                n,
+                {
+                    "id": sid,
+                    "version": 1,
+                    "context_tokens": self.sessions[sid] + n,
+                    "new_tokens": n,
+                    "recomputed_tokens": 0,
+                },
+            )
         return httpx.Response(404, json={"error": {"message": path}})
 
 
@@ -222,14 +248,17 @@ def test_stateful_driver_rows_lags_and_cleanup():
     words = [FakeServer.count(t.line) for t in feed.ticks]
     assert [r.question_idx for r in run.rows] == [0, 1, 2, 3]
     # Alignment: each question attended to exactly the ticks up to its point (plus itself).
-    assert [r.context_tokens for r in run.rows] == \
-        [sum(words[: q.after_tick + 1]) + FakeServer.count(q.prompt) for q in feed.questions]
+    assert [r.context_tokens for r in run.rows] == [
+        sum(words[: q.after_tick + 1]) + FakeServer.count(q.prompt) for q in feed.questions
+    ]
     assert [r.prompt_tokens_sent for r in run.rows] == [FakeServer.count(q.prompt) for q in feed.questions]
     assert run.append_retries == 1 and run.token_accounting == "exact"
     assert len(run.append_lags) == 30 and all(x is not None and x >= 0 for x in run.append_lags)
     assert all(r.ingest_lag_s == run.append_lags[q.after_tick] for r, q in zip(run.rows, feed.questions))
     assert run.recomputed_tokens == [0, 0, 0, 0] and all(r.completion_tokens == 2 for r in run.rows)
-    assert len(server.deleted) == 1 and [e[1] for e in server.events if e[0] == "append"] == [t.line for t in feed.ticks]
+    assert len(server.deleted) == 1 and [e[1] for e in server.events if e[0] == "append"] == [
+        t.line for t in feed.ticks
+    ]
     # Every question is received after its tick and before the next one.
     order = [e[0] for e in server.events]
     for q in feed.questions:
@@ -243,8 +272,11 @@ def test_stateless_driver_sends_the_full_feed():
     prompts = [e[1] for e in server.events if e[0] == "ask"]
     assert prompts == [feed.text_through(q.after_tick) + q.prompt for q in feed.questions]
     words = [FakeServer.count(t.line) for t in feed.ticks]
-    assert [r.context_tokens for r in run.rows] == [r.prompt_tokens_sent for r in run.rows] == \
-        [sum(words[: q.after_tick + 1]) + FakeServer.count(q.prompt) for q in feed.questions]
+    assert (
+        [r.context_tokens for r in run.rows]
+        == [r.prompt_tokens_sent for r in run.rows]
+        == [sum(words[: q.after_tick + 1]) + FakeServer.count(q.prompt) for q in feed.questions]
+    )
     assert all(r.ingest_lag_s is None for r in run.rows) and run.append_lags == []
 
 

@@ -42,8 +42,7 @@ class StatefulSchedulerMixin:
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(
-                "vllm-stateful supports models with one KV cache group (full attention); "
-                f"this model has {len(groups)}"
+                f"vllm-stateful supports models with one KV cache group (full attention); this model has {len(groups)}"
             )
         if not self.cache_config.enable_prefix_caching:
             raise ValueError(
@@ -54,7 +53,11 @@ class StatefulSchedulerMixin:
             self.kv_cache_manager.block_pool, self.kv_cache_manager.coordinator.single_type_managers[0].block_size
         )
         self.session_counters = {"turns": 0, "reused_tokens": 0}
-        logger.info("vllm-stateful scheduler active (block size %d)", self.session_pins.block_size)
+        logger.info(
+            "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
+            "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
+            self.session_pins.block_size,
+        )
 
     # --- vLLM overrides -------------------------------------------------------
 

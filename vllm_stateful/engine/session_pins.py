@@ -158,9 +158,7 @@ class SessionPins:
         problems = []
         for p in self._sessions.values():
             if len(p.blocks) != cdiv(p.num_tokens, self.block_size):
-                problems.append(
-                    f"session {p.session_id}: {len(p.blocks)} blocks for {p.num_tokens} tokens"
-                )
+                problems.append(f"session {p.session_id}: {len(p.blocks)} blocks for {p.num_tokens} tokens")
         by_id = {b.block_id: b for p in self._sessions.values() for b in p.blocks}
         for block_id, refs in self.references().items():
             ref_cnt = getattr(by_id[block_id], "ref_cnt", refs)

@@ -12,6 +12,10 @@ Contract:
   at acknowledgement time, so acknowledged data is never dropped.
 * Read-your-writes: ``Session.acked_seq``/``ingested_seq`` let a later query
   wait for exactly the appends acknowledged before it.
+* Ingestion yields to read-only queries that are generating (at most
+  ``QUERY_YIELD_MAX_S`` per batch): vLLM would otherwise batch an ingest
+  prefill into every decode step of the query, and on a CPU that multiplies
+  the query's latency. What queued meanwhile is ingested as one larger prefill.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_stateful.server.service import SessionService, TurnInput
+from vllm_stateful.server.service import SessionService, TurnInput, ensure_open
 from vllm_stateful.sessions.admission import check_growth
 from vllm_stateful.sessions.chat_render import continuation
 from vllm_stateful.sessions.store import Session, SessionError
 
 logger = logging.getLogger(__name__)
+
+# Longest an ingest batch waits for in-flight queries before it runs anyway.
+QUERY_YIELD_MAX_S = 2.0
 
 
 @dataclass
@@ -51,9 +58,11 @@ class Ingestor:
         self.service = service
         self._queues: dict[str, _Queue] = {}
 
-    def append(self, session: Session, text: str | None, token_ids: list[int] | None,
-               messages: list[dict[str, Any]] | None) -> AppendItem:
+    def append(
+        self, session: Session, text: str | None, token_ids: list[int] | None, messages: list[dict[str, Any]] | None
+    ) -> AppendItem:
         """Acknowledge one append (version+1) and schedule its ingestion."""
+        ensure_open(session)
         bridge = self.service.bridge
         if token_ids is not None:
             estimate = len(token_ids)
@@ -92,14 +101,12 @@ class Ingestor:
         session.touch()
         return item
 
-    def forget(self, session_id: str) -> None:
-        queue = self._queues.pop(session_id, None)
-        if queue is not None and queue.task is not None:
-            queue.task.cancel()
-
     async def _drain(self, session: Session, queue: _Queue) -> None:
         while queue.items and session.state != "closed":
+            await self.service.yield_to_queries(QUERY_YIELD_MAX_S)
             async with session.write_lock:
+                if session.state == "closed":
+                    break  # closed while we waited; close() woke every waiter
                 # taken under the lock: whatever queued while a turn ran becomes one prefill
                 batch, queue.items = queue.items, []
                 turn_input = self._coalesce(session, batch)
@@ -108,7 +115,7 @@ class Ingestor:
                     await self.service.ingest_now(session, turn_input)
                 except Exception as exc:  # acknowledged data must not vanish silently
                     logger.exception("ingest into session %s failed", session.id)
-                    session.state = f"ingest_failed: {exc}"
+                    session.state, session.error = "failed", str(exc)
             estimate = sum(i.estimated_tokens for i in batch)
             session.queued_tokens -= estimate
             self.service.metrics.ingest_queued.dec(estimate)
@@ -116,6 +123,8 @@ class Ingestor:
             async with session.ingest_cond:
                 session.ingested_seq = batch[-1].seq
                 session.ingest_cond.notify_all()
+        if session.state == "closed":
+            self._queues.pop(session.id, None)
 
     def _coalesce(self, session: Session, batch: list[AppendItem]) -> TurnInput:
         """One TurnInput equal to applying ``batch`` in order."""

@@ -27,7 +27,9 @@ class SessionMetrics:
         self.reused = Counter(p + "reused_tokens", "Session tokens served from pinned KV", registry=REGISTRY)
         self.closed = Counter(p + "sessions_closed", "Sessions closed", ["reason"], registry=REGISTRY)
         self.ingested = Counter(p + "ingested_tokens", "Tokens ingested by appends", registry=REGISTRY)
-        self.ingest_batches = Counter(p + "ingest_batches", "Prefills run by ingestion (appends coalesced)", registry=REGISTRY)
+        self.ingest_batches = Counter(
+            p + "ingest_batches", "Prefills run by ingestion (appends coalesced)", registry=REGISTRY
+        )
         self.ingest_queued = Gauge(p + "ingest_queued_tokens", "Appended tokens not yet ingested", registry=REGISTRY)
         self.ingest_lag = Gauge(
             p + "ingest_lag_seconds", "Seconds from acknowledgement to ingestion of the last batch", registry=REGISTRY

@@ -22,7 +22,13 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def as_template_message(self) -> dict[str, Any]:
-        """The message as the chat template sees it (text parts joined)."""
+        """The message as the chat template sees it (text parts joined).
+
+        Raises ValueError for non-text parts (images, audio): sessions are text-only for now."""
+        if isinstance(self.content, list):
+            kinds = {p.get("type") for p in self.content} - {"text"}
+            if kinds:
+                raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported in sessions")
         data = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             data["content"] = "".join(p.get("text", "") for p in self.content if p.get("type") == "text")

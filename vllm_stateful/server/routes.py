@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from vllm_stateful.server.errors import bad_request, error_response
+from vllm_stateful.server.errors import bad_request, error_body, error_response
 from vllm_stateful.server.openai_format import SSE_DONE, ResponseShape, sse
 from vllm_stateful.server.protocol import (
     COMMIT_BODY_FIELD,
@@ -115,7 +115,7 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     service = state.service
     session = service.store.get_or_create(session_id) if commit else service.store.get(session_id)
     if chat:
-        messages = [ChatMessage.model_validate(m).as_template_message() for m in body["messages"]]
+        messages = _template_messages(ChatMessage.model_validate(m) for m in body["messages"])
         build = lambda s: service.chat_input(s, messages, add_generation_prompt=True)  # noqa: E731
         max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     else:
@@ -125,22 +125,28 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     shape = ResponseShape(chat, parsed.model or state.bridge.served_model_names[0], bool(body.get("return_token_ids")))
     turn = service.run_turn(session, build, params, max_tokens, commit, bool(parsed.stream))
     if not parsed.stream:
-        result = None
-        async for result, _ in turn:
+        async for _result, _ in turn:
             pass
-        return JSONResponse(shape.full(result))
+        return JSONResponse(shape.full(_result))
     include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
     first = await turn.__anext__()  # refusals surface here, as an HTTP status
     return StreamingResponse(_stream(turn, first, shape, include_usage), media_type="text/event-stream")
 
 
 async def _stream(turn, first, shape: ResponseShape, include_usage: bool):
+    """SSE chunks of a turn; a refusal after the first chunk (the session was
+    closed under it) ends the stream with an OpenAI-style error event."""
     try:
         item, is_first = first, True
         while True:
             result, delta = item
-            text = delta.outputs[0].text if delta is not None else ""
-            body = shape.chunk(text, result.finish_reason if result.finished else None, first=is_first)
+            out = delta.outputs[0] if delta is not None else None
+            body = shape.chunk(
+                out.text if out else "",
+                result.finish_reason if result.finished else None,
+                first=is_first,
+                token_ids=list(out.token_ids) if out else None,
+            )
             if result.finished:
                 body["session"] = result.session_field()
             yield sse(body)
@@ -152,8 +158,18 @@ async def _stream(turn, first, shape: ResponseShape, include_usage: bool):
         if include_usage:
             yield sse(shape.usage_chunk(result))
         yield SSE_DONE
+    except SessionError as err:
+        yield sse(error_body(err.status, err.message, err.code))
+        yield SSE_DONE
     finally:
         await turn.aclose()
+
+
+def _template_messages(messages) -> list[dict[str, Any]]:
+    try:
+        return [m.as_template_message() for m in messages]
+    except ValueError as exc:
+        raise bad_request(str(exc), "unsupported_in_session", "messages") from None
 
 
 def _prompt_builder(service, prompt: Any) -> Callable[[Any], TurnInput]:
@@ -171,8 +187,9 @@ def _check_token_ids(service, token_ids: list[int], param: str) -> None:
     """Out-of-vocabulary ids are a 400 before anything is acknowledged or queued."""
     bad = [t for t in token_ids if t < 0 or t > service.bridge.max_token_id]
     if bad:
-        raise bad_request(f"token id {bad[0]} is out of vocabulary (0..{service.bridge.max_token_id})",
-                          "invalid_token_id", param)
+        raise bad_request(
+            f"token id {bad[0]} is out of vocabulary (0..{service.bridge.max_token_id})", "invalid_token_id", param
+        )
 
 
 def _refuse_unsupported(parsed: Any, chat: bool, body: dict[str, Any]) -> None:
@@ -180,7 +197,11 @@ def _refuse_unsupported(parsed: Any, chat: bool, body: dict[str, Any]) -> None:
     checks = [
         ("n", (parsed.n or 1) != 1, "n>1 is not supported on session requests"),
         ("logprobs", bool(body.get("logprobs")), "logprobs are not supported on session requests yet"),
-        ("prompt_logprobs", body.get("prompt_logprobs") is not None, "prompt_logprobs are not supported on session requests"),
+        (
+            "prompt_logprobs",
+            body.get("prompt_logprobs") is not None,
+            "prompt_logprobs are not supported on session requests",
+        ),
     ]
     if chat:
         checks.append(("tools", bool(body.get("tools")), "tools are not supported on session requests yet"))
@@ -209,7 +230,7 @@ async def create_session(raw_request: Request) -> Response:
         if req.messages or req.prompt is not None:
             async with session.write_lock:
                 if req.messages:
-                    msgs = [m.as_template_message() for m in req.messages]
+                    msgs = _template_messages(req.messages)
                     turn_input = service.chat_input(session, msgs, add_generation_prompt=False)
                 elif isinstance(req.prompt, str):
                     turn_input = service.text_input(session, req.prompt)
@@ -249,8 +270,7 @@ async def get_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def delete_session(session_id: str, raw_request: Request) -> Response:
     state = _state(raw_request)
-    state.ingestor.forget(_checked_id(session_id))
-    return JSONResponse(await state.service.close(session_id))
+    return JSONResponse(await state.service.close(_checked_id(session_id)))
 
 
 @router.post("/v1/sessions/{session_id}/append")
@@ -259,7 +279,7 @@ async def append(session_id: str, raw_request: Request) -> Response:
     state = _state(raw_request)
     req = _validated(AppendRequest, await _json_body(raw_request))
     session = state.service.store.get(_checked_id(session_id))
-    messages = [m.as_template_message() for m in req.messages] if req.messages else None
+    messages = _template_messages(req.messages) if req.messages else None
     if req.token_ids is not None:
         _check_token_ids(state.service, req.token_ids, "token_ids")
     item = state.ingestor.append(session, req.text, req.token_ids, messages)

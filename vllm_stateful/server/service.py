@@ -24,7 +24,6 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
-from vllm_stateful.engine.session_pins import cdiv
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.metrics import SessionMetrics
 from vllm_stateful.sessions.admission import Budget, check_growth
@@ -89,8 +88,11 @@ class SessionService:
         self.metrics = metrics
         self.store = SessionStore(config.default_ttl_s)
         self.budget: Budget | None = None
-        self._ingest_tasks: dict[str, asyncio.Task] = {}
-        self._ingest_queues: dict[str, list[tuple[int, TurnInput]]] = {}
+        # Background ingestion yields to read-only queries (bounded), so a query's
+        # decode steps are not batched with ingest prefills.
+        self._queries_in_flight = 0
+        self._queries_idle = asyncio.Event()
+        self._queries_idle.set()
 
     async def start(self) -> None:
         info = await self.bridge.call("info")
@@ -151,16 +153,18 @@ class SessionService:
         yielded result has ``finished`` set and, with ``commit``, is already
         committed. Raises SessionError before the first yield on refusal.
         """
+        ensure_open(session)
         if commit and session.turn_in_flight:
             raise SessionError(409, f"session '{session.id}' is busy with another committing request", "session_busy")
         if commit:
             session.turn_in_flight = True
-        lock_held = committed = False
+        lock_held = committed = query_counted = False
         try:
             await self.wait_ingested(session, session.acked_seq)
             if commit:
                 await session.write_lock.acquire()
                 lock_held = True
+                ensure_open(session)  # closed while we waited: must not pin anything
             turn_input = build_input(session)
             history = list(session.token_ids)
             prompt = history + turn_input.token_ids
@@ -174,15 +178,38 @@ class SessionService:
             result = TurnResult(session, len(prompt), len(prompt), session.kv_tokens)
             session.touch()
             started = time.monotonic()
+            if not commit:
+                self._query_started()
+                query_counted = True
             async for delta in self._generate(prompt, params, result):
                 if result.finished and commit:
+                    ensure_open(session)
                     await self._commit(session, turn_input, prompt, result)
                     committed = True
                 yield result, delta
             if not commit:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
+            if query_counted:
+                self._query_finished()
             await _survive_cancellation(self._end_turn(session, commit, lock_held, committed))
+
+    def _query_started(self) -> None:
+        self._queries_in_flight += 1
+        self._queries_idle.clear()
+
+    def _query_finished(self) -> None:
+        self._queries_in_flight -= 1
+        if self._queries_in_flight == 0:
+            self._queries_idle.set()
+
+    async def yield_to_queries(self, max_wait_s: float) -> None:
+        """Wait until no read-only query is generating, or ``max_wait_s`` passed
+        (so continuous queries cannot starve ingestion)."""
+        try:
+            await asyncio.wait_for(self._queries_idle.wait(), max_wait_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def _end_turn(self, session: Session, commit: bool, lock_held: bool, committed: bool) -> None:
         if commit:
@@ -196,6 +223,7 @@ class SessionService:
     async def _generate(self, prompt: list[int], params: SamplingParams, result: TurnResult):
         request_id = f"stateful-{result.session.id}-{uuid.uuid4().hex[:12]}"
         gen = self.bridge.generate(prompt, params, request_id)
+        result.session.active_request_ids.add(request_id)
         try:
             async for out in gen:
                 completion = out.outputs[0]
@@ -210,14 +238,13 @@ class SessionService:
         finally:
             # closing vLLM's generator aborts the engine request if it is still running
             await _survive_cancellation(gen.aclose())
+            result.session.active_request_ids.discard(request_id)
 
     async def _commit(self, session: Session, turn_input: TurnInput, prompt: list[int], result: TurnResult) -> None:
         session.token_ids = prompt + result.output_token_ids
         if turn_input.is_chat:
             tail = self.bridge.decode_with_specials(result.output_token_ids[-4:])
-            session.messages = session.messages + turn_input.messages + [
-                {"role": "assistant", "content": result.text}
-            ]
+            session.messages = session.messages + turn_input.messages + [{"role": "assistant", "content": result.text}]
             session.pending_chat_text = self.bridge.closing.remainder(tail)
         session.version += 1
         await self._sync(session)
@@ -245,6 +272,7 @@ class SessionService:
         vLLM always samples one token; it is discarded and never enters the
         session. Caller holds ``session.write_lock``.
         """
+        ensure_open(session)
         if not turn_input.token_ids:
             return
         prompt = session.token_ids + turn_input.token_ids
@@ -259,6 +287,8 @@ class SessionService:
         try:
             async for _ in self._generate(prompt, params, result):
                 pass
+            if session.state != "resident":
+                return
             session.token_ids = prompt
             if turn_input.is_chat:
                 session.messages = session.messages + turn_input.messages
@@ -273,14 +303,20 @@ class SessionService:
     # --- close and expiry ----------------------------------------------------------
 
     async def close(self, session_id: str, reason: str = "closed") -> dict[str, Any]:
+        """Remove the session and release every block it pins.
+
+        In-flight work on it is aborted first and the release waits for the
+        session's write lock, so a finishing turn or ingestion cannot pin blocks
+        for a session that no longer exists.
+        """
         session = self.store.get(session_id)
         self.store.remove(session_id)
-        task = self._ingest_tasks.pop(session_id, None)
-        if task is not None:
-            task.cancel()
+        for request_id in list(session.active_request_ids):
+            await self.bridge.abort(request_id)
         async with session.ingest_cond:
             session.ingest_cond.notify_all()
-        info = await self.bridge.call("release", session_id=session_id)
+        async with session.write_lock:
+            info = await self.bridge.call("release", session_id=session_id)
         self.metrics.refresh(self.store)
         self.metrics.closed.labels(reason=reason).inc()
         return {"id": session_id, "object": "session.deleted", "deleted": True, "freed_blocks": info["freed_blocks"]}
@@ -292,12 +328,17 @@ class SessionService:
                 if not session.write_lock.locked():
                     await self.close(session.id, reason="expired")
 
-    async def close_all(self) -> None:
-        for session in self.store.all():
-            try:
-                await self.close(session.id, reason="shutdown")
-            except Exception:
-                pass
+
+def ensure_open(session: Session) -> None:
+    """Raise 409 for a failed session and 404 for a closed one."""
+    if session.state == "failed":
+        raise SessionError(
+            409,
+            f"session '{session.id}' failed to ingest acknowledged data ({session.error}); delete it",
+            "session_failed",
+        )
+    if session.state != "resident":
+        raise SessionError(404, f"session '{session.id}' was closed", "session_not_found")
 
 
 async def _survive_cancellation(coro) -> None:

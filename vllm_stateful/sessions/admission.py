@@ -33,8 +33,7 @@ def check_growth(
     if session_tokens_after > budget.session_quota_tokens:
         raise SessionError(
             429,
-            f"session would hold {session_tokens_after} tokens, over its quota of "
-            f"{budget.session_quota_tokens}",
+            f"session would hold {session_tokens_after} tokens, over its quota of {budget.session_quota_tokens}",
             "session_quota_exceeded",
             retry_after=RETRY_AFTER_S,
         )

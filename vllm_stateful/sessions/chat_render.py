@@ -56,8 +56,8 @@ def reply_closing(render: RenderFn) -> ReplyClosing:
         raise TemplateNotPrefixStable(
             "the chat template does not render an assistant reply after its generation prompt"
         )
-    after = closed[len(opened):]
-    return ReplyClosing(after[after.index(_SENTINEL) + len(_SENTINEL):])
+    after = closed[len(opened) :]
+    return ReplyClosing(after[after.index(_SENTINEL) + len(_SENTINEL) :])
 
 
 def continuation(
@@ -76,4 +76,4 @@ def continuation(
             "the chat template re-renders earlier turns differently when messages are "
             "added, so a session cannot continue it; use a prefix-stable template"
         )
-    return after[len(before):]
+    return after[len(before) :]

@@ -42,8 +42,13 @@ class Session:
     # What the engine reported after the last commit.
     kv_tokens: int = 0
     pinned_blocks: int = 0
+    # resident: KV pinned on the device; failed: acknowledged data could not be
+    # ingested (see ``error``), the session refuses further use; closed: removed.
     state: str = "resident"
+    error: str | None = None
     turn_in_flight: bool = False
+    # Engine requests running on this session's KV (turns, queries, ingestion).
+    active_request_ids: set[str] = field(default_factory=set)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Read-your-writes: appends acknowledged vs ingested, as sequence numbers.
     acked_seq: int = 0
@@ -69,6 +74,7 @@ class Session:
             "context_tokens": self.context_tokens,
             "pinned_blocks": self.pinned_blocks,
             "state": self.state,
+            **({"error": self.error} if self.error else {}),
             "created_at": int(self.created_at),
             "last_used_at": int(self.last_used_at),
             "ttl_s": self.ttl_s,
