@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench bench-chat bench-streaming bench-sessions clean
+.PHONY: setup run test test-unit lint bench bench-chat bench-streaming bench-sessions bench-probe clean
 
 setup: $(VENV)/.setup-$(TARGET)
 
@@ -49,6 +49,9 @@ bench-streaming: setup
 
 bench-sessions: setup
 	$(BIN)/python benchmarks/session_turn_latency.py
+
+bench-probe: setup
+	$(BIN)/python benchmarks/ingest_probe.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -216,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Chat benchmark ({_dt.datetime.now().isoformat(timespec='seconds')})\n\n"
         f"model `{model_path}`, device {device}, {wl['topics']} topics x {wl['turns']} turns, "
         f"max_tokens {wl['max_tokens']}, temperature {wl['temperature']}, "
-        f"server flags `{shlex.join(map(str, [*cfg['server']['args'], *cfg['server'].get('extra_args', [])]))}`"
+        f"server flags `{shlex.join(map(str, [*cfg['server']['args'], *cfg['server'].get('extra_args', [])]))}`\n\n"
+        f"command: `{shlex.join(['python', 'benchmarks/compare.py', *sys.argv[1:]])}`"
         + (f"\n\nFAILED runs (see server-<label>.log): {', '.join(failed)}" if failed else "")
     )
     if rows:

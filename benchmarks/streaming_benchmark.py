@@ -396,7 +396,12 @@ def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -
     lags = {run.provider: [x for x in run.append_lags if x is not None] for run in runs}
     summaries, largest = rep.summarize(rows, lags, cfg["ref_tokens"], cfg["nearest_k"])
     table = rep.bucket_table(rows, cfg["bucket_edges"])
-    (out_dir / "summary.md").write_text(rep.markdown_report(table, summaries, largest, cfg["baseline"]))
+    command = " ".join(["python", "benchmarks/streaming_benchmark.py", *sys.argv[1:]])
+    header = (
+        f"# Streaming market-data benchmark\n\ncommand: `{command}`"
+        f"; {cfg['ticks']} ticks at {cfg['rate']}/s, {cfg['questions']} questions, max_tokens {cfg['max_tokens']}\n\n"
+    )
+    (out_dir / "summary.md").write_text(header + rep.markdown_report(table, summaries, largest, cfg["baseline"]))
     extra = {
         run.provider: {
             "append_retries": run.append_retries,

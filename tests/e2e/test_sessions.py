@@ -249,6 +249,9 @@ def test_errors_leave_session_unchanged(stateful_server, client):
     too_long = list(range(10, 10 + MAX_MODEL_LEN))
     _error(post({"prompt": too_long, "stateful": sid}), 413, "context_length_exceeded")
     _error(post({"prompt": [5] * 10, "stateful": sid, "max_tokens": MAX_MODEL_LEN}), 413, "context_length_exceeded")
+    # a refused first request does not leave an empty session behind
+    _error(post({"prompt": too_long, "stateful": "fresh-413"}), 413, "context_length_exceeded")
+    _error(stateful_server.get("/v1/sessions/fresh-413"), 404, "session_not_found")
     # 429: past the per-session quota, with Retry-After
     over_quota = [7] * (SESSION_QUOTA - before["context_tokens"] + 5)
     r = post({"prompt": over_quota, "stateful": sid})

@@ -113,7 +113,17 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     if parsed.model and parsed.model not in state.bridge.served_model_names:
         raise SessionError(404, f"the model '{parsed.model}' does not exist", "model_not_found")
     service = state.service
+    created = commit and session_id not in service.store
     session = service.store.get_or_create(session_id) if commit else service.store.get(session_id)
+    try:
+        return await _run_session_request(service, session, body, parsed, chat, commit, state)
+    except BaseException:
+        if created and session.version == 0 and not session.turn_in_flight:
+            service.store.remove(session.id)  # a refused first request creates nothing
+        raise
+
+
+async def _run_session_request(service, session, body, parsed, chat: bool, commit: bool, state) -> Response:
     if chat:
         messages = _template_messages(ChatMessage.model_validate(m) for m in body["messages"])
         build = lambda s: service.chat_input(s, messages, add_generation_prompt=True)  # noqa: E731

@@ -171,6 +171,8 @@ class SessionService:
             run_max = self._check_fits(session, len(prompt), max_tokens)
             if commit:
                 assert self.budget is not None
+                if max_tokens is None:  # unbounded generation stops at the session quota, as at max_model_len
+                    run_max = max(1, min(run_max, self.budget.session_quota_tokens - len(prompt)))
                 check_growth(self.budget, self.store.pinned_blocks(), session.pinned_blocks, len(prompt) + run_max)
             params.max_tokens = run_max
             params.extra_args = {**(params.extra_args or {}), **make_extra_args(session.id, commit)}

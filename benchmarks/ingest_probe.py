@@ -1,0 +1,115 @@
+"""Ingest and query costs of one session as its context grows (vllm-stateful only, no feed timing).
+
+Separates the two costs that a streaming run mixes: how long appending N tokens takes
+(`wait: true`, so the time includes the prefill), and how long a read-only question takes once the
+data is in. Grows one session to each target context, then measures appends of several sizes and a
+query with 1 and with `--max-tokens` generated tokens. Writes CSV + summary.md to --out-dir.
+
+    python benchmarks/ingest_probe.py [--model small] [--contexts 1000,3000,6000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import time
+from pathlib import Path
+
+import httpx
+from servers import detect_device, launched_server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def timed(client: httpx.Client, url: str, body: dict) -> tuple[float, dict]:
+    start = time.perf_counter()
+    resp = client.post(url, json=body)
+    resp.raise_for_status()
+    return time.perf_counter() - start, resp.json()
+
+
+def probe(base: str, contexts: list[int], append_sizes: list[int], query_tokens: int, max_tokens: int) -> list[dict]:
+    rng = random.Random(0)
+    client = httpx.Client(timeout=600)
+    sid = "ingest-probe"
+    client.post(f"{base}/sessions", json={"id": sid}).raise_for_status()
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(100, 3000) for _ in range(n)]
+
+    rows, context = [], 0
+    for target in contexts:
+        while context < target:
+            _, body = timed(client, f"{base}/sessions/{sid}/append", {"token_ids": ids(500), "wait": True})
+            context = body["context_tokens"]
+        for n in append_sizes:
+            secs, body = timed(client, f"{base}/sessions/{sid}/append", {"token_ids": ids(n), "wait": True})
+            rows.append({"context_tokens": context, "op": f"append {n}", "tokens": n, "seconds": secs})
+            context = body["context_tokens"]
+        for gen in (1, max_tokens):
+            query = {
+                "model": "bench",
+                "prompt": ids(query_tokens),
+                "max_tokens": gen,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stateful": sid,
+                "stateful_commit": False,
+            }
+            secs, body = timed(client, f"{base}/completions", query)
+            assert body["session"]["recomputed_tokens"] == 0
+            rows.append(
+                {
+                    "context_tokens": context,
+                    "op": f"query {query_tokens}+{gen}",
+                    "tokens": query_tokens,
+                    "seconds": secs,
+                }
+            )
+    client.delete(f"{base}/sessions/{sid}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="tiny | small | a model directory")
+    p.add_argument("--contexts", default="1000,3000,6000")
+    p.add_argument("--append-sizes", default="17,70,300")
+    p.add_argument("--query-tokens", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "ingest_probe")
+    args = p.parse_args(argv)
+    from vllm_stateful.demo_model import ensure_demo_model
+
+    model_path = str(ensure_demo_model(args.model)) if args.model in ("tiny", "small") else args.model
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
+    common = ["--block-size", "32", "--max-model-len", "8192", "--enforce-eager"]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with launched_server("stateful", model_path, "bench", common, args.out_dir / "server.log", env) as base:
+        rows = probe(
+            base,
+            [int(x) for x in args.contexts.split(",")],
+            [int(x) for x in args.append_sizes.split(",")],
+            args.query_tokens,
+            args.max_tokens,
+        )
+    with open(args.out_dir / "ingest_probe.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["context_tokens", "op", "tokens", "seconds"])
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| context tokens | operation | seconds | tokens/s |", "|---:|---|---:|---:|"]
+    lines += [
+        f"| {r['context_tokens']} | {r['op']} | {r['seconds']:.3f} | {r['tokens'] / r['seconds']:.0f} |" for r in rows
+    ]
+    cmd = "python benchmarks/ingest_probe.py " + " ".join(argv or [])
+    (args.out_dir / "summary.md").write_text(
+        f"# Ingest and query cost vs context\n\nCommand: `{cmd.strip()}`; "
+        f"model `{args.model}`\n\n" + "\n".join(lines) + "\n"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
