@@ -62,6 +62,8 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
         from vllm_stateful.demo_model import ensure_demo_model
 
         model, rest = str(ensure_demo_model("tiny")), argv
+        if not _has_flag(rest, "--served-model-name"):
+            rest = [*rest, "--served-model-name", "qwen2-tiny-demo"]
     plugin_args, rest = plugin_parser().parse_known_args(rest)
     settings = {key: getattr(plugin_args, flag[2:].replace("-", "_")) for flag, (key, _, _) in PLUGIN_FLAGS.items()}
     settings = {k: v for k, v in settings.items() if v is not None}

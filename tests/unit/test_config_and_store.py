@@ -84,3 +84,13 @@ def test_serve_argv_switches_plugin_on_and_keeps_user_flags(monkeypatch):
     import os
 
     assert os.environ["VLLM_PLUGINS"] == "other,stateful"
+
+
+def test_serve_without_model_uses_the_demo_model(monkeypatch):
+    from vllm_stateful import cli, demo_model
+
+    monkeypatch.setattr(demo_model, "ensure_demo_model", lambda size="tiny": f"/cache/{size}")
+    argv = cli.serve_argv(["--port", "9000"])
+    assert argv[:3] == ["vllm", "serve", "/cache/tiny"]
+    assert argv[argv.index("--served-model-name") + 1] == "qwen2-tiny-demo"
+    assert cli.serve_argv(["--served-model-name", "mine"]).count("--served-model-name") == 1
