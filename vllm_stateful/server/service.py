@@ -45,8 +45,7 @@ class TurnResult:
     """Filled in as the turn runs; final once ``finished``."""
 
     session: Session
-    prompt_tokens: int
-    context_tokens: int
+    prompt_tokens: int  # every token the request attends to: session history + its new tokens
     kv_tokens_before: int
     output_token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -66,7 +65,7 @@ class TurnResult:
         return {
             "id": self.session.id,
             "version": self.session.version,
-            "context_tokens": self.context_tokens,
+            "context_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "recomputed_tokens": self.recomputed_tokens,
         }
@@ -177,7 +176,7 @@ class SessionService:
             params.max_tokens = run_max
             params.extra_args = {**(params.extra_args or {}), **make_extra_args(session.id, commit)}
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-            result = TurnResult(session, len(prompt), len(prompt), session.kv_tokens)
+            result = TurnResult(session, len(prompt), session.kv_tokens)
             session.touch()
             started = time.monotonic()
             if not commit:
@@ -284,7 +283,7 @@ class SessionService:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         params.extra_args = make_extra_args(session.id, True)
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        result = TurnResult(session, len(prompt), len(prompt), session.kv_tokens)
+        result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
         try:
             async for _ in self._generate(prompt, params, result):
