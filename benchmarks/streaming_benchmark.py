@@ -97,11 +97,20 @@ def _check(resp: httpx.Response, *ok: int) -> dict[str, Any]:
 class _Provider:
     """HTTP client for one provider on one server. ``api_base`` ends in ``/v1``."""
 
-    def __init__(self, name: str, api_base: str, model: str | None = None, max_tokens: int = 8, timeout_s: float = 900):
+    def __init__(
+        self,
+        name: str,
+        api_base: str,
+        model: str | None = None,
+        max_tokens: int = 8,
+        timeout_s: float = 900,
+        api_key: str | None = None,
+    ):
         self.name, self.model, self.max_tokens = name, model, max_tokens
         self.api_base = api_base.rstrip("/")
         self.root = self.api_base.removesuffix("/v1")
-        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=32))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=32), headers=headers)
 
     async def open(self, feed: rep.Feed) -> None:
         """Resolve the model name, warm the server up (one unrecorded completion)."""
@@ -347,14 +356,20 @@ def run_provider_sync(provider: _Provider, feed: rep.Feed, rate: float, log: boo
 
 
 def make_provider(
-    kind: str, name: str, api_base: str, model: str | None, max_tokens: int, poll_interval_s: float = 0.05
+    kind: str,
+    name: str,
+    api_base: str,
+    model: str | None,
+    max_tokens: int,
+    poll_interval_s: float = 0.05,
+    api_key: str | None = None,
 ) -> _Provider:
     if kind == "stateful":
-        p = StatefulProvider(name, api_base, model, max_tokens)
+        p = StatefulProvider(name, api_base, model, max_tokens, api_key=api_key)
         p.poll_interval_s = poll_interval_s
         return p
     if kind == "stateless":
-        return StatelessProvider(name, api_base, model, max_tokens)
+        return StatelessProvider(name, api_base, model, max_tokens, api_key=api_key)
     raise ValueError(f"unknown provider kind {kind!r} (stateful|stateless)")
 
 

@@ -25,7 +25,14 @@ PLUGIN_FLAGS = {
     "--admission": ("admission", str, "over-budget policy: reject (429 + Retry-After)"),
     "--default-ttl-s": ("default_ttl_s", float, "idle seconds before a session expires; 0 = never (default 3600)"),
     "--max-ingest-queue-tokens": ("max_ingest_queue_tokens", int, "per-session append queue bound (default 8192)"),
+    "--max-sessions": ("max_sessions", int, "live sessions in all (default 4096)"),
+    "--max-sessions-per-tenant": ("max_sessions_per_tenant", int, "live sessions per tenant (default: --max-sessions)"),
+    "--max-request-body-bytes": ("max_request_body_bytes", int, "largest session request body (default 4 MiB)"),
+    "--tenant-header": ("tenant_header", str, "header naming the tenant, set by a trusted gateway (default: none)"),
 }
+
+# vLLM flags whose values sessions cannot run with yet (see engine/support.py).
+SINGLE_ONLY_FLAGS = ("--data-parallel-size", "-dp", "--api-server-count", "-asc")
 
 
 def plugin_parser() -> argparse.ArgumentParser:
@@ -37,6 +44,26 @@ def plugin_parser() -> argparse.ArgumentParser:
     for flag, (_, typ, help_text) in PLUGIN_FLAGS.items():
         parser.add_argument(flag, type=typ, help=help_text)
     return parser
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def refuse_unsupported(args: Sequence[str]) -> None:
+    """Fail fast, before vLLM starts, on flags sessions do not support yet."""
+    for flag in SINGLE_ONLY_FLAGS:
+        value = _flag_value(args, flag)
+        if value is not None and value.strip() not in ("1", ""):
+            raise SystemExit(
+                f"vllm-stateful: {flag} {value} is not supported yet: sessions live in one API server and one "
+                "engine (one data-parallel rank, --api-server-count 1)"
+            )
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -64,6 +91,7 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
         model, rest = str(ensure_demo_model("tiny")), argv
         if not _has_flag(rest, "--served-model-name"):
             rest = [*rest, "--served-model-name", "qwen2-tiny-demo"]
+    refuse_unsupported(rest)
     plugin_args, rest = plugin_parser().parse_known_args(rest)
     settings = {key: getattr(plugin_args, flag[2:].replace("-", "_")) for flag, (key, _, _) in PLUGIN_FLAGS.items()}
     settings = {k: v for k, v in settings.items() if v is not None}

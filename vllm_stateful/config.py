@@ -7,6 +7,7 @@ not silently fall back to a default). No vLLM import.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -17,37 +18,77 @@ ADMISSION_MODES = ("reject", "offload")
 class StatefulConfig:
     """Defaults are what ``vllm-stateful serve`` runs with.
 
-    cell_budget: KV token slots all sessions together may pin; ``None`` means
-        90% of the engine's KV cache. Pinned tokens are counted in whole blocks.
+    cell_budget: KV token slots all sessions together may pin and reserve;
+        ``None`` means 90% of the KV cache, capped so that one ``max_model_len``
+        request always fits beside the pinned sessions (see ``Budget.for_engine``).
+        Counted in whole blocks.
     session_quota: most tokens one session may hold; ``None`` means max_model_len.
     admission: what happens over budget. ``reject`` answers 429 with
         Retry-After; ``offload`` (spill to CPU) is reserved and refused for now.
-    default_ttl_s: idle seconds before a session expires; 0 disables expiry.
+    default_ttl_s: idle seconds before a session expires; 0 disables expiry
+        (an operator's choice: clients cannot ask for "never").
+    min_ttl_s / max_ttl_s: bounds on a client's ``ttl_s``.
     max_flash_queries_per_session: reserved for flash queries.
     max_ingest_queue_tokens: per-session bound on appended-but-not-ingested
-        tokens; beyond it appends get 429 (nothing is dropped).
+        tokens; beyond it appends get 429, and one append larger than it 413.
+    max_sessions / max_sessions_per_tenant: live sessions in all and per
+        tenant (``None``: same as ``max_sessions``); beyond them 429.
+    max_request_body_bytes: largest body a session request or session route
+        accepts (413 beyond it, checked before anything is parsed or tokenized).
+    ingest_wait_timeout_s: longest a request waits for earlier appends to be
+        ingested (read-your-writes) before it is answered 503 with Retry-After.
+    tenant_header: when set, the tenant is also read from this header (set it
+        only behind a gateway that sets and strips it); see ``sessions/tenants.py``.
+    debug_routes: serve ``GET /v1/stateful/debug/integrity`` (off by default).
     """
 
     cell_budget: int | None = None
     session_quota: int | None = None
     admission: str = "reject"
     default_ttl_s: float = 3600.0
+    min_ttl_s: float = 1.0
+    max_ttl_s: float = 86400.0
     max_flash_queries_per_session: int = 8
     max_ingest_queue_tokens: int = 8192
+    max_sessions: int = 4096
+    max_sessions_per_tenant: int | None = None
+    max_request_body_bytes: int = 4 * 1024 * 1024
+    ingest_wait_timeout_s: float = 120.0
+    tenant_header: str | None = None
+    debug_routes: bool = False
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"stateful.admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
         if self.admission == "offload":
             raise ValueError("stateful.admission='offload' (spill to CPU) is not implemented yet; use 'reject'")
-        for name in ("cell_budget", "session_quota"):
+        for name in ("cell_budget", "session_quota", "max_sessions_per_tenant"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and not _positive_int(value):
                 raise ValueError(f"stateful.{name} must be a positive integer or null, got {value!r}")
-        if self.default_ttl_s < 0:
-            raise ValueError("stateful.default_ttl_s must be >= 0")
-        if self.max_ingest_queue_tokens <= 0:
-            raise ValueError("stateful.max_ingest_queue_tokens must be positive")
+        for name in ("max_flash_queries_per_session", "max_ingest_queue_tokens", "max_sessions"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"stateful.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not _positive_int(self.max_request_body_bytes) or self.max_request_body_bytes < 1024:
+            raise ValueError("stateful.max_request_body_bytes must be an integer >= 1024")
+        for name in ("default_ttl_s", "min_ttl_s", "max_ttl_s", "ingest_wait_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"stateful.{name} must be a finite number >= 0, got {value!r}")
+        if not 0 < self.min_ttl_s <= self.max_ttl_s:
+            raise ValueError("stateful.min_ttl_s must be > 0 and <= max_ttl_s")
+        if self.default_ttl_s != 0 and not self.min_ttl_s <= self.default_ttl_s <= self.max_ttl_s:
+            raise ValueError("stateful.default_ttl_s must be 0 (never) or within [min_ttl_s, max_ttl_s]")
+        if self.ingest_wait_timeout_s <= 0:
+            raise ValueError("stateful.ingest_wait_timeout_s must be positive")
+        if self.tenant_header is not None and (not isinstance(self.tenant_header, str) or not self.tenant_header):
+            raise ValueError("stateful.tenant_header must be a header name or null")
+        if not isinstance(self.debug_routes, bool):
+            raise ValueError("stateful.debug_routes must be true or false")
+
+    @property
+    def tenant_session_limit(self) -> int:
+        return self.max_sessions_per_tenant or self.max_sessions
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "StatefulConfig":
@@ -59,6 +100,8 @@ class StatefulConfig:
         if not isinstance(additional_config, dict):
             raise ValueError("additional_config must be a JSON object")
         section = additional_config.get("stateful", {}) or {}
+        if not isinstance(section, dict):
+            raise ValueError("additional_config.stateful must be a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = set(section) - known
         if unknown:
@@ -67,3 +110,7 @@ class StatefulConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

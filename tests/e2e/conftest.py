@@ -1,13 +1,22 @@
-"""One vllm-stateful server per test run, on the tiny demo model (real vLLM)."""
+"""One vllm-stateful server per test run, on the tiny demo model (real vLLM),
+plus one independent reference engine: a stock in-process vLLM engine with
+prefix caching off, so equality checks never read the server's cached blocks.
+
+The server runs the demanding configuration: two API keys (two tenants),
+vLLM's dev routes (cache reset, pause, collective_rpc), the plugin's debug
+route, a custom chat template (ChatML plus one rule that raises), and a
+small KV pool so that bursts preempt.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -18,6 +27,12 @@ SESSION_QUOTA = 1536
 INGEST_QUEUE_TOKENS = 512
 # A small KV pool (block size 32) so that a burst of stateless requests forces vLLM to preempt.
 NUM_KV_BLOCKS = 640
+BLOCK_SIZE = 32
+KEY_A = "test-key-tenant-a"
+KEY_B = "test-key-tenant-b"
+MAX_BODY_BYTES = 256 * 1024
+MAX_SESSIONS_PER_TENANT = 200
+CHAT_TEMPLATE = Path(__file__).with_name("strict_chatml.jinja")
 
 
 @dataclass(frozen=True)
@@ -27,20 +42,41 @@ class Server:
     model: str
     model_path: str
     log: Path
+    api_key: str = KEY_A
+    headers: dict = field(default_factory=dict)
+
+    def _headers(self, kw: dict) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}", **self.headers, **kw.pop("headers", {})}
 
     def get(self, path: str, **kw) -> httpx.Response:
-        return httpx.get(self.root + path, timeout=60, **kw)
+        return httpx.get(self.root + path, timeout=kw.pop("timeout", 60), headers=self._headers(kw), **kw)
 
     def post(self, path: str, **kw) -> httpx.Response:
-        return httpx.post(self.root + path, timeout=120, **kw)
+        return httpx.post(self.root + path, timeout=kw.pop("timeout", 120), headers=self._headers(kw), **kw)
 
     def delete(self, path: str, **kw) -> httpx.Response:
-        return httpx.delete(self.root + path, timeout=60, **kw)
+        return httpx.delete(self.root + path, timeout=kw.pop("timeout", 60), headers=self._headers(kw), **kw)
+
+    def as_tenant(self, api_key: str) -> "Server":
+        return Server(self.base_url, self.root, self.model, self.model_path, self.log, api_key)
 
     def integrity(self) -> dict:
         body = self.get("/v1/stateful/debug/integrity").json()
         assert body["problems"] == [], body
         return body
+
+    def session(self, sid: str, tokens: bool = False) -> dict:
+        r = self.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"} if tokens else None)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples (all label sets)."""
+        import re
+
+        text = self.get("/metrics").text
+        pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$"
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
 def _free_port() -> int:
@@ -60,30 +96,35 @@ def tiny_model_path(tmp_path_factory) -> str:
 def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="1",
+        PYTHONUNBUFFERED="1",
+        VLLM_SERVER_DEV_MODE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="1",  # the reference engine sets 0 in this process
+    )
+    plugin = {
+        "debug_routes": True,
+        "max_request_body_bytes": MAX_BODY_BYTES,
+        "max_sessions_per_tenant": MAX_SESSIONS_PER_TENANT,
+        "ingest_wait_timeout_s": 60,
+    }
     cmd = [
-        sys.executable,
-        "-m",
-        "vllm_stateful.cli",
-        "serve",
-        tiny_model_path,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        "tiny",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--seed",
-        "0",
-        "--session-quota",
-        str(SESSION_QUOTA),
-        "--max-ingest-queue-tokens",
-        str(INGEST_QUEUE_TOKENS),
-        "--num-gpu-blocks-override",
-        str(NUM_KV_BLOCKS),
-    ]
+        sys.executable, "-m", "vllm_stateful.cli", "serve", tiny_model_path,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", "tiny",
+        "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--seed", "0",
+        "--session-quota", str(SESSION_QUOTA),
+        "--max-ingest-queue-tokens", str(INGEST_QUEUE_TOKENS),
+        "--num-gpu-blocks-override", str(NUM_KV_BLOCKS),
+        "--block-size", str(BLOCK_SIZE),
+        "--api-key", KEY_A, KEY_B,
+        "--enable-prompt-tokens-details",
+        "--chat-template", str(CHAT_TEMPLATE),
+        "--additional-config", json.dumps({"stateful": plugin}),
+    ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     root = f"http://127.0.0.1:{port}"
@@ -93,7 +134,7 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
             try:
-                if httpx.get(root + "/v1/models", timeout=2).status_code == 200:
+                if httpx.get(root + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -113,7 +154,7 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
 def client(stateful_server):
     from openai import OpenAI
 
-    return OpenAI(base_url=stateful_server.base_url, api_key="unused", timeout=120, max_retries=0)
+    return OpenAI(base_url=stateful_server.base_url, api_key=KEY_A, timeout=120, max_retries=0)
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +162,57 @@ def tokenizer(tiny_model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+class Reference:
+    """Greedy answers of a stock vLLM engine (stock scheduler, prefix caching off):
+    independent of the server under test and of anything it cached."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+
+    def greedy(self, prompt_ids: list[int], max_tokens: int, **params) -> list[int]:
+        return self.greedy_many([prompt_ids], max_tokens, **params)[0]
+
+    def greedy_many(self, prompts: list[list[int]], max_tokens: int, **params) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, **params)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def greedy_mismatches(self, history: list[int], generated_positions: list[int]) -> list[int]:
+        """Positions in ``history`` (generated by the session) where the reference's
+        greedy choice, given everything before it, differs: empty when they agree."""
+        from vllm import SamplingParams
+
+        if not generated_positions:
+            return []
+        out = self.llm.generate(
+            [{"prompt_token_ids": history}], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False
+        )[0]
+        bad = []
+        for pos in generated_positions:
+            ranks = out.prompt_logprobs[pos]
+            if ranks[history[pos]].rank != 1:
+                bad.append(pos)
+        return bad
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_path) -> Reference:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, so tests can inspect it
+    from vllm import LLM
+
+    llm = LLM(
+        tiny_model_path,
+        block_size=BLOCK_SIZE,
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        seed=0,
+        dtype="float32",
+        enable_prefix_caching=False,
+    )
+    yield Reference(llm)
+    del llm

@@ -34,6 +34,7 @@ def smoke_rows(stateful_server) -> dict[str, list[report.Row]]:
             turns=TURNS,
             max_tokens=MAX_TOKENS,
             tokenizer_path=stateful_server.model_path,
+            api_key=stateful_server.api_key,
         )
         for provider in ("stateful", "stateless")
     }

@@ -3,22 +3,15 @@ plugin is installed but not switched on. Runs one in-process stock engine."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def stock_llm(tiny_model_path):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, so we can inspect it
-    from vllm import LLM
-
-    llm = LLM(tiny_model_path, block_size=32, enforce_eager=True, max_model_len=1024, seed=0, dtype="float32")
-    yield llm
-    del llm
+def stock_llm(reference):
+    """The run's reference engine: stock vLLM with the plugin installed but not switched on."""
+    return reference.llm
 
 
 def _engine_core(llm):

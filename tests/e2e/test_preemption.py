@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from tests.e2e.conftest import NUM_KV_BLOCKS
+from tests.e2e.conftest import KEY_A, NUM_KV_BLOCKS
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +50,7 @@ def test_burst_that_preempts_leaves_pinned_sessions_intact(stateful_server, clie
         r = httpx.post(
             stateful_server.base_url + "/completions",
             timeout=300,
+            headers={"Authorization": f"Bearer {KEY_A}"},
             json={"model": "tiny", "prompt": prompt, "max_tokens": 600, "ignore_eos": True, "temperature": 0},
         )
         assert r.status_code == 200, r.text

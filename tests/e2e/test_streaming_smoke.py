@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +24,9 @@ from benchmarks import streaming_report as rep  # noqa: E402
 def test_streaming_benchmark_smoke(stateful_server, tmp_path):
     feed = rep.make_feed(n_ticks=40, n_questions=3, seed=11)
     providers = {
-        kind: sb.make_provider(kind, kind, stateful_server.base_url, stateful_server.model, max_tokens=2)
+        kind: sb.make_provider(
+            kind, kind, stateful_server.base_url, stateful_server.model, max_tokens=2, api_key=stateful_server.api_key
+        )
         for kind in ("stateful", "stateless")
     }
     runs = {kind: sb.run_provider_sync(p, feed, rate=50.0) for kind, p in providers.items()}
@@ -48,7 +49,7 @@ def test_streaming_benchmark_smoke(stateful_server, tmp_path):
     assert all(r.ingest_lag_s is None for r in stateless)
     # The benchmark deletes its session.
     sid = providers["stateful"].session_id
-    assert httpx.get(f"{stateful_server.base_url}/sessions/{sid}", timeout=30).status_code == 404
+    assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 404
 
     # The report pipeline works on real rows.
     rows = stateful + stateless

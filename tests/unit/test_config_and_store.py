@@ -6,7 +6,6 @@ import json
 import pytest
 
 from vllm_stateful.config import StatefulConfig
-from vllm_stateful.sessions.admission import Budget, check_growth
 from vllm_stateful.sessions.ids import is_valid_session_id, new_session_id
 from vllm_stateful.sessions.store import SessionError, SessionStore
 
@@ -22,7 +21,22 @@ def test_config_defaults_and_parsing():
 
 @pytest.mark.parametrize(
     "section",
-    [{"cel_budget": 1}, {"admission": "evict"}, {"admission": "offload"}, {"cell_budget": -1}, {"default_ttl_s": -1}],
+    [
+        {"cel_budget": 1},
+        {"admission": "evict"},
+        {"admission": "offload"},
+        {"cell_budget": -1},
+        {"cell_budget": True},
+        {"default_ttl_s": -1},
+        {"default_ttl_s": float("inf")},
+        {"default_ttl_s": 10**6},  # above max_ttl_s
+        {"min_ttl_s": 0},
+        {"max_request_body_bytes": 10},
+        {"max_sessions": 0},
+        {"ingest_wait_timeout_s": 0},
+        {"tenant_header": ""},
+        {"debug_routes": "yes"},
+    ],
 )
 def test_config_rejects_bad_values(section):
     with pytest.raises(ValueError):
@@ -35,39 +49,59 @@ def test_session_ids():
         assert not is_valid_session_id(bad)
     a, b = new_session_id(), new_session_id()
     assert a != b and is_valid_session_id(a) and len(a) == len("sess_") + 32
+    assert not is_valid_session_id("abc\n") and not is_valid_session_id("abc\n\n")
 
 
 def test_store_lifecycle_and_expiry():
     async def run():
         store = SessionStore(default_ttl_s=10)
-        s = store.create("s1")
+        s = store.create("t1", "s1")
         with pytest.raises(SessionError) as e:
-            store.create("s1")
+            store.create("t1", "s1")
         assert e.value.status == 409
         with pytest.raises(SessionError) as e:
-            store.get("missing")
+            store.get("t1", "missing")
         assert e.value.status == 404
-        assert store.get_or_create("s1") is s and len(store) == 1
+        assert store.get("t1", "s1") is s and len(store) == 1
         s.pinned_blocks = 3
-        store.create("s2", ttl_s=0).pinned_blocks = 2
+        store.create("t1", "s2", ttl_s=0).pinned_blocks = 2
         assert store.pinned_blocks() == 5
         assert [x.id for x in store.expired(now=s.last_used_at + 11)] == ["s1"]  # ttl 0 never expires
         s.turn_in_flight = True
         assert store.expired(now=s.last_used_at + 11) == []
-        assert store.remove("s1").state == "closed" and "s1" not in store
+        s.turn_in_flight = False
+        s.active_request_ids.add("a-running-query")  # running work counts as use
+        assert store.expired(now=s.last_used_at + 11) == []
+        assert store.remove(s) and s.state == "closed" and not store.contains("t1", "s1")
 
     asyncio.run(run())
 
 
-def test_admission_refuses_over_quota_and_budget():
-    budget = Budget(cell_budget_tokens=1024, session_quota_tokens=600, block_size=32)
-    check_growth(budget, pinned_blocks_total=10, session_pinned_blocks=2, session_tokens_after=500)
-    with pytest.raises(SessionError) as e:
-        check_growth(budget, 0, 0, 601)
-    assert e.value.status == 429 and e.value.code == "session_quota_exceeded" and e.value.retry_after
-    with pytest.raises(SessionError) as e:
-        check_growth(budget, pinned_blocks_total=30, session_pinned_blocks=0, session_tokens_after=100)
-    assert e.value.code == "cell_budget_exceeded"
+def test_store_scopes_ids_to_tenants_and_keeps_incarnations_apart():
+    async def run():
+        store = SessionStore(default_ttl_s=10, max_sessions=3, max_per_tenant=2)
+        a = store.create("tenant-a", "x")
+        b = store.create("tenant-b", "x")  # the same id, another tenant: another session
+        assert a is not b and a.key != b.key
+        with pytest.raises(SessionError) as e:
+            store.get("tenant-b", "nope")
+        assert e.value.status == 404
+        assert [s.id for s in store.of_tenant("tenant-a")] == ["x"]
+        store.create("tenant-a", "y")
+        with pytest.raises(SessionError) as e:
+            store.create("tenant-a", "z")  # per-tenant limit
+        assert e.value.status == 429 and e.value.code == "too_many_sessions"
+        with pytest.raises(SessionError) as e:
+            store.create("tenant-c", "z")  # global limit
+        assert e.value.status == 429
+        # id reuse: removing an old incarnation never removes the new one
+        assert store.remove(a)
+        again = store.create("tenant-a", "x")
+        assert again.key != a.key
+        assert not store.remove(a)  # already gone: a late close of the old one is a no-op
+        assert store.get("tenant-a", "x") is again
+
+    asyncio.run(run())
 
 
 def test_serve_argv_switches_plugin_on_and_keeps_user_flags(monkeypatch):
@@ -94,3 +128,13 @@ def test_serve_without_model_uses_the_demo_model(monkeypatch):
     assert argv[:3] == ["vllm", "serve", "/cache/tiny"]
     assert argv[argv.index("--served-model-name") + 1] == "qwen2-tiny-demo"
     assert cli.serve_argv(["--served-model-name", "mine"]).count("--served-model-name") == 1
+
+
+@pytest.mark.parametrize("flags", [["--data-parallel-size", "2"], ["--api-server-count=3"], ["-dp", "4"]])
+def test_serve_refuses_several_ranks_or_api_servers_before_starting(flags):
+    from vllm_stateful import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.serve_argv(["/m", *flags])
+    assert "not supported yet" in str(e.value)
+    cli.refuse_unsupported(["--data-parallel-size", "1"])  # one rank is fine

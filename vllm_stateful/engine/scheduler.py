@@ -1,22 +1,29 @@
 """vLLM's scheduler, plus session KV that stays pinned between requests.
 
-Written against vLLM 0.32.0 (``vllm/v1/core/sched/scheduler.py``). Two
-overrides, both around ``super()``:
+Written against vLLM 0.32.0 (``vllm/v1/core/sched/scheduler.py``). Three
+overrides, each around ``super()``:
 
-* ``_get_local_prefix_cache_hit`` -- a request tagged with a session adopts
-  the session's pinned blocks for the longest common prefix of its prompt and
-  the session's tokens, including the partial last block. vLLM's own
-  copy-on-write for partial hits (``SingleTypeKVCacheManager._apply_cow``)
-  gives the request a private copy of that block, so nothing is recomputed
-  and the session's blocks are never written.
-* ``_free_request`` -- when a committing session request finishes (or is
-  aborted), its blocks become the session's pinned KV, covering every token
-  whose KV is known to be written (all but the last sampled token).
+* ``_get_local_prefix_cache_hit`` -- a request carrying a verified session
+  tag (see ``request_tags``) adopts the session's pinned blocks for the
+  longest common prefix of its prompt and the session's tokens, including the
+  partial last block. vLLM's own copy-on-write for partial hits
+  (``SingleTypeKVCacheManager._apply_cow``) gives the request a private copy
+  of that block, so nothing is recomputed and pinned blocks are never written.
+* ``_free_request`` -- when a committing session request *finishes normally*
+  (stopped or length-capped), its blocks become the session's pinned KV,
+  covering every token whose KV is known to be written (all but the last
+  sampled token). Aborted or failed requests never pin: the API server only
+  commits finished turns, so nothing it rolls back can re-appear in the engine.
+* ``reset_prefix_cache`` -- every cache reset vLLM performs (``/reset_prefix_cache``,
+  ``pause(clear_cache)``, ``sleep`` level >= 1, releasing KV memory) first
+  releases all pinned sessions, which become ``cold`` (their tokens stay in
+  the API server and are re-prefilled on next use). Stale KV is never served.
 
-Everything else (queues, preemption, chunked prefill) is vLLM's. Preemption
-frees a request's references, never a session's, so pinned KV survives it.
-Session control from the API server arrives through ``handle_stateful_call``
-(see ``vllm_stateful.plugin``), on the engine-core thread between steps.
+Session bookkeeping errors are logged and counted, never raised into vLLM's
+step loop: a fault in the plugin degrades one request to a recompute, it does
+not stop the engine. Session control from the API server arrives through
+``handle_stateful_call`` (see ``vllm_stateful.plugin`` and ``control``), on
+the engine-core thread between steps.
 """
 
 from __future__ import annotations
@@ -26,12 +33,17 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
-from vllm_stateful.engine.request_tags import session_tag
+from vllm_stateful.engine.control import SessionControl
+from vllm_stateful.engine.request_tags import SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
+from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
 
 logger = init_logger(__name__)
+
+# Finished statuses whose KV is complete and which the API server may commit.
+PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 
 
 class StatefulSchedulerMixin:
@@ -39,20 +51,25 @@ class StatefulSchedulerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        groups = self.kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ValueError(
-                f"vllm-stateful supports models with one KV cache group (full attention); this model has {len(groups)}"
+        groups = [
+            KVGroupShape(
+                type(g.kv_cache_spec).__name__,
+                getattr(g.kv_cache_spec, "sliding_window", None),
+                getattr(g.kv_cache_spec, "attention_chunk_size", None),
             )
-        if not self.cache_config.enable_prefix_caching:
-            raise ValueError(
-                "vllm-stateful needs prefix caching (it reuses blocks through vLLM's "
-                "prefix-hit path); remove --no-enable-prefix-caching"
-            )
+            for g in self.kv_cache_config.kv_cache_groups
+        ]
+        reason = unsupported_reason(
+            groups,
+            prefix_caching=bool(self.cache_config.enable_prefix_caching),
+            data_parallel_size=self.vllm_config.parallel_config.data_parallel_size,
+        )
+        if reason:
+            raise ValueError(reason)
         self.session_pins = SessionPins(
             self.kv_cache_manager.block_pool, self.kv_cache_manager.coordinator.single_type_managers[0].block_size
         )
-        self.session_counters = {"turns": 0, "reused_tokens": 0}
+        self.session_control = SessionControl(self)
         logger.info(
             "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
             "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
@@ -62,20 +79,31 @@ class StatefulSchedulerMixin:
     # --- vLLM overrides -------------------------------------------------------
 
     def _get_local_prefix_cache_hit(self, request: Request):
-        tag = session_tag(request.sampling_params.extra_args if request.sampling_params else None)
+        tag = self._session_tag(request)
         if tag is not None:
-            hit = self.session_pins.hit(tag.session_id, request.all_token_ids)
-            if hit is not None:
-                blocks = self.kv_cache_manager.create_kv_cache_blocks((list(hit.blocks),))
-                self.session_counters["reused_tokens"] += hit.num_tokens
-                return blocks, hit.num_tokens, 0, False
+            try:
+                hit = self.session_pins.hit(tag.key, request.all_token_ids)
+                if hit is not None:
+                    blocks = self.kv_cache_manager.create_kv_cache_blocks((list(hit.blocks),))
+                    self.session_control.counters["reused_tokens"] += hit.num_tokens
+                    return blocks, hit.num_tokens, 0, False
+            except Exception:
+                self.session_control.fault("hit", request.request_id)
         return super()._get_local_prefix_cache_hit(request)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
-        tag = session_tag(request.sampling_params.extra_args if request.sampling_params else None)
-        if tag is not None and tag.commit:
-            self._pin_finished_request(tag.session_id, request)
+        tag = self._session_tag(request)
+        if tag is not None and tag.commit and request.status in PINNABLE:
+            try:
+                self._pin_finished_request(tag.key, request)
+            except Exception:
+                self.session_control.fault("pin", request.request_id)
         return super()._free_request(request, delay_free_blocks)
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        if reset_running_requests or not self.running:
+            self.session_control.drop_all("kv_cache_reset")
+        return super().reset_prefix_cache(reset_running_requests, reset_connector)
 
     def shutdown(self) -> None:
         released = self.session_pins.release_all()
@@ -85,7 +113,14 @@ class StatefulSchedulerMixin:
 
     # --- session state ----------------------------------------------------------
 
-    def _pin_finished_request(self, session_id: str, request: Request) -> None:
+    def _session_tag(self, request: Request) -> SessionTag | None:
+        params = request.sampling_params
+        tag, forged = read_tag(params.extra_args if params else None, self.session_control.secret)
+        if forged:
+            self.session_control.forged(request.request_id)
+        return tag
+
+    def _pin_finished_request(self, key: str, request: Request) -> None:
         # Every position before the last token has been fed to the model; the
         # last sampled token has not (or not certainly, with async scheduling).
         kv_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
@@ -93,51 +128,13 @@ class StatefulSchedulerMixin:
             return
         (blocks,) = self.kv_cache_manager.get_blocks(request.request_id).blocks
         if len(blocks) * self.session_pins.block_size < kv_tokens:
-            return  # never allocated (aborted before admission): nothing new to keep
-        self.session_pins.pin(session_id, request.all_token_ids[:kv_tokens], blocks)
-        self.session_counters["turns"] += 1
+            return  # never allocated: nothing new to keep
+        self.session_pins.pin(key, request.all_token_ids[:kv_tokens], blocks)
+        self.session_control.counters["turns"] += 1
 
     def handle_stateful_call(self, op: str, args: dict[str, Any]) -> Any:
-        """Session control from the API server; runs on the engine-core thread.
-
-        Ops: ``info``; ``session`` {session_id}; ``sync`` {session_id, max_tokens}
-        (drop pinned KV past ``max_tokens``, the API server's committed history);
-        ``release`` {session_id}; ``integrity``. Unknown ops raise ValueError.
-        """
-        pins = self.session_pins
-        if op == "info":
-            return {
-                "block_size": pins.block_size,
-                "num_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks,
-                "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
-                "pinned_blocks": pins.num_pinned_blocks(),
-                "sessions": len(pins.session_ids()),
-                "max_model_len": self.max_model_len,
-                **self.session_counters,
-            }
-        if op == "session":
-            return self._session_info(args["session_id"])
-        if op == "sync":
-            pins.truncate(args["session_id"], int(args["max_tokens"]))
-            return self._session_info(args["session_id"])
-        if op == "release":
-            return {"freed_blocks": pins.release(args["session_id"])}
-        if op == "integrity":
-            return {
-                "problems": pins.check_integrity(),
-                "pinned_blocks": pins.num_pinned_blocks(),
-                "sessions": pins.session_ids(),
-                "free_blocks": self.kv_cache_manager.block_pool.get_num_free_blocks(),
-                "running": len(self.running),
-                "waiting": len(self.waiting),
-            }
-        raise ValueError(f"unknown stateful op {op!r}")
-
-    def _session_info(self, session_id: str) -> dict[str, Any]:
-        pinned = self.session_pins.get(session_id)
-        if pinned is None:
-            return {"pinned_tokens": 0, "pinned_blocks": 0}
-        return {"pinned_tokens": pinned.num_tokens, "pinned_blocks": len(pinned.blocks)}
+        """Session control from the API server; runs on the engine-core thread."""
+        return self.session_control.handle(op, args)
 
 
 class StatefulScheduler(StatefulSchedulerMixin, AsyncScheduler):

@@ -16,6 +16,8 @@ No vLLM import here: the scheduler passes its ``BlockPool``; tests pass a fake.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +31,11 @@ class BlockPoolLike(Protocol):
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def token_digest(token_ids: Sequence[int]) -> str:
+    """A fingerprint of a token sequence, computed the same way on both sides of the plugin."""
+    return hashlib.sha256(array("q", token_ids).tobytes()).hexdigest()[:32]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -138,6 +145,10 @@ class SessionPins:
 
     def release_all(self) -> int:
         return sum(self.release(sid) for sid in list(self._sessions))
+
+    def summary(self) -> dict[str, tuple[int, int]]:
+        """session key -> (pinned tokens, pinned blocks)."""
+        return {k: (p.num_tokens, len(p.blocks)) for k, p in self._sessions.items()}
 
     def num_pinned_blocks(self) -> int:
         """Distinct blocks held by at least one session."""

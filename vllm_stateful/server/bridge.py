@@ -1,42 +1,91 @@
 """The API server's view of the engine: tokenizer, chat template, generation,
-and the ``stateful_call`` utility that reaches the scheduler's session pins."""
+and the ``stateful_call`` utility that reaches the scheduler's session pins.
+
+Contract: nothing here that is O(text) or O(history) runs on the event loop.
+Tokenization, chat-template rendering and large JSON parsing run in one
+worker thread (one, because HF tokenizers are not safe to share between
+threads), so a 4 MB append delays other tokenization, never the server.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
 from vllm_stateful.plugin import ENGINE_METHOD
-from vllm_stateful.sessions.chat_render import ReplyClosing, reply_closing
+from vllm_stateful.sessions.chat_render import Message, ReplyClosing, continuation, reply_closing
+from vllm_stateful.sessions.store import SessionError
+
+T = TypeVar("T")
+
+# Bodies smaller than this are parsed on the event loop (faster than a thread hop).
+INLINE_JSON_BYTES = 64 * 1024
 
 
 class EngineBridge:
-    def __init__(self, engine_client: Any, served_model_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        engine_client: Any,
+        served_model_names: Sequence[str],
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.engine = engine_client
         self.served_model_names = list(served_model_names)
         self.model_config = engine_client.model_config
         self.max_model_len: int = self.model_config.max_model_len
         self.tokenizer = engine_client.get_tokenizer()
+        self.chat_template = chat_template
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.default_sampling_params: dict[str, Any] = self.model_config.get_diff_sampling_param()
         # vLLM's own bound (renderers/base.py): ids up to the larger of tokenizer and model vocab.
         self.max_token_id: int = max(
             getattr(self.tokenizer, "max_token_id", len(self.tokenizer) - 1), self.model_config.get_vocab_size() - 1
         )
+        # No token is longer than this many characters: ``len(text) / this`` is a
+        # lower bound on a text's token count, checked before tokenizing.
+        self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-stateful-tok")
         self._closing: ReplyClosing | None = None
 
     async def call(self, op: str, **args: Any) -> Any:
-        """Run a session op on the engine-core thread (see StatefulSchedulerMixin)."""
+        """Run a session op on the engine-core thread (see ``engine/control.py``)."""
         return await self.engine.engine_core.call_utility_async(ENGINE_METHOD, op, args)
 
-    # --- text <-> tokens -------------------------------------------------------
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    async def parse_json(self, body: bytes) -> Any:
+        if len(body) <= INLINE_JSON_BYTES:
+            return json.loads(body)
+        return await self.off_loop(json.loads, body)
+
+    # --- text <-> tokens (call through off_loop) ------------------------------------
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        """The chat template's text; a template that refuses the messages is a 400."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages),
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template,
+                **self.chat_template_kwargs,
+            )
+        except Exception as exc:
+            if not any(cls.__name__ == "TemplateError" for cls in type(exc).__mro__):
+                raise
+            raise SessionError(400, f"the chat template refused the messages: {exc}", "template_error") from exc
+
+    def continuation(self, previous: Sequence[Message], new: Sequence[Message], add_generation_prompt: bool) -> str:
+        return continuation(self.render, previous, new, add_generation_prompt)
 
     @property
     def closing(self) -> ReplyClosing:
@@ -48,15 +97,43 @@ class EngineBridge:
         """Tokens for ``text``; special tokens (BOS) only at the start of a session."""
         return list(self.tokenizer.encode(text, add_special_tokens=first))
 
-    def decode_with_specials(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def min_tokens_of(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` computed without tokenizing."""
+        return -(-len(text) // self.max_token_chars)
 
     # --- generation -------------------------------------------------------------
 
-    def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        cache_salt: str,
+        priority: int = 0,
+        session_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        """vLLM's ``generate``; a request vLLM refuses raises SessionError with vLLM's status."""
+        from vllm.entrypoints.serve import create_error_response
+
+        prompt = {"prompt_token_ids": prompt_token_ids, "cache_salt": cache_salt}
+        gen = self.engine.generate(prompt, params, request_id, priority=priority, session_id=session_id)
+        try:
+            async for out in gen:
+                yield out
+        except (asyncio.CancelledError, GeneratorExit, SessionError):
+            raise
+        except Exception as exc:
+            err = create_error_response(exc).error
+            code = "engine_unavailable" if err.code >= 500 else "invalid_request"
+            raise SessionError(err.code, err.message, code, retry_after=1.0 if err.code == 503 else None) from exc
+        finally:
+            await gen.aclose()
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,10 @@
-"""OpenAI-style error responses: ``{"error": {"message", "type", "code", "param"}}``."""
+"""One error format for everything the plugin answers: OpenAI's
+``{"error": {"message", "type", "param", "code"}}``, with ``code`` a stable
+machine-readable string (docs/api.md lists them) and ``type`` OpenAI's class
+of error for the status. Errors that vLLM raises while serving a session
+request (its request validation, its sampling-parameter checks, engine
+failures) are converted to the same format, with vLLM's status and message.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from vllm_stateful.sessions.store import SessionError
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
     404: "not_found_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -19,28 +26,19 @@ _TYPES = {
 
 
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> SessionError:
-    err = SessionError(400, message, code)
-    err.param = param  # type: ignore[attr-defined]
-    return err
+    return SessionError(400, message, code, param=param)
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "server_error"),
-            "code": code,
-            "param": param,
-        }
-    }
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
 def error_response(err: SessionError) -> JSONResponse:
     headers = {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
-        error_body(err.status, err.message, err.code, getattr(err, "param", None)),
-        status_code=err.status,
-        headers=headers,
+        error_body(err.status, err.message, err.code, err.param), status_code=err.status, headers=headers
     )

@@ -1,21 +1,26 @@
 """The data plane: non-blocking appends, ingested in the background in order.
 
 Contract:
-* ``append`` acknowledges at once with the session's new version; the data is
-  then prefilled into the session by one background task per session, in
-  acknowledgement order, coalescing whatever has queued up into one prefill.
-* Appends of one session never run concurrently with each other or with a
-  committing turn (both take the session's write lock).
-* The queue is bounded in tokens (``max_ingest_queue_tokens``); beyond it an
-  append is refused with 429 + Retry-After and nothing is enqueued. Appends
-  that would overflow the context (413) or the cell budget (429) are refused
-  at acknowledgement time, so acknowledged data is never dropped.
-* Read-your-writes: ``Session.acked_seq``/``ingested_seq`` let a later query
-  wait for exactly the appends acknowledged before it.
+* ``append`` acknowledges with the session's new version only after the
+  append is validated (tokenized or rendered off the event loop) and its
+  tokens are reserved in the ledger, including what a turn already in flight
+  may add. An acknowledged append therefore cannot fail on context, quota or
+  budget later; it is ingested by one background task per session
+  incarnation, in acknowledgement order, coalescing whatever has queued up.
+* The queue lives on the session incarnation: an append to a new session
+  under a reused id can never land in, or be drained by, the old one.
+* The queue is bounded in tokens (``max_ingest_queue_tokens``), the first
+  append included: beyond it 429 + Retry-After, one append larger than it 413.
+* If ingestion still fails (the engine is gone, a template error), the
+  session becomes ``failed``, its waiters are released with that error (409),
+  and the drain task survives to report it; nothing fails silently.
+* Read-your-writes: ``Session.acked_seq``/``ingested_seq`` let a later request
+  wait (bounded) for exactly the appends acknowledged before it.
 * Ingestion yields to read-only queries that are generating (at most
-  ``QUERY_YIELD_MAX_S`` per batch): vLLM would otherwise batch an ingest
-  prefill into every decode step of the query, and on a CPU that multiplies
-  the query's latency. What queued meanwhile is ingested as one larger prefill.
+  ``QUERY_YIELD_MAX_S`` per batch).
+
+One-way boundary: the ingestor asks the service for one operation
+(``SessionService.ingest``); the service never calls back.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from vllm_stateful.server.service import SessionService, TurnInput, ensure_open
-from vllm_stateful.sessions.admission import check_growth
-from vllm_stateful.sessions.chat_render import continuation
+from vllm_stateful.server.service import SessionService, ensure_open
+from vllm_stateful.server.turn_types import TurnInput
+from vllm_stateful.sessions.admission import Reservation
 from vllm_stateful.sessions.store import Session, SessionError
 
 logger = logging.getLogger(__name__)
@@ -41,37 +46,56 @@ QUERY_YIELD_MAX_S = 2.0
 class AppendItem:
     seq: int
     acked_at: float
-    estimated_tokens: int
+    reservation: Reservation
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
 
-
-@dataclass
-class _Queue:
-    items: list[AppendItem] = field(default_factory=list)
-    task: asyncio.Task | None = None
+    @property
+    def reserved_tokens(self) -> int:
+        return self.reservation.tokens
 
 
 class Ingestor:
     def __init__(self, service: SessionService) -> None:
         self.service = service
-        self._queues: dict[str, _Queue] = {}
 
-    def append(
+    async def append(
         self, session: Session, text: str | None, token_ids: list[int] | None, messages: list[dict[str, Any]] | None
     ) -> AppendItem:
-        """Acknowledge one append (version+1) and schedule its ingestion."""
+        """Acknowledge one append (version+1) and schedule its ingestion; refusals change nothing."""
+        service, bridge = self.service, self.service.bridge
+        assert service.ledger is not None
         ensure_open(session)
-        bridge = self.service.bridge
-        if token_ids is not None:
-            estimate = len(token_ids)
-        elif text is not None:
-            estimate = len(bridge.encode(text, first=False))
-        else:
-            estimate = len(bridge.encode(bridge.render(messages or [], False), first=False))
+        if text is not None or messages is not None:
+            chars = len(text) if text is not None else sum(len(str(m.get("content", ""))) for m in messages or [])
+            lower_bound = -(-chars // bridge.max_token_chars)
+            self._check_queue(session, lower_bound)
+            service.ledger.check(session.key, lower_bound, 1, "this append")  # 413 before tokenizing
+        estimate = await self._estimate(session, text, token_ids, messages)
+        ensure_open(session)  # it may have closed while we tokenized
+        self._check_queue(session, estimate)
+        reservation = service.ledger.reserve(session.key, estimate, context_extra=1, what="this append")
+        session.acked_seq += 1
+        session.version += 1
+        session.queued_tokens += estimate
+        item = AppendItem(session.acked_seq, time.monotonic(), reservation, text, token_ids, messages)
+        session.pending_appends.append(item)
+        if session.ingest_task is None or session.ingest_task.done():
+            session.ingest_task = asyncio.get_running_loop().create_task(self._drain(session))
+        service.metrics.ingest_queued.inc(estimate)
+        session.touch()
+        return item
+
+    def _check_queue(self, session: Session, tokens: int) -> None:
         limit = self.service.config.max_ingest_queue_tokens
-        if session.queued_tokens and session.queued_tokens + estimate > limit:
+        if tokens > limit:
+            raise SessionError(
+                413,
+                f"one append of {tokens} tokens is larger than the ingest queue ({limit} tokens); split it",
+                "append_too_large",
+            )
+        if session.queued_tokens + tokens > limit:
             raise SessionError(
                 429,
                 f"ingest queue of session '{session.id}' is full ({session.queued_tokens} tokens queued, "
@@ -79,70 +103,85 @@ class Ingestor:
                 "ingest_queue_full",
                 retry_after=max(1.0, session.queued_tokens / 2000),
             )
-        total_after = session.context_tokens + session.queued_tokens + estimate
-        if total_after + 1 >= bridge.max_model_len:
-            raise SessionError(
-                413,
-                f"appending {estimate} tokens would take session '{session.id}' to {total_after} tokens, "
-                f"over the model's context length of {bridge.max_model_len}; the session is unchanged",
-                "context_length_exceeded",
-            )
-        assert self.service.budget is not None
-        check_growth(self.service.budget, self.service.store.pinned_blocks(), session.pinned_blocks, total_after)
-        session.acked_seq += 1
-        session.version += 1
-        session.queued_tokens += estimate
-        item = AppendItem(session.acked_seq, time.monotonic(), estimate, text, token_ids, messages)
-        queue = self._queues.setdefault(session.id, _Queue())
-        queue.items.append(item)
-        if queue.task is None or queue.task.done():
-            queue.task = asyncio.create_task(self._drain(session, queue))
-        self.service.metrics.ingest_queued.inc(estimate)
-        session.touch()
-        return item
 
-    async def _drain(self, session: Session, queue: _Queue) -> None:
-        while queue.items and session.state != "closed":
+    async def _estimate(
+        self, session: Session, text: str | None, token_ids: list[int] | None, messages: list[dict[str, Any]] | None
+    ) -> int:
+        """Tokens to reserve: exact for token ids and plain text, an upper bound
+        (the template's whole reply closing added) where a chat turn may commit first."""
+        bridge = self.service.bridge
+        chatty = bool(session.messages) or session.turn_in_flight or bool(session.pending_chat_text)
+        previous = list(session.messages)
+
+        def count() -> int:
+            margin = len(bridge.encode(bridge.closing.text, False)) if chatty else 0
+            if token_ids is not None:
+                return len(token_ids) + margin
+            if text is not None:
+                return len(bridge.encode(text, False)) + margin + 1  # +1: BOS on a first append
+            return len(bridge.encode(bridge.continuation(previous, messages or [], False), False)) + margin + 1
+
+        return await bridge.off_loop(count)
+
+    async def _drain(self, session: Session) -> None:
+        # No await may follow the loop: ``append`` relies on ``ingest_task.done()``
+        # becoming true in the same step that finds the queue empty.
+        while session.pending_appends and session.is_open:
             await self.service.yield_to_queries(QUERY_YIELD_MAX_S)
             async with session.write_lock:
-                if session.state == "closed":
-                    break  # closed while we waited; close() woke every waiter
-                # taken under the lock: whatever queued while a turn ran becomes one prefill
-                batch, queue.items = queue.items, []
-                turn_input = self._coalesce(session, batch)
-                try:
-                    self.service.metrics.ingest_batches.inc()
-                    await self.service.ingest_now(session, turn_input)
-                except Exception as exc:  # acknowledged data must not vanish silently
-                    logger.exception("ingest into session %s failed", session.id)
-                    session.state, session.error = "failed", str(exc)
-            estimate = sum(i.estimated_tokens for i in batch)
-            session.queued_tokens -= estimate
-            self.service.metrics.ingest_queued.dec(estimate)
-            self.service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
+                if not session.is_open:
+                    break  # closed or failed while we waited; waiters were woken
+                batch, session.pending_appends = session.pending_appends, []
+                await self._ingest_batch(session, batch)
+
+    async def _ingest_batch(self, session: Session, batch: list[AppendItem]) -> None:
+        service = self.service
+        ingested = False
+        try:
+            previous, pending, empty = list(session.messages), session.pending_chat_text, not session.token_ids
+            turn_input = await service.bridge.off_loop(self._coalesce, previous, pending, empty, batch)
+            service.metrics.ingest_batches.inc()
+            await service.ingest(session, turn_input, [i.reservation for i in batch])
+            ingested = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # acknowledged data must not vanish silently
+            if session.is_open:
+                logger.exception("vllm-stateful: ingest into session %s failed", session.id)
+                session.state = "failed"
+                session.error = exc.message if isinstance(exc, SessionError) else f"{type(exc).__name__}: {exc}"
+                service.metrics.ingest_failures.inc()
+        finally:
+            if not ingested and service.ledger is not None:
+                for item in batch:
+                    service.ledger.cancel(item.reservation)
+            reserved = sum(i.reserved_tokens for i in batch)
+            session.queued_tokens -= reserved
+            service.metrics.ingest_queued.dec(reserved)
+            service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
             async with session.ingest_cond:
                 session.ingested_seq = batch[-1].seq
                 session.ingest_cond.notify_all()
-        if session.state == "closed":
-            self._queues.pop(session.id, None)
 
-    def _coalesce(self, session: Session, batch: list[AppendItem]) -> TurnInput:
-        """One TurnInput equal to applying ``batch`` in order."""
+    def _coalesce(
+        self, messages: list[dict[str, Any]], pending: str, empty: bool, batch: list[AppendItem]
+    ) -> TurnInput:
+        """One TurnInput equal to applying ``batch`` in order (runs in the tokenizer thread)."""
         bridge = self.service.bridge
         ids: list[int] = []
-        messages = list(session.messages)
         new_messages: list[dict[str, Any]] = []
-        pending = session.pending_chat_text
+        chat = bool(pending)
         for item in batch:
-            first = not session.token_ids and not ids
+            first = empty and not ids
             if item.messages is not None:
-                text = pending + continuation(bridge.render, messages, item.messages, False)
-                messages += item.messages
+                text = pending + bridge.continuation(messages, item.messages, False)
+                messages = messages + item.messages
                 new_messages += item.messages
                 ids += bridge.encode(text, first)
+                chat = True
             elif item.text is not None:
                 ids += bridge.encode(pending + item.text, first)
             else:
                 ids += (bridge.encode(pending, first) if pending else []) + list(item.token_ids or [])
             pending = ""
-        return TurnInput(ids, new_messages, is_chat=bool(new_messages) or bool(session.pending_chat_text))
+        return TurnInput(ids, new_messages, is_chat=chat)

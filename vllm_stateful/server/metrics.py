@@ -41,6 +41,35 @@ class SessionMetrics:
             registry=REGISTRY,
         )
 
-    def refresh(self, store) -> None:
+        self.ingest_failures = Counter(
+            p + "ingest_failures", "Append batches that could not be ingested (session failed)", registry=REGISTRY
+        )
+        self.background_errors = Counter(
+            p + "background_errors", "Errors in background tasks (they keep running)", ["task"], registry=REGISTRY
+        )
+        self.cold_sessions = Gauge(p + "cold_sessions", "Sessions whose KV the engine dropped", registry=REGISTRY)
+        self.charged_blocks = Gauge(
+            p + "charged_blocks", "Blocks charged to sessions (pinned or reserved)", registry=REGISTRY
+        )
+        self.budget_blocks = Gauge(p + "budget_blocks", "The cell budget in blocks", registry=REGISTRY)
+        self.engine = Gauge(
+            p + "engine_events",
+            "Engine-side session events: forged_tags (unsigned tags ignored), faults, dropped_* (sessions "
+            "whose KV was released by a cache reset or weight update)",
+            ["event"],
+            registry=REGISTRY,
+        )
+
+    def refresh(self, service) -> None:
+        store = service.store
         self.sessions.set(len(store))
         self.pinned_blocks.set(store.pinned_blocks())
+        self.cold_sessions.set(sum(1 for s in store.all() if s.state == "cold"))
+        if service.ledger is not None:
+            self.charged_blocks.set(service.ledger.charged_blocks())
+            self.budget_blocks.set(service.ledger.budget.budget_blocks)
+
+    def engine_counters(self, info: dict) -> None:
+        for name, value in info.items():
+            if name in ("forged_tags", "faults") or name.startswith("dropped_"):
+                self.engine.labels(event=name).set(value)

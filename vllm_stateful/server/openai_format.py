@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from vllm_stateful.server.service import TurnResult
+from vllm_stateful.server.turn_types import TurnResult
 
 
 class ResponseShape:

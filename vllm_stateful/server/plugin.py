@@ -5,6 +5,10 @@ POST ``/v1/chat/completions`` and ``/v1/completions`` (requests without a
 session are handed to vLLM's own handlers, captured here before the
 override) and adds the ``/v1/sessions`` routes. vLLM's API-key middleware
 wraps these routes like any other ``/v1`` route.
+
+Startup fails, with a message saying what is supported, when the setup cannot
+serve sessions (several API servers or data-parallel ranks, an engine that
+does not run the plugin's scheduler, a KV cache too small for the headroom).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ class StatefulEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from vllm_stateful.server.routes import CHAT_PATH, COMPLETIONS_PATH, router
+        from vllm_stateful.server.routes_openai import CHAT_PATH, COMPLETIONS_PATH
+        from vllm_stateful.server.routes_openai import router as openai_router
+        from vllm_stateful.server.routes_sessions import router as sessions_router
 
         core: dict[str, Any] = {}
         for route in app.routes:
@@ -35,38 +41,70 @@ class StatefulEndpointPlugin:
         if missing:
             raise RuntimeError(f"vllm-stateful: vLLM routes {sorted(missing)} not found to extend")
         app.state.stateful_core_endpoints = core
-        app.include_router(router)
+        app.include_router(openai_router)
+        app.include_router(sessions_router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
             return
+        from vllm import envs
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
         from vllm_stateful.config import StatefulConfig
+        from vllm_stateful.engine.support import unsupported_reason
         from vllm_stateful.server.bridge import EngineBridge
         from vllm_stateful.server.ingest import Ingestor
+        from vllm_stateful.server.lifecycle import Maintenance
         from vllm_stateful.server.metrics import SessionMetrics
         from vllm_stateful.server.service import SessionService
         from vllm_stateful.server.state import StatefulState
+        from vllm_stateful.sessions.tenants import Tenancy
 
         config = StatefulConfig.from_additional_config(getattr(args, "additional_config", None))
+        reason = _unsupported_frontend(args, unsupported_reason)
+        if reason:
+            raise RuntimeError(f"vllm-stateful: {reason}")
+        api_keys = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
+        tenancy = Tenancy.from_settings(api_keys, config.tenant_header)
         names = getattr(args, "served_model_name", None) or [args.model]
-        bridge = EngineBridge(engine_client, names)
-        service = SessionService(bridge, config, SessionMetrics())
+        bridge = EngineBridge(engine_client, names, *_chat_template(args))
+        service = SessionService(bridge, config, SessionMetrics(), tenancy)
         stateful = StatefulState(
+            config=config,
+            tenancy=tenancy,
             bridge=bridge,
             service=service,
             ingestor=Ingestor(service),
-            core_endpoints=state.stateful_core_endpoints if hasattr(state, "stateful_core_endpoints") else {},
+            core_endpoints=getattr(state, "stateful_core_endpoints", {}),
             chat_request_cls=ChatCompletionRequest,
             completion_request_cls=CompletionRequest,
         )
         state.stateful = stateful
-        try:
-            await service.start()
-        except Exception as exc:
-            logger.error("vllm-stateful: sessions disabled: %s", exc)
-            return
-        stateful.tasks.append(asyncio.get_running_loop().create_task(service.expire_loop()))
-        logger.info("vllm-stateful sessions ready: %s, budget %s", config.to_dict(), service.budget)
+        await service.start()
+        stateful.tasks.append(asyncio.get_running_loop().create_task(Maintenance(service).run()))
+        logger.info(
+            "vllm-stateful sessions ready: %s, budget %s, %s",
+            config.to_dict(),
+            service.budget,
+            f"{len(api_keys)} API-key tenants" if api_keys else "single tenant",
+        )
+
+
+def _unsupported_frontend(args: Namespace, unsupported_reason) -> str | None:
+    from vllm_stateful.engine.support import KVGroupShape
+
+    return unsupported_reason(
+        [KVGroupShape("FullAttentionSpec")],  # the engine checks the model itself
+        prefix_caching=True,
+        data_parallel_size=int(getattr(args, "data_parallel_size", 1) or 1),
+        api_server_count=int(getattr(args, "api_server_count", 1) or 1),
+    )
+
+
+def _chat_template(args: Namespace) -> tuple[str | None, dict[str, Any]]:
+    """The server's ``--chat-template`` and ``--default-chat-template-kwargs``, resolved as vLLM does."""
+    from vllm.entrypoints.launchers.cli_args import resolve_default_chat_template_kwargs
+    from vllm.renderers.chat_utils import load_chat_template
+
+    return load_chat_template(getattr(args, "chat_template", None)), resolve_default_chat_template_kwargs(args)

@@ -3,9 +3,12 @@ names its session on the OpenAI endpoints."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+from vllm_stateful.server.errors import bad_request
 
 SESSION_BODY_FIELDS = ("stateful", "ark_stateful")
 SESSION_HEADER = "x-stateful-session"
@@ -18,7 +21,7 @@ class _Strict(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: str = Field(min_length=1, max_length=64)
     content: str | list[dict[str, Any]] | None = None
 
     def as_template_message(self) -> dict[str, Any]:
@@ -29,6 +32,8 @@ class ChatMessage(BaseModel):
             kinds = {p.get("type") for p in self.content} - {"text"}
             if kinds:
                 raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported in sessions")
+            if any(not isinstance(p.get("text", ""), str) for p in self.content):
+                raise ValueError("a text content part's 'text' must be a string")
         data = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             data["content"] = "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
@@ -36,22 +41,39 @@ class ChatMessage(BaseModel):
         return data
 
 
+def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Messages as the chat template sees them; 400 for anything a session cannot render."""
+    try:
+        return [ChatMessage.model_validate(m).as_template_message() for m in messages]
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise bad_request(str(exc).splitlines()[0][:300], "unsupported_in_session", "messages") from None
+
+
 class CreateSessionRequest(_Strict):
     id: str | None = None
-    ttl_s: float | None = Field(default=None, ge=0)
-    messages: list[ChatMessage] | None = None
-    prompt: str | list[int] | None = None
+    ttl_s: float | None = Field(default=None, gt=0)  # bounds from the config are checked by the route
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | list[StrictInt] | None = None
+
+    @field_validator("ttl_s")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number of seconds")
+        return v
 
     @model_validator(mode="after")
     def _one_content(self) -> "CreateSessionRequest":
         if self.messages is not None and self.prompt is not None:
             raise ValueError("give either 'messages' or 'prompt', not both")
+        if self.prompt is not None and len(self.prompt) == 0:
+            raise ValueError("'prompt' must not be empty")
         return self
 
 
 class AppendRequest(_Strict):
     text: str | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[StrictInt] | None = None
     messages: list[ChatMessage] | None = None
     wait: bool = False
 

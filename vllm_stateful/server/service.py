@@ -1,22 +1,30 @@
-"""Session operations over the engine: turns, queries, prefill-only ingestion,
-close and expiry. HTTP-free: routes translate its results and SessionErrors.
+"""Session operations over the engine: turns, queries, prefill-only ingestion
+and close. HTTP-free: routes translate its results and SessionErrors.
 
 Guarantees:
-* A turn commits (tokens, messages, version+1) only when generation finished;
-  any failure or disconnect leaves the session exactly as it was, and the
-  engine's pinned KV is trimmed back to the committed history.
+* A turn commits (tokens, messages, version+1) only when generation finished
+  normally, and atomically: the engine's pin is synced first, the API state
+  changes only after that succeeded. Any failure, abort or disconnect leaves
+  the session exactly as it was (tokens, version, pinned KV, reservations).
+* Growth is reserved before work starts (``CellLedger``): a request that
+  starts cannot later fail on budget, quota or context.
 * At most one committing turn per session is in flight (else 409); turns and
   ingestion batches of one session run one at a time, in arrival order.
-* Queries (commit=False) read a snapshot and never change the session.
+* Queries (commit=False) read a snapshot and never change the session; one
+  cut short by a close ends with the same 404 a committing turn gets.
+* Every wait (earlier appends, the session's write lock) is bounded by
+  ``ingest_wait_timeout_s``; past it the request is a 503 and changes nothing.
+* A session that only existed because a request named it (created on first
+  use) is removed again if that request commits nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from vllm.outputs import RequestOutput
@@ -26,67 +34,28 @@ from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.metrics import SessionMetrics
-from vllm_stateful.sessions.admission import Budget, check_growth
-from vllm_stateful.sessions.chat_render import continuation
+from vllm_stateful.server.turn_types import TurnInput, TurnResult
+from vllm_stateful.sessions.admission import Budget, CellLedger, Reservation
 from vllm_stateful.sessions.store import Session, SessionError, SessionStore
+from vllm_stateful.sessions.tenants import Tenancy
+from vllm_stateful.sessions.visible_output import visible_output
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class TurnInput:
-    """What a request adds to its session."""
-
-    token_ids: list[int]
-    messages: list[dict[str, Any]] = field(default_factory=list)  # chat only
-    is_chat: bool = False
-
-
-@dataclass
-class TurnResult:
-    """Filled in as the turn runs; final once ``finished``."""
-
-    session: Session
-    prompt_tokens: int  # every token the request attends to: session history + its new tokens
-    kv_tokens_before: int
-    output_token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    cached_tokens: int = 0
-    finished: bool = False
-
-    @property
-    def new_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def recomputed_tokens(self) -> int:
-        return max(0, min(self.kv_tokens_before, self.prompt_tokens - 1) - self.cached_tokens)
-
-    def session_field(self) -> dict[str, Any]:
-        return {
-            "id": self.session.id,
-            "version": self.session.version,
-            "context_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "recomputed_tokens": self.recomputed_tokens,
-        }
-
-    def usage(self) -> dict[str, Any]:
-        n_out = len(self.output_token_ids)
-        return {
-            "prompt_tokens": self.new_tokens,
-            "completion_tokens": n_out,
-            "total_tokens": self.new_tokens + n_out,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
+BuildInput = Callable[[Session], Awaitable[TurnInput]]
+MakeParams = Callable[[int], SamplingParams]
 
 
 class SessionService:
-    def __init__(self, bridge: EngineBridge, config: StatefulConfig, metrics: SessionMetrics) -> None:
+    def __init__(self, bridge: EngineBridge, config: StatefulConfig, metrics: SessionMetrics, tenancy: Tenancy):
         self.bridge = bridge
         self.config = config
         self.metrics = metrics
-        self.store = SessionStore(config.default_ttl_s)
+        self.tenancy = tenancy
+        self.store = SessionStore(config.default_ttl_s, config.max_sessions, config.tenant_session_limit)
         self.budget: Budget | None = None
+        self.ledger: CellLedger | None = None
+        self.kv_epoch = 0
         # Background ingestion yields to read-only queries (bounded), so a query's
         # decode steps are not batched with ingest prefills.
         self._queries_in_flight = 0
@@ -94,106 +63,147 @@ class SessionService:
         self._queries_idle.set()
 
     async def start(self) -> None:
-        info = await self.bridge.call("info")
-        capacity = info["num_blocks"] * info["block_size"]
-        self.budget = Budget(
-            cell_budget_tokens=self.config.cell_budget or int(capacity * 0.9),
-            session_quota_tokens=self.config.session_quota or self.bridge.max_model_len,
-            block_size=info["block_size"],
-        )
+        """Attach to the engine (hand it the tag secret) and size the budget; raises if unsupported."""
+        info = await self.bridge.call("handshake", secret=self.tenancy.secret.hex())
+        self.budget = Budget.for_engine(
+            info["num_blocks"], info["block_size"], self.bridge.max_model_len, self.config.cell_budget,
+            self.config.session_quota,
+        )  # fmt: skip
+        self.ledger = CellLedger(self.budget)
+        self.kv_epoch = info["kv_epoch"]
+
+    @property
+    def ready(self) -> bool:
+        return self.ledger is not None
 
     # --- input -----------------------------------------------------------------
 
-    def chat_input(self, session: Session, messages: list[dict[str, Any]], add_generation_prompt: bool) -> TurnInput:
-        """Tokens for ``messages`` continuing the session's conversation."""
-        text = session.pending_chat_text + continuation(
-            self.bridge.render, session.messages, messages, add_generation_prompt
-        )
-        return TurnInput(self.bridge.encode(text, first=not session.token_ids), list(messages), True)
+    async def chat_input(self, session: Session, messages: list[dict[str, Any]], add_generation_prompt: bool):
+        """Tokens for ``messages`` continuing the session's conversation (rendered off the event loop)."""
+        previous, pending, first = list(session.messages), session.pending_chat_text, not session.token_ids
 
-    def text_input(self, session: Session, text: str) -> TurnInput:
-        return TurnInput(self.bridge.encode(text, first=not session.token_ids))
+        def build() -> TurnInput:
+            text = pending + self.bridge.continuation(previous, messages, add_generation_prompt)
+            return TurnInput(self.bridge.encode(text, first), list(messages), True)
+
+        return await self.bridge.off_loop(build)
+
+    async def text_input(self, session: Session, text: str) -> TurnInput:
+        return TurnInput(await self.bridge.off_loop(self.bridge.encode, text, not session.token_ids))
 
     # --- turns and queries -------------------------------------------------------
 
-    def _check_fits(self, session: Session, prompt_len: int, max_tokens: int | None) -> int:
-        """The max_tokens to run with; 413 if the session would exceed the context."""
-        limit = self.bridge.max_model_len
-        if prompt_len >= limit or (max_tokens is not None and prompt_len + max_tokens > limit):
-            raise SessionError(
-                413,
-                f"session '{session.id}' would hold {prompt_len} prompt tokens"
-                + (f" + {max_tokens} to generate" if max_tokens else "")
-                + f", over the model's context length of {limit}; the session is unchanged",
-                "context_length_exceeded",
-            )
-        return max_tokens if max_tokens is not None else limit - prompt_len
-
-    async def wait_ingested(self, session: Session, seq: int) -> None:
-        """Read-your-writes: wait until appends up to ``seq`` are ingested."""
-        async with session.ingest_cond:
-            await session.ingest_cond.wait_for(lambda: session.ingested_seq >= seq or session.state == "closed")
-        if session.state == "closed":
-            raise SessionError(404, f"session '{session.id}' was closed", "session_not_found")
+    def open_session(self, tenant: str, session_id: str, commit: bool) -> tuple[Session, bool]:
+        """The caller's session; a committing request creates it on first use."""
+        if commit and not self.store.contains(tenant, session_id):
+            return self.store.create(tenant, session_id), True
+        return self.store.get(tenant, session_id), False
 
     async def run_turn(
         self,
         session: Session,
-        build_input,
-        params: SamplingParams,
+        created: bool,
+        build_input: BuildInput,
+        make_params: MakeParams,
         max_tokens: int | None,
         commit: bool,
         stream: bool,
+        priority: int = 0,
     ) -> AsyncIterator[tuple[TurnResult, RequestOutput | None]]:
         """Run one request on the session, yielding (result, delta) per engine output.
 
-        ``build_input(session) -> TurnInput`` is called once the session is
-        ready (earlier appends ingested, earlier turn committed). The last
-        yielded result has ``finished`` set and, with ``commit``, is already
-        committed. Raises SessionError before the first yield on refusal.
+        ``build_input(session)`` runs once the session is ready (earlier appends
+        ingested, earlier turn committed); ``make_params(max_tokens)`` builds
+        vLLM's sampling params once the final ``max_tokens`` is known. The last
+        yielded result has ``finished`` set and, with ``commit``, is committed.
+        Refusals raise SessionError before the first yield.
         """
-        ensure_open(session)
-        if commit and session.turn_in_flight:
-            raise SessionError(409, f"session '{session.id}' is busy with another committing request", "session_busy")
-        if commit:
-            session.turn_in_flight = True
-        lock_held = committed = query_counted = False
+        assert self.ledger is not None
+        flagged = lock_held = committed = counted = False
+        reservation: Reservation | None = None
         try:
+            ensure_open(session)
+            if commit and session.turn_in_flight:
+                raise SessionError(
+                    409, f"session '{session.id}' is busy with another committing request", "session_busy"
+                )
+            if commit:
+                session.turn_in_flight = flagged = True
             await self.wait_ingested(session, session.acked_seq)
             if commit:
-                await session.write_lock.acquire()
+                await self._acquire(session)
                 lock_held = True
-                ensure_open(session)  # closed while we waited: must not pin anything
-            turn_input = build_input(session)
-            history = list(session.token_ids)
-            prompt = history + turn_input.token_ids
-            run_max = self._check_fits(session, len(prompt), max_tokens)
+                ensure_open(session)
+            turn_input = await build_input(session)
+            prompt = session.token_ids + turn_input.token_ids
+            run_max = self._run_max(session, len(prompt), len(turn_input.token_ids), max_tokens, commit)
             if commit:
-                assert self.budget is not None
-                if max_tokens is None:  # unbounded generation stops at the session quota, as at max_model_len
-                    run_max = max(1, min(run_max, self.budget.session_quota_tokens - len(prompt)))
-                check_growth(self.budget, self.store.pinned_blocks(), session.pinned_blocks, len(prompt) + run_max)
-            params.max_tokens = run_max
-            params.extra_args = {**(params.extra_args or {}), **make_extra_args(session.id, commit)}
+                reservation = self.ledger.reserve(session.key, len(turn_input.token_ids) + run_max)
+            params = make_params(run_max)
+            params.extra_args = {
+                **(params.extra_args or {}),
+                **make_extra_args(self.tenancy.secret, session.key, commit),
+            }
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
             result = TurnResult(session, len(prompt), session.kv_tokens)
-            session.touch()
             started = time.monotonic()
             if not commit:
                 self._query_started()
-                query_counted = True
-            async for delta in self._generate(prompt, params, result):
-                if result.finished and commit:
-                    ensure_open(session)
-                    await self._commit(session, turn_input, prompt, result)
-                    committed = True
+                counted = True
+            async for delta in self._generate(prompt, params, result, priority):
+                if result.finished:
+                    self._check_not_aborted(session, result)
+                    if commit:
+                        await self._commit(session, turn_input, prompt, result, params, reservation)
+                        committed = True
                 yield result, delta
             if not commit:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
-            if query_counted:
+            if counted:
                 self._query_finished()
-            await _survive_cancellation(self._end_turn(session, commit, lock_held, committed))
+            if reservation is not None and not committed:
+                self.ledger.cancel(reservation)
+            await _survive_cancellation(self._end_turn(session, flagged, lock_held, committed, created))
+
+    def _run_max(self, session: Session, prompt_len: int, new_len: int, max_tokens: int | None, commit: bool) -> int:
+        """The max_tokens to run with; 413 if the prompt alone does not fit the context."""
+        assert self.ledger is not None
+        limit = self.bridge.max_model_len
+        if prompt_len >= limit:
+            raise SessionError(
+                413,
+                f"session '{session.id}' would hold {prompt_len} prompt tokens, over the model's context length "
+                f"of {limit}; the session is unchanged",
+                "context_length_exceeded",
+            )
+        if max_tokens is not None:
+            if not commit and prompt_len + max_tokens > limit:
+                raise SessionError(
+                    413,
+                    f"{prompt_len} prompt tokens + {max_tokens} to generate exceed the model's context length "
+                    f"of {limit}",
+                    "context_length_exceeded",
+                )
+            return max_tokens
+        if not commit:
+            return limit - prompt_len
+        # unbounded generation stops where the context, the quota or the budget would
+        return max(1, min(limit - prompt_len, self.ledger.room(session.key) - new_len))
+
+    def _check_not_aborted(self, session: Session, result: TurnResult) -> None:
+        if result.finish_reason != "abort":
+            return
+        ensure_open(session)
+        raise SessionError(
+            503, "the engine aborted the request (paused, reset or shutting down); retry", "engine_aborted", 1.0
+        )
+
+    async def _acquire(self, session: Session) -> None:
+        try:
+            await asyncio.wait_for(session.write_lock.acquire(), self.config.ingest_wait_timeout_s)
+        except asyncio.TimeoutError:
+            raise _busy_timeout(session) from None
 
     def _query_started(self) -> None:
         self._queries_in_flight += 1
@@ -212,19 +222,40 @@ class SessionService:
         except asyncio.TimeoutError:
             pass
 
-    async def _end_turn(self, session: Session, commit: bool, lock_held: bool, committed: bool) -> None:
-        if commit:
-            if lock_held:
-                if not committed:
-                    await self._rollback(session)
-                session.write_lock.release()
+    async def wait_ingested(self, session: Session, seq: int) -> None:
+        """Read-your-writes: wait (bounded) until appends up to ``seq`` are ingested.
+
+        Raises 404 if the session closes meanwhile, 409 if ingestion failed,
+        503 with Retry-After past ``ingest_wait_timeout_s``.
+        """
+
+        def done() -> bool:
+            return session.ingested_seq >= seq or not session.is_open
+
+        if not done():
+            try:
+                async with session.ingest_cond:
+                    await asyncio.wait_for(session.ingest_cond.wait_for(done), self.config.ingest_wait_timeout_s)
+            except asyncio.TimeoutError:
+                raise _busy_timeout(session) from None
+        ensure_open(session)
+
+    async def _end_turn(self, session: Session, flagged: bool, lock_held: bool, committed: bool, created: bool):
+        if lock_held:
+            if not committed:
+                await self._rollback(session)
+            session.write_lock.release()
+        if flagged:
             session.turn_in_flight = False
         session.touch()
+        if created and not committed and session.version == 0 and session.acked_seq == 0 and session.is_open:
+            await self.close(session, reason="abandoned")
 
-    async def _generate(self, prompt: list[int], params: SamplingParams, result: TurnResult):
-        request_id = f"stateful-{result.session.id}-{uuid.uuid4().hex[:12]}"
-        gen = self.bridge.generate(prompt, params, request_id)
-        result.session.active_request_ids.add(request_id)
+    async def _generate(self, prompt: list[int], params: SamplingParams, result: TurnResult, priority: int = 0):
+        session = result.session
+        request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
+        gen = self.bridge.generate(prompt, params, request_id, self.tenancy.salt(session.tenant), priority)
+        session.active_request_ids.add(request_id)
         try:
             async for out in gen:
                 completion = out.outputs[0]
@@ -234,100 +265,149 @@ class SessionService:
                     result.cached_tokens = out.num_cached_tokens
                 if out.finished:
                     result.finish_reason = completion.finish_reason
+                    result.stop_reason = completion.stop_reason
                     result.finished = True
                 yield out
         finally:
-            # closing vLLM's generator aborts the engine request if it is still running
+            # closing the generator aborts the engine request if it is still running
             await _survive_cancellation(gen.aclose())
-            result.session.active_request_ids.discard(request_id)
+            session.active_request_ids.discard(request_id)
+            session.touch()
 
-    async def _commit(self, session: Session, turn_input: TurnInput, prompt: list[int], result: TurnResult) -> None:
-        session.token_ids = prompt + result.output_token_ids
+    async def _commit(
+        self,
+        session: Session,
+        turn_input: TurnInput,
+        prompt: list[int],
+        result: TurnResult,
+        params: SamplingParams,
+        reservation: Reservation | None,
+    ) -> None:
+        ensure_open(session)
+        output = list(result.output_token_ids)
+        kept, extra = output, []
+        if isinstance(result.stop_reason, str):  # cut at a stop string: keep what the client was sent
+            skip = params.skip_special_tokens
+            visible = await self.bridge.off_loop(
+                visible_output, output, result.text, lambda ids: self.bridge.decode(ids, skip),
+                lambda text: self.bridge.encode(text, False),
+            )  # fmt: skip
+            kept, extra = visible.kept_ids, visible.extra_ids
+        history = prompt + kept + extra
+        pending = session.pending_chat_text
         if turn_input.is_chat:
-            tail = self.bridge.decode_with_specials(result.output_token_ids[-4:])
+            tail = self.bridge.decode(kept[-4:], skip_special_tokens=False) if not extra else ""
+            pending = self.bridge.closing.remainder(tail)
+        info = await self._sync_engine(session, len(prompt) + len(kept))
+        # the engine holds the new pin: now the API state, with no await in between
+        session.token_ids = history
+        if turn_input.is_chat:
             session.messages = session.messages + turn_input.messages + [{"role": "assistant", "content": result.text}]
-            session.pending_chat_text = self.bridge.closing.remainder(tail)
+            session.pending_chat_text = pending
         session.version += 1
-        await self._sync(session)
+        self._apply_pin_info(session, info)
+        if reservation is not None and self.ledger is not None:
+            self.ledger.settle(reservation, len(history))
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
+        self.metrics.refresh(self)
 
-    async def _sync(self, session: Session) -> None:
-        info = await self.bridge.call("sync", session_id=session.id, max_tokens=len(session.token_ids))
+    async def _sync_engine(self, session: Session, keep_tokens: int) -> dict[str, int]:
+        try:
+            return await self.bridge.call("sync", key=session.key, keep_tokens=keep_tokens)
+        except Exception as exc:
+            logger.exception("vllm-stateful: engine sync failed for session %s", session.id)
+            raise SessionError(
+                503, f"the engine did not confirm the session's KV ({exc}); nothing was committed", "engine_unavailable"
+            ) from exc
+
+    def _apply_pin_info(self, session: Session, info: dict[str, int]) -> None:
         session.kv_tokens = info["pinned_tokens"]
         session.pinned_blocks = info["pinned_blocks"]
-        self.metrics.refresh(self.store)
+        session.sync_seq += 1
+        if session.state == "cold" and session.kv_tokens:
+            session.state = "resident"
 
     async def _rollback(self, session: Session) -> None:
         try:
-            await self._sync(session)
+            info = await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids))
+            self._apply_pin_info(session, info)
         except Exception:  # engine gone: nothing left to trim
-            pass
+            logger.warning("vllm-stateful: could not trim the KV of session %s after a rollback", session.id)
 
     # --- prefill-only ingestion (session creation with content, appends) ---------
 
-    async def ingest_now(self, session: Session, turn_input: TurnInput) -> None:
+    async def ingest(self, session: Session, turn_input: TurnInput, reservations: list[Reservation]) -> None:
         """Prefill ``turn_input`` into the session and commit it (no visible output).
 
-        vLLM always samples one token; it is discarded and never enters the
-        session. Caller holds ``session.write_lock``.
+        Caller holds ``session.write_lock`` and has reserved the tokens. vLLM
+        always samples one token; it is discarded and never enters the session.
+        On success the reservations are settled; on failure nothing changes.
         """
         ensure_open(session)
         if not turn_input.token_ids:
             return
         prompt = session.token_ids + turn_input.token_ids
-        self._check_fits(session, len(prompt) + 1, None)
-        assert self.budget is not None
-        check_growth(self.budget, self.store.pinned_blocks(), session.pinned_blocks, len(prompt))
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        params.extra_args = make_extra_args(session.id, True)
+        params.extra_args = make_extra_args(self.tenancy.secret, session.key, True)
         params.output_kind = RequestOutputKind.FINAL_ONLY
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
         try:
             async for _ in self._generate(prompt, params, result):
                 pass
-            if session.state != "resident":
-                return
+            self._check_not_aborted(session, result)
+            ensure_open(session)
+            info = await self._sync_engine(session, len(prompt))
             session.token_ids = prompt
             if turn_input.is_chat:
                 session.messages = session.messages + turn_input.messages
                 session.pending_chat_text = ""
-            await self._sync(session)
+            self._apply_pin_info(session, info)
+            for res in reservations:
+                if self.ledger is not None:
+                    self.ledger.settle(res, len(prompt))
             committed = True
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:
             if not committed:
                 await _survive_cancellation(self._rollback(session))
 
-    # --- close and expiry ----------------------------------------------------------
+    # --- close -----------------------------------------------------------------------
 
-    async def close(self, session_id: str, reason: str = "closed") -> dict[str, Any]:
-        """Remove the session and release every block it pins.
+    async def close(self, session: Session, reason: str = "closed") -> dict[str, Any]:
+        """Remove this incarnation and release every block it pins.
 
-        In-flight work on it is aborted first and the release waits for the
-        session's write lock, so a finishing turn or ingestion cannot pin blocks
-        for a session that no longer exists.
+        In-flight work on it is aborted first and the release waits (bounded)
+        for the session's write lock, so a finishing turn or ingestion cannot
+        pin blocks for a session that no longer exists. Idempotent.
         """
-        session = self.store.get(session_id)
-        self.store.remove(session_id)
+        if not self.store.remove(session):
+            return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": 0}
+        if self.ledger is not None:
+            self.ledger.forget(session.key)
         for request_id in list(session.active_request_ids):
             await self.bridge.abort(request_id)
         async with session.ingest_cond:
             session.ingest_cond.notify_all()
-        async with session.write_lock:
-            info = await self.bridge.call("release", session_id=session_id)
-        self.metrics.refresh(self.store)
+        freed = await self._release_after_lock(session)
         self.metrics.closed.labels(reason=reason).inc()
-        return {"id": session_id, "object": "session.deleted", "deleted": True, "freed_blocks": info["freed_blocks"]}
+        self.metrics.refresh(self)
+        return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": freed}
 
-    async def expire_loop(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            for session in self.store.expired():
-                if not session.write_lock.locked():
-                    await self.close(session.id, reason="expired")
+    async def _release_after_lock(self, session: Session) -> int:
+        async def release_locked() -> int:
+            async with session.write_lock:
+                return (await self.bridge.call("release", key=session.key))["freed_blocks"]
+
+        task = asyncio.ensure_future(release_locked())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.config.ingest_wait_timeout_s)
+        except asyncio.TimeoutError:
+            # the late release still runs when the lock frees; release what is pinned now as well
+            logger.error("vllm-stateful: session %s stayed locked past its close; releasing now", session.id)
+            return (await self.bridge.call("release", key=session.key))["freed_blocks"]
 
 
 def ensure_open(session: Session) -> None:
@@ -338,8 +418,17 @@ def ensure_open(session: Session) -> None:
             f"session '{session.id}' failed to ingest acknowledged data ({session.error}); delete it",
             "session_failed",
         )
-    if session.state != "resident":
+    if session.state == "closed":
         raise SessionError(404, f"session '{session.id}' was closed", "session_not_found")
+
+
+def _busy_timeout(session: Session) -> SessionError:
+    return SessionError(
+        503,
+        f"session '{session.id}' is still ingesting earlier appends; retry (nothing was changed)",
+        "session_backlog",
+        retry_after=max(1.0, session.queued_tokens / 2000),
+    )
 
 
 async def _survive_cancellation(coro) -> None:

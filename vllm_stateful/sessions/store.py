@@ -1,10 +1,11 @@
 """The API server's authoritative session state (tokens, messages, version).
 
 The token history lives here, next to the tokenizer and chat template; the
-engine only holds pinned KV blocks keyed by session id and reports how many
-tokens they cover (see docs/architecture.md). Single-threaded asyncio: no
-locks beyond the per-session write lock, which orders turns and ingestion.
-No vLLM import.
+engine only holds pinned KV blocks keyed by each session incarnation's
+``key`` (see docs/architecture.md). Sessions are scoped to their tenant: the
+store maps ``(tenant, id)`` to a session, and nothing here can reach a
+session of another tenant. Single-threaded asyncio: no locks beyond the
+per-session write lock, which orders turns and ingestion. No vLLM import.
 """
 
 from __future__ import annotations
@@ -14,24 +15,42 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_stateful.sessions.ids import new_session_id
+from vllm_stateful.sessions.ids import new_incarnation_key, new_session_id
+
+RETRY_AFTER_S = 1.0
+
+# resident: KV pinned in the engine; cold: only tokens kept (KV dropped by an
+# engine lifecycle operation such as a prefix-cache reset or a weight update),
+# re-prefilled on next use; failed: acknowledged data could not be ingested,
+# every request is refused until the session is deleted; closed: removed.
+STATES = ("resident", "cold", "failed", "closed")
 
 
 class SessionError(Exception):
     """A refused session operation: ``status`` is the HTTP status to answer."""
 
-    def __init__(self, status: int, message: str, code: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        retry_after: float | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.retry_after = retry_after
+        self.param = param
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     id: str
+    tenant: str
     ttl_s: float
+    key: str = field(default_factory=new_incarnation_key)
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     version: int = 0
@@ -39,11 +58,10 @@ class Session:
     messages: list[dict[str, Any]] = field(default_factory=list)
     # Text the chat template still owes after the last generated reply.
     pending_chat_text: str = ""
-    # What the engine reported after the last commit.
+    # What the engine reported at the last sync (bumped on every sync).
     kv_tokens: int = 0
     pinned_blocks: int = 0
-    # resident: KV pinned on the device; failed: acknowledged data could not be
-    # ingested (see ``error``), the session refuses further use; closed: removed.
+    sync_seq: int = 0
     state: str = "resident"
     error: str | None = None
     turn_in_flight: bool = False
@@ -55,16 +73,33 @@ class Session:
     ingested_seq: int = 0
     queued_tokens: int = 0
     ingest_cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # This incarnation's append queue and its drain task (owned by the Ingestor).
+    pending_appends: list[Any] = field(default_factory=list)
+    ingest_task: asyncio.Task | None = None
 
     @property
     def context_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def is_open(self) -> bool:
+        return self.state in ("resident", "cold")
+
+    @property
+    def busy(self) -> bool:
+        """Work is running or queued on the session: it counts as use (no expiry)."""
+        return (
+            self.turn_in_flight
+            or bool(self.active_request_ids)
+            or bool(self.pending_appends)
+            or (self.ingested_seq < self.acked_seq)
+        )
+
     def touch(self) -> None:
         self.last_used_at = time.time()
 
     def expired(self, now: float) -> bool:
-        return self.ttl_s > 0 and not self.turn_in_flight and now - self.last_used_at > self.ttl_s
+        return self.ttl_s > 0 and not self.busy and now - self.last_used_at > self.ttl_s
 
     def to_public(self) -> dict[str, Any]:
         return {
@@ -84,43 +119,69 @@ class Session:
 
 
 class SessionStore:
-    """Live sessions by id. ``get`` raises 404; ``create`` raises 409 on a taken id."""
+    """Live sessions by ``(tenant, id)``.
 
-    def __init__(self, default_ttl_s: float) -> None:
+    ``get`` raises 404 (also for another tenant's id), ``create`` raises 409 on
+    a taken id and 429 over the session limits.
+    """
+
+    def __init__(self, default_ttl_s: float, max_sessions: int = 1 << 30, max_per_tenant: int = 1 << 30) -> None:
         self.default_ttl_s = default_ttl_s
-        self._sessions: dict[str, Session] = {}
+        self.max_sessions = max_sessions
+        self.max_per_tenant = max_per_tenant
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._per_tenant: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._sessions
+    def contains(self, tenant: str, session_id: str) -> bool:
+        return (tenant, session_id) in self._sessions
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def create(self, session_id: str | None = None, ttl_s: float | None = None) -> Session:
+    def of_tenant(self, tenant: str) -> list[Session]:
+        return [s for (t, _), s in self._sessions.items() if t == tenant]
+
+    def create(self, tenant: str, session_id: str | None = None, ttl_s: float | None = None) -> Session:
         sid = session_id or new_session_id()
-        if sid in self._sessions:
+        if (tenant, sid) in self._sessions:
             raise SessionError(409, f"session '{sid}' already exists", "session_exists")
-        session = Session(id=sid, ttl_s=self.default_ttl_s if ttl_s is None else float(ttl_s))
-        self._sessions[sid] = session
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionError(
+                429, f"the server holds its maximum of {self.max_sessions} sessions", "too_many_sessions", RETRY_AFTER_S
+            )
+        if self._per_tenant.get(tenant, 0) >= self.max_per_tenant:
+            raise SessionError(
+                429,
+                f"this tenant holds its maximum of {self.max_per_tenant} sessions; delete some first",
+                "too_many_sessions",
+                RETRY_AFTER_S,
+            )
+        session = Session(id=sid, tenant=tenant, ttl_s=self.default_ttl_s if ttl_s is None else float(ttl_s))
+        self._sessions[(tenant, sid)] = session
+        self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         return session
 
-    def get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
+    def get(self, tenant: str, session_id: str) -> Session:
+        session = self._sessions.get((tenant, session_id))
         if session is None:
             raise SessionError(404, f"session '{session_id}' not found", "session_not_found")
         return session
 
-    def get_or_create(self, session_id: str) -> Session:
-        return self._sessions.get(session_id) or self.create(session_id)
-
-    def remove(self, session_id: str) -> Session | None:
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.state = "closed"
-        return session
+    def remove(self, session: Session) -> bool:
+        """Remove exactly this incarnation (a newer one under the same id stays); marks it closed."""
+        session.state = "closed"
+        if self._sessions.get((session.tenant, session.id)) is not session:
+            return False
+        del self._sessions[(session.tenant, session.id)]
+        left = self._per_tenant[session.tenant] - 1
+        if left:
+            self._per_tenant[session.tenant] = left
+        else:
+            del self._per_tenant[session.tenant]
+        return True
 
     def expired(self, now: float | None = None) -> list[Session]:
         now = time.time() if now is None else now

@@ -1,0 +1,141 @@
+"""Session control ops, run on the engine-core thread between scheduler steps.
+
+The API server reaches these through ``EngineCore.stateful_call(op, args)``
+(see ``vllm_stateful.plugin``). Every op is idempotent and keyed by a session
+incarnation's key. Ops:
+
+* ``handshake`` {secret} -- set the tag secret (once: a second API server
+  attaching to the same engine is refused, see ``engine/support.py``).
+* ``info`` -- pool and pin totals, counters, and ``kv_epoch`` (bumped every
+  time all pins are dropped), which the API server polls to notice drops.
+* ``sync`` {key, keep_tokens} -- trim the session's pin to its first
+  ``keep_tokens`` tokens (the API server's committed history that the engine
+  computed); returns the pin's tokens and blocks.
+* ``release`` {key} -- drop the session's pins; returns the freed blocks.
+* ``pins`` -- key -> [tokens, blocks] for every pinned session.
+* ``integrity`` {digests} -- ref-count and shape checks, optionally with a
+  digest of each session's pinned tokens (O(tokens): for tests and operators).
+* ``drop_all`` {reason} -- release every pin (weight updates; see plugin).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_stateful.engine.session_pins import token_digest
+
+logger = init_logger(__name__)
+
+_WARN_EVERY_S = 10.0
+
+
+class SessionControl:
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.pins = scheduler.session_pins
+        self.secret: bytes | None = None
+        self.kv_epoch = 0
+        self.counters: Counter[str] = Counter()
+        self._last_warning: dict[str, float] = {}
+
+    # --- events from the scheduler -------------------------------------------------
+
+    def forged(self, request_id: str) -> None:
+        self.counters["forged_tags"] += 1
+        self._warn("forged", "ignored a session tag that the plugin did not sign (request %s)", request_id)
+
+    def fault(self, where: str, request_id: str) -> None:
+        self.counters["faults"] += 1
+        logger.exception(
+            "vllm-stateful: session %s failed for request %s; it runs without pinned KV", where, request_id
+        )
+
+    def drop_all(self, reason: str) -> int:
+        """Release every pin; the API server sees ``kv_epoch`` change and marks sessions cold."""
+        sessions = len(self.pins.session_ids())
+        released = self.pins.release_all()
+        if sessions:
+            self.kv_epoch += 1
+            self.counters[f"dropped_{reason}"] += sessions
+            logger.warning("vllm-stateful: %s released the KV of %d sessions (%d blocks)", reason, sessions, released)
+        return released
+
+    def _warn(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, 0.0) >= _WARN_EVERY_S:
+            self._last_warning[kind] = now
+            logger.warning("vllm-stateful: " + msg, *args)
+
+    # --- ops from the API server ------------------------------------------------------
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            raise ValueError(f"unknown stateful op {op!r}")
+        return handler(**args)
+
+    def op_handshake(self, secret: str) -> dict[str, Any]:
+        value = bytes.fromhex(secret)
+        if self.secret is not None and self.secret != value:
+            raise RuntimeError(
+                "another API server is already attached to this engine; vllm-stateful keeps sessions in one "
+                "API server process (run with --api-server-count 1)"
+            )
+        self.secret = value
+        return self.op_info()
+
+    def op_info(self) -> dict[str, Any]:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return {
+            "block_size": self.pins.block_size,
+            "num_blocks": pool.num_gpu_blocks,
+            "free_blocks": pool.get_num_free_blocks(),
+            "pinned_blocks": self.pins.num_pinned_blocks(),
+            "sessions": len(self.pins.session_ids()),
+            "max_model_len": self.scheduler.max_model_len,
+            "kv_epoch": self.kv_epoch,
+            **self.counters,
+        }
+
+    def op_sync(self, key: str, keep_tokens: int) -> dict[str, int]:
+        self.pins.truncate(key, int(keep_tokens))
+        return self._pin_info(key)
+
+    def op_release(self, key: str) -> dict[str, int]:
+        return {"freed_blocks": self.pins.release(key)}
+
+    def op_pins(self) -> dict[str, list[int]]:
+        return {key: [tokens, blocks] for key, (tokens, blocks) in self.pins.summary().items()}
+
+    def op_integrity(self, digests: bool = False) -> dict[str, Any]:
+        sessions = {
+            key: {
+                "tokens": p.num_tokens,
+                "blocks": len(p.blocks),
+                **({"digest": token_digest(p.token_ids)} if digests else {}),
+            }
+            for key in self.pins.session_ids()
+            if (p := self.pins.get(key)) is not None
+        }
+        return {
+            "problems": self.pins.check_integrity(),
+            "pinned_blocks": self.pins.num_pinned_blocks(),
+            "sessions": sessions,
+            "free_blocks": self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_epoch": self.kv_epoch,
+        }
+
+    def op_drop_all(self, reason: str) -> dict[str, int]:
+        return {"freed_blocks": self.drop_all(reason)}
+
+    def _pin_info(self, key: str) -> dict[str, int]:
+        pinned = self.pins.get(key)
+        if pinned is None:
+            return {"pinned_tokens": 0, "pinned_blocks": 0}
+        return {"pinned_tokens": pinned.num_tokens, "pinned_blocks": len(pinned.blocks)}

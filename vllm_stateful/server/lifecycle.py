@@ -1,0 +1,67 @@
+"""The plugin's background loop: TTL expiry and noticing engine-side drops.
+
+Contract: the loop survives every error. Each pass runs its steps
+independently; a failing step is logged and counted in
+``vllm_stateful:background_errors_total{task=...}``, and the next pass runs
+as usual. A close racing a DELETE is not an error (close is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # duck-typed at run time, so the loop is unit-tested with fakes
+    from vllm_stateful.server.service import SessionService
+
+logger = logging.getLogger(__name__)
+
+
+class Maintenance:
+    def __init__(self, service: "SessionService", interval_s: float = 1.0) -> None:
+        self.service = service
+        self.interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.run_once()
+
+    async def run_once(self) -> None:
+        for name, step in (("expiry", self.expire), ("kv_drops", self.notice_kv_drops)):
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception(
+                    "vllm-stateful: background task %s failed; it runs again in %.0f s", name, self.interval_s
+                )
+                self.service.metrics.background_errors.labels(task=name).inc()
+        self.service.metrics.refresh(self.service)
+
+    async def expire(self) -> None:
+        for session in self.service.store.expired(time.time()):
+            if session.is_open and not session.busy:
+                await self.service.close(session, reason="expired")
+
+    async def notice_kv_drops(self) -> None:
+        """When the engine dropped pins wholesale (cache reset, weight update),
+        re-read every session's pin; sessions left without KV become ``cold``."""
+        service = self.service
+        info = await service.bridge.call("info")
+        service.metrics.engine_counters(info)
+        if info["kv_epoch"] == service.kv_epoch:
+            return
+        seen = {s.key: s.sync_seq for s in service.store.all()}
+        pins = await service.bridge.call("pins")
+        for session in service.store.all():
+            if seen.get(session.key) != session.sync_seq or session.write_lock.locked():
+                continue  # a commit since we asked: its own sync is newer
+            tokens, blocks = pins.get(session.key, (0, 0))
+            session.kv_tokens, session.pinned_blocks = tokens, blocks
+            if session.state == "resident" and session.token_ids and not tokens:
+                session.state = "cold"
+        service.kv_epoch = info["kv_epoch"]

@@ -1,0 +1,186 @@
+"""The ``/v1/sessions`` routes of API.md, scoped to the caller's tenant: an id
+the caller does not own is a 404, exactly like an id nobody owns."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from vllm_stateful.engine.session_pins import token_digest
+from vllm_stateful.server.errors import bad_request
+from vllm_stateful.server.http import cancel_on_disconnect, checked_id, guarded, parse_object, read_body, validated
+from vllm_stateful.server.protocol import AppendRequest, CreateSessionRequest, template_messages
+from vllm_stateful.server.routes_openai import check_token_ids
+from vllm_stateful.server.state import StatefulState, stateful_state
+from vllm_stateful.server.turn_types import TurnInput
+from vllm_stateful.sessions.store import Session, SessionError
+
+router = APIRouter()
+
+INTEGRITY_PATH = "/v1/stateful/debug/integrity"
+
+
+async def _body(state: StatefulState, raw_request: Request) -> dict:
+    body = await read_body(raw_request, state.config.max_request_body_bytes)
+    return await parse_object(body or b"{}", state.bridge.parse_json)
+
+
+def _own_session(state: StatefulState, raw_request: Request, session_id: str) -> Session:
+    tenant = state.tenancy.tenant_of(raw_request.headers)
+    return state.service.store.get(tenant, checked_id(session_id, "session_id"))
+
+
+def _check_ttl(state: StatefulState, ttl_s: float | None) -> None:
+    cfg = state.config
+    if ttl_s is not None and not cfg.min_ttl_s <= ttl_s <= cfg.max_ttl_s:
+        raise bad_request(f"ttl_s must be between {cfg.min_ttl_s} and {cfg.max_ttl_s} seconds", param="ttl_s")
+
+
+@router.post("/v1/sessions", status_code=201)
+@guarded
+async def create_session(raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    tenant = state.tenancy.tenant_of(raw_request.headers)
+    req = validated(CreateSessionRequest, await _body(state, raw_request))
+    if req.id is not None:
+        checked_id(req.id, "id")
+    _check_ttl(state, req.ttl_s)
+    msgs = template_messages(req.messages) if req.messages else None
+    if isinstance(req.prompt, list):
+        check_token_ids(state, req.prompt, "prompt")
+    service = state.service
+    session = service.store.create(tenant, req.id, req.ttl_s)
+    try:
+        if msgs or req.prompt is not None:
+            await cancel_on_disconnect(raw_request, _fill(state, session, msgs, req.prompt))
+            if session.version == 0:  # the client left before the content was ingested
+                raise SessionError(499, "client closed the request", "client_closed")
+    except BaseException:
+        await service.close(session, reason="failed")
+        raise
+    service.metrics.refresh(service)
+    return JSONResponse(session.to_public(), status_code=201)
+
+
+async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Response:
+    service = state.service
+    assert service.ledger is not None
+    async with session.write_lock:
+        if msgs:
+            turn_input = await service.chat_input(session, msgs, add_generation_prompt=False)
+        elif isinstance(prompt, str):
+            turn_input = await service.text_input(session, prompt)
+        else:
+            turn_input = TurnInput(list(prompt))
+        reservation = service.ledger.reserve(session.key, len(turn_input.token_ids), 1, "this session's content")
+        try:
+            await service.ingest(session, turn_input, [reservation])
+        finally:
+            service.ledger.cancel(reservation)  # no-op once settled
+        session.version += 1
+    return Response()
+
+
+@router.get("/v1/sessions")
+@guarded
+async def list_sessions(raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    tenant = state.tenancy.tenant_of(raw_request.headers)
+    return JSONResponse({"object": "list", "data": [s.to_public() for s in state.service.store.of_tenant(tenant)]})
+
+
+@router.get("/v1/sessions/{session_id}")
+@guarded
+async def get_session(session_id: str, raw_request: Request) -> Response:
+    """``?include_tokens=true`` adds the session's token history (``token_ids``); owner only, like every route."""
+    state = stateful_state(raw_request)
+    session = _own_session(state, raw_request, session_id)
+    body = session.to_public()
+    if raw_request.query_params.get("include_tokens", "").lower() in ("1", "true"):
+        body["token_ids"] = list(session.token_ids)
+    return JSONResponse(body)
+
+
+@router.delete("/v1/sessions/{session_id}")
+@guarded
+async def delete_session(session_id: str, raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    session = _own_session(state, raw_request, session_id)
+    return JSONResponse(await state.service.close(session))
+
+
+@router.post("/v1/sessions/{session_id}/append")
+@guarded
+async def append(session_id: str, raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    session = _own_session(state, raw_request, session_id)
+    req = validated(AppendRequest, await _body(state, raw_request))
+    messages = template_messages(req.messages) if req.messages else None
+    if req.token_ids is not None:
+        check_token_ids(state, req.token_ids, "token_ids")
+    item = await state.ingestor.append(session, req.text, req.token_ids, messages)
+    accepted = {"id": session.id, "version": session.version, "queued_tokens": session.queued_tokens}
+    if not req.wait:
+        return JSONResponse(accepted, status_code=202)
+    try:
+        await cancel_on_disconnect(raw_request, _wait_ingested(state, session, item.seq))
+    except SessionError as err:
+        if err.code != "session_backlog":
+            raise
+        return JSONResponse({**accepted, "ingested": False}, status_code=202)  # acknowledged, still queued
+    return JSONResponse(session.to_public(), status_code=200)
+
+
+async def _wait_ingested(state: StatefulState, session: Session, seq: int) -> Response:
+    await state.service.wait_ingested(session, seq)
+    return Response()
+
+
+@router.get(INTEGRITY_PATH)
+@guarded
+async def integrity(raw_request: Request) -> Response:
+    """Engine pin table vs. the API's sessions (tests and operators; ``debug_routes`` only).
+
+    Checks, per session: the engine pins a prefix of the API's committed
+    history (same tokens: digests compared) and no more blocks than the API
+    believes; the engine pins nothing the API does not know; the ledger adds up.
+    """
+    state = stateful_state(raw_request)
+    if not state.config.debug_routes:
+        raise SessionError(404, "debug routes are off (stateful.debug_routes)", "not_found")
+    tenant = state.tenancy.tenant_of(raw_request.headers)
+    engine = await state.bridge.call("integrity", digests=True)
+    problems = list(engine["problems"])
+    sessions = state.service.store.all()
+    by_key = {s.key: s for s in sessions}
+
+    def name(s: Session) -> str:  # other tenants' ids are not the caller's to see
+        return f"session {s.id}" if s.tenant == tenant else "a session of another tenant"
+
+    for key, pin in engine["sessions"].items():
+        s = by_key.get(key)
+        if s is None:
+            problems.append(f"engine pins {pin['blocks']} blocks for a session the API does not know")
+        elif pin["tokens"] > s.context_tokens or pin["digest"] != token_digest(s.token_ids[: pin["tokens"]]):
+            problems.append(f"{name(s)}: engine pins {pin['tokens']} tokens that are not its committed history")
+        elif pin["blocks"] != s.pinned_blocks and not s.busy:
+            problems.append(f"{name(s)}: engine pins {pin['blocks']} blocks, API view {s.pinned_blocks}")
+    for s in sessions:
+        if s.key not in engine["sessions"] and s.pinned_blocks and not s.busy:
+            problems.append(f"{name(s)}: API view {s.pinned_blocks} pinned blocks, engine none")
+    assert state.service.ledger is not None
+    problems += state.service.ledger.check_integrity()
+    own = {s.key: s for s in state.service.store.of_tenant(tenant)}
+    body = {
+        "problems": problems,
+        "pinned_blocks": engine["pinned_blocks"],
+        "free_blocks": engine["free_blocks"],
+        "running": engine["running"],
+        "waiting": engine["waiting"],
+        "kv_epoch": engine["kv_epoch"],
+        "sessions": sorted(s.id for s in own.values() if s.key in engine["sessions"]),
+        "api_sessions": {s.id: s.pinned_blocks for s in own.values()},
+        "charged_blocks": state.service.ledger.charged_blocks(),
+        "budget_blocks": state.service.ledger.budget.budget_blocks,
+    }
+    return JSONResponse(body)

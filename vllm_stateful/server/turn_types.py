@@ -1,0 +1,58 @@
+"""What a request adds to a session, and what it reports back (HTTP-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_stateful.sessions.store import Session
+
+
+@dataclass
+class TurnInput:
+    """What a request adds to its session."""
+
+    token_ids: list[int]
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat only
+    is_chat: bool = False
+
+
+@dataclass
+class TurnResult:
+    """Filled in as the turn runs; final once ``finished``."""
+
+    session: Session
+    prompt_tokens: int  # every token the request attends to: session history + its new tokens
+    kv_tokens_before: int
+    output_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    cached_tokens: int = 0
+    finished: bool = False
+
+    @property
+    def new_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def recomputed_tokens(self) -> int:
+        return max(0, min(self.kv_tokens_before, self.prompt_tokens - 1) - self.cached_tokens)
+
+    def session_field(self) -> dict[str, Any]:
+        return {
+            "id": self.session.id,
+            "version": self.session.version,
+            "context_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
+        }
+
+    def usage(self) -> dict[str, Any]:
+        n_out = len(self.output_token_ids)
+        return {
+            "prompt_tokens": self.new_tokens,
+            "completion_tokens": n_out,
+            "total_tokens": self.new_tokens + n_out,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
