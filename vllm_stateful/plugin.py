@@ -9,7 +9,8 @@ plugin that installs the engine-side method. This installs two things on
    ``engine_client.engine_core.call_utility_async("stateful_call", op, args)``.
 2. A wrapper around ``EngineCore.collective_rpc`` that, before a worker method
    that changes model weights runs (``WEIGHT_CHANGING_RPCS``), releases every
-   pinned session: KV computed with old weights must not be served. vLLM's
+   pinned session and evicts its blocks from the prefix cache: KV computed with
+   old weights must not be served. vLLM's
    weight-update paths call workers directly and never tell the scheduler.
 
 Both only act when the scheduler is ours (``--scheduler-cls
@@ -59,7 +60,7 @@ def _drops_sessions_before_weight_changes(collective_rpc):
     def wrapper(self, method, *args: Any, **kwargs: Any):
         control = getattr(getattr(self, "scheduler", None), "session_control", None)
         if control is not None and isinstance(method, str) and method in WEIGHT_CHANGING_RPCS:
-            control.drop_all("weights_updated")
+            control.drop_all("weights_updated", evict=True)
         return collective_rpc(self, method, *args, **kwargs)
 
     wrapper._vllm_stateful_wrapped = True  # type: ignore[attr-defined]

@@ -54,10 +54,16 @@ class SessionControl:
             "vllm-stateful: session %s failed for request %s; it runs without pinned KV", where, request_id
         )
 
-    def drop_all(self, reason: str) -> int:
-        """Release every pin; the API server sees ``kv_epoch`` change and marks sessions cold."""
+    def drop_all(self, reason: str, evict: bool = False) -> int:
+        """Release every pin; the API server sees ``kv_epoch`` change and marks sessions cold.
+
+        ``evict``: also remove the released blocks from the prefix cache (their KV
+        is stale, e.g. after a weight update), so no request can hit them."""
         sessions = len(self.pins.session_ids())
+        block_ids = {b.block_id for key in self.pins.session_ids() for b in self.pins.get(key).blocks}
         released = self.pins.release_all()
+        if evict and block_ids:
+            self.scheduler.kv_cache_manager.block_pool.evict_blocks(block_ids)
         if sessions:
             self.kv_epoch += 1
             self.counters[f"dropped_{reason}"] += sessions
@@ -132,7 +138,7 @@ class SessionControl:
         }
 
     def op_drop_all(self, reason: str) -> dict[str, int]:
-        return {"freed_blocks": self.drop_all(reason)}
+        return {"freed_blocks": self.drop_all(reason, evict=True)}
 
     def _pin_info(self, key: str) -> dict[str, int]:
         pinned = self.pins.get(key)

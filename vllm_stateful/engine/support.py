@@ -14,6 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SUPPORTED_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
+_KINDS = {
+    "SlidingWindowSpec": "sliding-window attention",
+    "SlidingWindowMLASpec": "sliding-window attention",
+    "ChunkedLocalAttentionSpec": "chunked-local attention",
+    "MambaSpec": "Mamba (state-space) layers",
+}
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ def unsupported_reason(
         return f"{SUPPORTED}; this model has {len(groups)} KV cache groups (hybrid attention)"
     (group,) = groups
     if group.spec not in SUPPORTED_SPECS:
-        return f"{SUPPORTED}; this model's KV cache is {group.spec}"
+        kind = _KINDS.get(group.spec, "a cache layout sessions cannot reuse")
+        return f"{SUPPORTED}; this model uses {kind} ({group.spec})"
     if group.sliding_window or group.attention_chunk_size:
         return f"{SUPPORTED}; this model uses sliding-window or chunked-local attention"
     if not prefix_caching:

@@ -19,6 +19,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
 from vllm_stateful.plugin import ENGINE_METHOD
+from vllm_stateful.server.errors import from_vllm
 from vllm_stateful.sessions.chat_render import Message, ReplyClosing, continuation, reply_closing
 from vllm_stateful.sessions.store import SessionError
 
@@ -94,8 +95,13 @@ class EngineBridge:
         return self._closing
 
     def encode(self, text: str, first: bool) -> list[int]:
-        """Tokens for ``text``; special tokens (BOS) only at the start of a session."""
-        return list(self.tokenizer.encode(text, add_special_tokens=first))
+        """Tokens for ``text``; special tokens (BOS) only at the start of a session.
+
+        Text the tokenizer cannot take (e.g. a lone UTF-16 surrogate from a JSON escape) is a 400."""
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=first))
+        except (TypeError, ValueError, UnicodeError) as exc:
+            raise SessionError(400, f"the text cannot be tokenized: {exc}", "invalid_request") from exc
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -116,8 +122,6 @@ class EngineBridge:
         session_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """vLLM's ``generate``; a request vLLM refuses raises SessionError with vLLM's status."""
-        from vllm.entrypoints.serve import create_error_response
-
         prompt = {"prompt_token_ids": prompt_token_ids, "cache_salt": cache_salt}
         gen = self.engine.generate(prompt, params, request_id, priority=priority, session_id=session_id)
         try:
@@ -126,9 +130,7 @@ class EngineBridge:
         except (asyncio.CancelledError, GeneratorExit, SessionError):
             raise
         except Exception as exc:
-            err = create_error_response(exc).error
-            code = "engine_unavailable" if err.code >= 500 else "invalid_request"
-            raise SessionError(err.code, err.message, code, retry_after=1.0 if err.code == 503 else None) from exc
+            raise from_vllm(exc) from exc
         finally:
             await gen.aclose()
 

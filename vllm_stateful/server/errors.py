@@ -29,6 +29,15 @@ def bad_request(message: str, code: str = "invalid_request", param: str | None =
     return SessionError(400, message, code, param=param)
 
 
+def from_vllm(exc: BaseException) -> SessionError:
+    """A vLLM exception as a SessionError with vLLM's own status, message and parameter."""
+    from vllm.entrypoints.serve import create_error_response
+
+    err = create_error_response(exc).error  # type: ignore[arg-type]
+    code = "invalid_request" if err.code < 500 else "engine_unavailable"
+    return SessionError(err.code, err.message, code, retry_after=1.0 if err.code == 503 else None, param=err.param)
+
+
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from vllm_stateful.server.errors import bad_request, error_response
+from vllm_stateful.server.errors import bad_request, error_response, from_vllm
 from vllm_stateful.sessions.chat_render import TemplateNotPrefixStable
 from vllm_stateful.sessions.ids import is_valid_session_id
 from vllm_stateful.sessions.store import SessionError
@@ -63,8 +63,9 @@ def validated(model: type, body: dict[str, Any]):
         loc = ".".join(str(p) for p in first.get("loc", ()))
         message = str(first.get("msg", "invalid value"))[:500]
         raise bad_request(f"{loc}: {message}" if loc else message, param=loc or None) from None
-    except (ValueError, TypeError) as exc:  # vLLM's own validators raise these directly
-        raise bad_request(str(exc)[:500], param=getattr(exc, "parameter", None)) from None
+    except Exception as exc:  # vLLM's own validators may raise their exceptions directly
+        err = from_vllm(exc)
+        raise (err if err.status < 500 else bad_request(str(exc)[:500])) from None
 
 
 def checked_id(value: Any, param: str = "stateful") -> str:

@@ -44,7 +44,7 @@ class Maintenance:
 
     async def expire(self) -> None:
         for session in self.service.store.expired(time.time()):
-            if session.is_open and not session.busy:
+            if not session.busy:  # failed sessions expire too
                 await self.service.close(session, reason="expired")
 
     async def notice_kv_drops(self) -> None:
@@ -61,7 +61,9 @@ class Maintenance:
             if seen.get(session.key) != session.sync_seq or session.write_lock.locked():
                 continue  # a commit since we asked: its own sync is newer
             tokens, blocks = pins.get(session.key, (0, 0))
-            session.kv_tokens, session.pinned_blocks = tokens, blocks
+            # kv_tokens keeps what the session should reuse, so the next request reports
+            # what it had to recompute honestly
+            session.pinned_blocks = blocks
             if session.state == "resident" and session.token_ids and not tokens:
                 session.state = "cold"
         service.kv_epoch = info["kv_epoch"]

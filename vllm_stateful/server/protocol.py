@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 from vllm_stateful.server.errors import bad_request
 
@@ -51,7 +51,7 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
 
 class CreateSessionRequest(_Strict):
     id: str | None = None
-    ttl_s: float | None = Field(default=None, gt=0)  # bounds from the config are checked by the route
+    ttl_s: StrictFloat | None = Field(default=None, gt=0)  # bounds from the config are checked by the route
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: str | list[StrictInt] | None = None
 
@@ -75,7 +75,7 @@ class AppendRequest(_Strict):
     text: str | None = None
     token_ids: list[StrictInt] | None = None
     messages: list[ChatMessage] | None = None
-    wait: bool = False
+    wait: StrictBool = False
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "AppendRequest":

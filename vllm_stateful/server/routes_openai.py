@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vllm_stateful.engine.request_tags import reserved_keys
-from vllm_stateful.server.errors import bad_request, error_body
+from vllm_stateful.server.errors import bad_request, error_body, from_vllm
 from vllm_stateful.server.http import (
     cancel_on_disconnect,
     checked_id,
@@ -109,21 +109,35 @@ def make_params(parsed: Any, state: StatefulState, max_tokens: int):
     """vLLM's SamplingParams for the request, through vLLM's own validation (400 if it refuses)."""
     try:
         return parsed.to_sampling_params(max_tokens, state.bridge.default_sampling_params)
-    except (ValueError, TypeError) as exc:
-        raise bad_request(str(exc), param=getattr(exc, "parameter", None)) from None
+    except Exception as exc:  # vLLM's VLLMValidationError is not a ValueError
+        raise from_vllm(exc) from None
 
 
 async def _run_session_request(
-    state: StatefulState, raw_request: Request, tenant: str, session_id: str, parsed: Any, body: dict,
-    build: Callable, max_tokens: int | None, chat: bool, commit: bool,
-) -> Response:  # fmt: skip
+    state: StatefulState,
+    raw_request: Request,
+    tenant: str,
+    session_id: str,
+    parsed: Any,
+    body: dict,
+    build: Callable,
+    max_tokens: int | None,
+    chat: bool,
+    commit: bool,
+) -> Response:
     service = state.service
     session, created = service.open_session(tenant, session_id, commit)
     shape = ResponseShape(chat, parsed.model or state.bridge.served_model_names[0], bool(body.get("return_token_ids")))
     turn = service.run_turn(
-        session, created, build, lambda n: make_params(parsed, state, n), max_tokens, commit, bool(parsed.stream),
+        session,
+        created,
+        build,
+        lambda n: make_params(parsed, state, n),
+        max_tokens,
+        commit,
+        bool(parsed.stream),
         priority=parsed.priority,
-    )  # fmt: skip
+    )
     if not parsed.stream:
         items = [item async for item in turn]
         return JSONResponse(shape.full(items[-1][0]))

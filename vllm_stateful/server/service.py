@@ -66,9 +66,12 @@ class SessionService:
         """Attach to the engine (hand it the tag secret) and size the budget; raises if unsupported."""
         info = await self.bridge.call("handshake", secret=self.tenancy.secret.hex())
         self.budget = Budget.for_engine(
-            info["num_blocks"], info["block_size"], self.bridge.max_model_len, self.config.cell_budget,
+            info["num_blocks"],
+            info["block_size"],
+            self.bridge.max_model_len,
+            self.config.cell_budget,
             self.config.session_quota,
-        )  # fmt: skip
+        )
         self.ledger = CellLedger(self.budget)
         self.kv_epoch = info["kv_epoch"]
 
@@ -284,20 +287,10 @@ class SessionService:
         reservation: Reservation | None,
     ) -> None:
         ensure_open(session)
-        output = list(result.output_token_ids)
-        kept, extra = output, []
-        if isinstance(result.stop_reason, str):  # cut at a stop string: keep what the client was sent
-            skip = params.skip_special_tokens
-            visible = await self.bridge.off_loop(
-                visible_output, output, result.text, lambda ids: self.bridge.decode(ids, skip),
-                lambda text: self.bridge.encode(text, False),
-            )  # fmt: skip
-            kept, extra = visible.kept_ids, visible.extra_ids
+        kept, extra, pending = await self.bridge.off_loop(
+            self._kept_output, result, params.skip_special_tokens, turn_input.is_chat, session.pending_chat_text
+        )
         history = prompt + kept + extra
-        pending = session.pending_chat_text
-        if turn_input.is_chat:
-            tail = self.bridge.decode(kept[-4:], skip_special_tokens=False) if not extra else ""
-            pending = self.bridge.closing.remainder(tail)
         info = await self._sync_engine(session, len(prompt) + len(kept))
         # the engine holds the new pin: now the API state, with no await in between
         session.token_ids = history
@@ -312,6 +305,25 @@ class SessionService:
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
         self.metrics.refresh(self)
+
+    def _kept_output(
+        self, result: TurnResult, skip_special_tokens: bool, is_chat: bool, pending: str
+    ) -> tuple[list[int], list[int], str]:
+        """(kept generated ids, re-tokenized rest of the sent text, text the template still owes);
+        runs in the tokenizer thread."""
+        kept, extra = list(result.output_token_ids), []
+        if isinstance(result.stop_reason, str):  # cut at a stop string: keep what the client was sent
+            visible = visible_output(
+                kept,
+                result.text,
+                lambda ids: self.bridge.decode(ids, skip_special_tokens),
+                lambda text: self.bridge.encode(text, False),
+            )
+            kept, extra = visible.kept_ids, visible.extra_ids
+        if is_chat:
+            tail = self.bridge.decode(kept[-4:], skip_special_tokens=False) if not extra else ""
+            pending = self.bridge.closing.remainder(tail)
+        return kept, extra, pending
 
     async def _sync_engine(self, session: Session, keep_tokens: int) -> dict[str, int]:
         try:

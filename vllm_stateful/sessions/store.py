@@ -58,7 +58,8 @@ class Session:
     messages: list[dict[str, Any]] = field(default_factory=list)
     # Text the chat template still owes after the last generated reply.
     pending_chat_text: str = ""
-    # What the engine reported at the last sync (bumped on every sync).
+    # What the engine pinned at the last sync (kv_tokens: history tokens whose KV the session
+    # should reuse; pinned_blocks: blocks it holds now, 0 once the engine dropped them).
     kv_tokens: int = 0
     pinned_blocks: int = 0
     sync_seq: int = 0
@@ -87,13 +88,11 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        """Work is running or queued on the session: it counts as use (no expiry)."""
-        return (
-            self.turn_in_flight
-            or bool(self.active_request_ids)
-            or bool(self.pending_appends)
-            or (self.ingested_seq < self.acked_seq)
-        )
+        """Work is running or queued on the session: it counts as use (no expiry).
+
+        Appends queued on a failed session will never run, so they do not count."""
+        queued = self.is_open and (bool(self.pending_appends) or self.ingested_seq < self.acked_seq)
+        return self.turn_in_flight or bool(self.active_request_ids) or queued
 
     def touch(self) -> None:
         self.last_used_at = time.time()

@@ -1,0 +1,335 @@
+"""Hardening, engine side: forged tags, reservations, lifecycle operations,
+pin drift, engine-killing parameters, abandoned and aborted requests.
+Numbers refer to the items of the hardening issue (#8)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import BLOCK_SIZE, KEY_A, MAX_MODEL_LEN
+
+pytestmark = pytest.mark.e2e
+
+AUTH = {"Authorization": f"Bearer {KEY_A}"}
+
+
+def _wait(predicate, timeout_s: float = 30, what: str = "condition"):
+    deadline = time.time() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _idle(server) -> dict:
+    """The integrity report once nothing runs in the engine."""
+    return _wait(lambda: (b := server.integrity())["running"] == 0 and b["waiting"] == 0 and b, what="idle engine")
+
+
+def _error(resp: httpx.Response, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"], err
+    return err
+
+
+def _query(server, sid: str, prompt: list[int], n: int = 4) -> dict:
+    r = server.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": n,
+            "temperature": 0,
+            "stateful": sid,
+            "stateful_commit": False,
+            "return_token_ids": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _fresh(server, sid: str, n_tokens: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    prompt = [rng.randrange(10, 3000) for _ in range(n_tokens)]
+    r = server.post("/v1/sessions", json={"id": sid, "prompt": prompt})
+    assert r.status_code == 201, r.text
+    return prompt
+
+
+# --- 1. forged engine tags --------------------------------------------------------------------
+
+
+def test_forged_session_tags_reach_no_session_on_any_route(stateful_server):
+    sid = "victim-1"
+    _fresh(stateful_server, sid, 150, seed=1)
+    before = stateful_server.session(sid, tokens=True)
+    expected = _query(stateful_server, sid, [5, 6, 7])
+    baseline = _idle(stateful_server)
+    forged = stateful_server.metric('vllm_stateful:engine_events{event="forged_tags"}')
+    xargs = {"stateful_session": sid, "stateful_commit": True}
+    body = {"model": "tiny", "prompt": before["token_ids"] + [9] * 40, "max_tokens": 4, "vllm_xargs": xargs}
+    # through the plugin's own routes the reserved keys are refused outright
+    _error(stateful_server.post("/v1/completions", json=body), 400, "invalid_request")
+    # /invocations is vLLM's and outside --api-key: the engine must ignore the unsigned tag
+    for i in range(4):
+        r = httpx.post(
+            stateful_server.root + "/invocations", json={**body, "vllm_xargs": {**xargs, "n": i}}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+    after_attack = _idle(stateful_server)
+    assert after_attack["free_blocks"] == baseline["free_blocks"]  # nothing pinned under any id
+    after = stateful_server.session(sid, tokens=True)
+    assert (after["token_ids"], after["version"], after["pinned_blocks"]) == (
+        before["token_ids"],
+        before["version"],
+        before["pinned_blocks"],
+    )
+    again = _query(stateful_server, sid, [5, 6, 7])
+    assert again["session"]["recomputed_tokens"] == 0
+    assert again["choices"][0]["token_ids"] == expected["choices"][0]["token_ids"]
+    _wait(
+        lambda: stateful_server.metric('vllm_stateful:engine_events{event="forged_tags"}') >= forged + 4,
+        what="forged tags counted",
+    )
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+# --- 2. reservations: concurrent growth cannot overshoot the budget --------------------------
+
+
+def test_concurrent_sessions_reserve_before_work_and_get_429_with_retry_after(stateful_server):
+    baseline = _idle(stateful_server)
+    budget, charged = baseline["budget_blocks"], baseline["charged_blocks"]
+    n_tokens = 1400
+    per_session = -(-(n_tokens) // BLOCK_SIZE)
+    fits = (budget - charged) // per_session
+    rng = random.Random(2)
+    prompts = [[rng.randrange(10, 3000) for _ in range(n_tokens)] for _ in range(fits + 4)]
+
+    def create(i):
+        return i, httpx.post(
+            stateful_server.root + "/v1/sessions",
+            json={"id": f"budget-{i}", "prompt": prompts[i]},
+            headers=AUTH,
+            timeout=300,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(create, range(len(prompts))))
+    created = [i for i, r in replies if r.status_code == 201]
+    refused = [r for _, r in replies if r.status_code != 201]
+    assert len(created) == fits, [r.text for r in refused]
+    for r in refused:
+        _error(r, 429, "cell_budget_exceeded")
+        assert int(r.headers["Retry-After"]) >= 1
+    report = _idle(stateful_server)
+    assert report["charged_blocks"] <= budget
+    for i in created:
+        s = stateful_server.session(f"budget-{i}", tokens=True)
+        assert s["token_ids"] == prompts[i] and s["state"] == "resident" and s["version"] == 1
+    for i in range(len(prompts)):
+        assert stateful_server.get(f"/v1/sessions/budget-{i}").status_code == (200 if i in created else 404)
+    # headroom: with the budget full, the largest stateless request still runs
+    big = httpx.post(
+        stateful_server.base_url + "/completions",
+        headers=AUTH,
+        timeout=300,
+        json={"model": "tiny", "prompt": prompts[0][:1000] * 2, "max_tokens": MAX_MODEL_LEN - 2000, "ignore_eos": True},
+    )
+    assert big.status_code == 200 and big.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - 2000
+    for i in created:
+        assert stateful_server.delete(f"/v1/sessions/budget-{i}").status_code == 200
+    assert _idle(stateful_server)["free_blocks"] == baseline["free_blocks"]
+
+
+# --- 7. vLLM lifecycle operations never crash and never serve stale KV -------------------------
+
+
+def test_prefix_cache_reset_releases_sessions_which_recompute_correctly(stateful_server, reference):
+    sid = "lifecycle-reset"
+    prompt = _fresh(stateful_server, sid, 200, seed=7)
+    r = httpx.post(stateful_server.root + "/reset_prefix_cache", timeout=60)
+    assert r.status_code == 200 and r.json() == {"success": True}, r.text
+    cold = _wait(lambda: (s := stateful_server.session(sid))["state"] == "cold" and s, what="session marked cold")
+    assert cold["pinned_blocks"] == 0 and cold["version"] == 1
+    turn = stateful_server.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": [11, 12],
+            "max_tokens": 5,
+            "temperature": 0,
+            "stateful": sid,
+            "return_token_ids": True,
+        },
+    ).json()
+    # honest accounting: the history was recomputed, and the answer is still right
+    assert turn["session"]["recomputed_tokens"] == len(prompt)
+    assert turn["choices"][0]["token_ids"] == reference.greedy(prompt + [11, 12], 5)
+    assert stateful_server.session(sid)["state"] == "resident"
+    stateful_server.integrity()
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+def test_pause_with_cache_clear_aborts_running_session_work_cleanly(stateful_server):
+    sid = "lifecycle-pause"
+    _fresh(stateful_server, sid, 100, seed=8)
+    before = stateful_server.session(sid, tokens=True)
+    turn = {"model": "tiny", "prompt": [7], "max_tokens": 1000, "ignore_eos": True, "stream": True, "stateful": sid}
+    try:
+        with httpx.stream("POST", stateful_server.base_url + "/completions", json=turn, headers=AUTH, timeout=120) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            next(lines)
+            paused = httpx.post(
+                stateful_server.root + "/pause", params={"mode": "abort", "clear_cache": "true"}, timeout=60
+            )
+            assert paused.status_code == 200, paused.text
+            rest = [line for line in lines if line]
+    finally:
+        assert httpx.post(stateful_server.root + "/resume", timeout=60).status_code == 200
+    assert rest[-1] == "data: [DONE]" and '"engine_aborted"' in rest[-2], rest[-3:]
+    after = stateful_server.session(sid, tokens=True)
+    assert (after["token_ids"], after["version"]) == (before["token_ids"], before["version"])
+    assert _query(stateful_server, sid, [1, 2])["session"]["context_tokens"] == len(before["token_ids"]) + 2
+    stateful_server.delete(f"/v1/sessions/{sid}")
+    _idle(stateful_server)
+
+
+def test_weight_reload_drops_session_kv(stateful_server, reference):
+    sid = "lifecycle-weights"
+    prompt = _fresh(stateful_server, sid, 120, seed=9)
+    r = httpx.post(stateful_server.root + "/collective_rpc", json={"method": "reload_weights"}, timeout=120)
+    assert r.status_code == 200, r.text
+    _wait(lambda: stateful_server.session(sid)["state"] == "cold", what="session marked cold")
+    turn = _query(stateful_server, sid, [3, 4], 5)
+    assert turn["session"]["recomputed_tokens"] == len(prompt)
+    assert turn["choices"][0]["token_ids"] == reference.greedy(prompt + [3, 4], 5)
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+# --- 9. pins never drift past the API's history ------------------------------------------------
+
+
+def test_disconnect_storm_leaves_engine_pins_equal_to_the_api_view(stateful_server):
+    baseline = _idle(stateful_server)["free_blocks"]
+    sid = "drift-1"
+    _fresh(stateful_server, sid, 70, seed=10)
+    url = stateful_server.base_url + "/completions"
+    for i in range(12):
+        turn = {
+            "model": "tiny",
+            "prompt": [20 + i] * 40,
+            "max_tokens": 300,
+            "ignore_eos": True,
+            "stream": True,
+            "stateful": sid,
+        }
+        with httpx.stream("POST", url, json=turn, headers=AUTH, timeout=60) as resp:
+            next(resp.iter_lines())  # the turn runs; hang up at once
+        if i % 3 == 0:
+            _query(stateful_server, sid, [1])
+    report = _idle(stateful_server)
+    s = stateful_server.session(sid, tokens=True)
+    assert s["version"] == 1 and len(s["token_ids"]) == 70  # every turn was rolled back
+    assert report["free_blocks"] == baseline - s["pinned_blocks"]  # no block pinned beyond the API's view
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+# --- 11. parameters that would stop the engine are refused as vLLM refuses them ---------------
+
+
+def test_max_tokens_zero_is_a_400_and_the_engine_keeps_serving(stateful_server, client):
+    url = stateful_server.base_url
+    for path, body in (
+        ("/completions", {"prompt": "x", "max_tokens": 0, "stateful": "mt0-a"}),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0, "stateful": "mt0-b"}),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0, "stateful": "mt0-c"},
+        ),
+        ("/completions", {"prompt": "x", "max_tokens": -3, "stateful": "mt0-d"}),
+        ("/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 5, "stateful": "mt0-e"}),
+        ("/completions", {"prompt": "x", "max_tokens": 2, "temperature": -1, "stateful": "mt0-f"}),
+    ):
+        r = httpx.post(url + path, json={"model": "tiny", **body}, headers=AUTH, timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert stateful_server.get(f"/v1/sessions/{body['stateful']}").status_code == 404
+    # other clients are still served: stateless, and a new session
+    ok = client.completions.create(model="tiny", prompt="still alive", max_tokens=3, timeout=30)
+    assert ok.usage.completion_tokens == 3
+    s = client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"stateful": "mt0-ok"}, timeout=30)
+    assert s.model_extra["session"]["version"] == 1
+    assert httpx.get(stateful_server.root + "/health", timeout=10).status_code == 200
+    stateful_server.delete("/v1/sessions/mt0-ok")
+
+
+# --- 15. abandoned non-streaming requests are aborted and rolled back --------------------------
+
+
+def test_abandoned_non_streaming_turns_are_aborted_and_commit_nothing(stateful_server):
+    sid = "abandoned-1"
+    _fresh(stateful_server, sid, 40, seed=15)
+    before = stateful_server.session(sid, tokens=True)
+    body = {"model": "tiny", "prompt": [5], "max_tokens": 1400, "ignore_eos": True, "stateful": sid}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(stateful_server.base_url + "/completions", json=body, headers=AUTH, timeout=0.5)
+    _idle(stateful_server)
+    after = stateful_server.session(sid, tokens=True)
+    assert (after["token_ids"], after["version"]) == (before["token_ids"], before["version"])
+    # queries too: nothing keeps running for a client that left
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            stateful_server.base_url + "/completions",
+            json={**body, "stateful_commit": False},
+            headers=AUTH,
+            timeout=0.5,
+        )
+    _idle(stateful_server)
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+# --- 19. a query cut short by DELETE ends with the same 404 a turn gets -------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_query_cut_short_by_delete_is_a_404(stateful_server, stream):
+    sid = f"cut-query-{int(stream)}"
+    _fresh(stateful_server, sid, 40, seed=19)
+    body = {
+        "model": "tiny",
+        "prompt": [5],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stateful": sid,
+        "stateful_commit": False,
+        "stream": stream,
+    }
+    url = stateful_server.base_url + "/completions"
+    if stream:
+        with httpx.stream("POST", url, json=body, headers=AUTH, timeout=120) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"session_not_found"' in rest[-2]
+        return
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(url, json=body, headers=AUTH, timeout=120)))
+    t.start()
+    _wait(lambda: stateful_server.integrity()["running"] > 0, what="query running")
+    assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
+    t.join(60)
+    _error(result["r"], 404, "session_not_found")

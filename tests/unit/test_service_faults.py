@@ -1,0 +1,255 @@
+"""The session service under faults, with a fake engine bridge (no engine).
+
+Imports vLLM's SamplingParams (the service builds them), so this module
+takes a few seconds to import; nothing here starts an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_stateful.config import StatefulConfig
+from vllm_stateful.sessions.chat_render import continuation, reply_closing
+from vllm_stateful.sessions.store import SessionError
+from vllm_stateful.sessions.tenants import Tenancy
+
+pytestmark = pytest.mark.unit
+
+TEMPLATE_ROLES_REFUSED = {"bomb"}
+
+
+class FakeBridge:
+    """Character tokenizer (token = ord), ChatML-like template, an engine that echoes.
+
+    Records the thread every tokenizer/template call runs on."""
+
+    max_model_len = 4096
+    max_token_chars = 1
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self.fail_ops: set[str] = set()
+        self.calls: list[tuple[str, dict]] = []
+        self.pins: dict[str, int] = {}
+        self._closing = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1)
+
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def parse_json(self, body):
+        import json
+
+        return json.loads(body)
+
+    def _record(self) -> None:
+        self.threads.append(threading.get_ident())
+
+    def render(self, messages, add_generation_prompt: bool) -> str:
+        self._record()
+        if any(m["role"] in TEMPLATE_ROLES_REFUSED for m in messages):
+            raise SessionError(400, "the chat template refused the messages", "template_error")
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def continuation(self, previous, new, add_generation_prompt):
+        return continuation(self.render, previous, new, add_generation_prompt)
+
+    @property
+    def closing(self):
+        if self._closing is None:
+            self._closing = reply_closing(self.render)
+        return self._closing
+
+    def encode(self, text: str, first: bool) -> list[int]:
+        self._record()
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        self._record()
+        return "".join(chr(i) for i in ids)
+
+    async def call(self, op: str, **args):
+        self.calls.append((op, args))
+        if op in self.fail_ops:
+            raise RuntimeError(f"engine refused {op}")
+        if op == "handshake":
+            return {"num_blocks": 1000, "block_size": 16, "kv_epoch": 0}
+        if op == "sync":
+            self.pins[args["key"]] = args["keep_tokens"]
+            return {"pinned_tokens": args["keep_tokens"], "pinned_blocks": -(-args["keep_tokens"] // 16)}
+        if op == "release":
+            return {"freed_blocks": -(-self.pins.pop(args["key"], 0) // 16)}
+        return {}
+
+    async def generate(self, prompt, params, request_id, cache_salt, priority=0, session_id=None):
+        await asyncio.sleep(0)
+        n = params.max_tokens
+        out = SimpleNamespace(token_ids=[ord("a")] * n, text="a" * n, finish_reason="length", stop_reason=None)
+        yield SimpleNamespace(outputs=[out], num_cached_tokens=0, finished=True)
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+
+def _service(**config):
+    from vllm_stateful.server.metrics import SessionMetrics
+    from vllm_stateful.server.service import SessionService
+
+    bridge = FakeBridge()
+    service = SessionService(bridge, StatefulConfig(**config), SessionMetrics(), Tenancy.from_settings(None, None))
+    return service, bridge
+
+
+def _params(n: int):
+    from vllm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0)
+
+
+async def _tokens(_session):
+    from vllm_stateful.server.turn_types import TurnInput
+
+    return TurnInput([ord("q"), ord("r")])
+
+
+async def _run(service, session, created=False, commit=True, max_tokens=3, build=_tokens):
+    return [r async for r, _ in service.run_turn(session, created, build, _params, max_tokens, commit, False)]
+
+
+def test_a_failed_engine_sync_commits_nothing():
+    async def run():
+        service, bridge = _service()
+        await service.start()
+        session, created = service.open_session("t", "s1", commit=True)
+        await _run(service, session, created)
+        before = (list(session.token_ids), session.version, service.ledger.charged_blocks())
+        bridge.fail_ops.add("sync")
+        with pytest.raises(SessionError) as e:
+            await _run(service, session)
+        assert e.value.status == 503 and e.value.code == "engine_unavailable"
+        assert (session.token_ids, session.version, service.ledger.charged_blocks()) == before
+        assert not session.turn_in_flight and not session.write_lock.locked()
+        assert service.ledger.check_integrity() == []
+        bridge.fail_ops.clear()
+        await _run(service, session)  # and the session is usable afterwards
+        assert session.version == before[1] + 1
+
+    asyncio.run(run())
+
+
+def test_a_refused_first_request_leaves_no_session_and_no_reservation():
+    async def run():
+        service, _ = _service(session_quota=64)
+        await service.start()
+        session, created = service.open_session("t", "fresh", commit=True)
+        with pytest.raises(SessionError) as e:
+            await _run(service, session, created, max_tokens=100)
+        assert e.value.code == "session_quota_exceeded"
+        assert not service.store.contains("t", "fresh") and service.ledger.charged_blocks() == 0
+
+    asyncio.run(run())
+
+
+def test_tokenizer_and_template_never_run_on_the_event_loop():
+    async def run():
+        from vllm_stateful.server.ingest import Ingestor
+
+        service, bridge = _service()
+        await service.start()
+        loop_thread = threading.get_ident()
+        session, created = service.open_session("t", "s1", commit=True)
+
+        async def chat(s):
+            return await service.chat_input(s, [{"role": "user", "content": "hello"}], True)
+
+        await _run(service, session, created, build=chat)
+        ingestor = Ingestor(service)
+        item = await ingestor.append(session, "some text", None, None)
+        await ingestor.append(session, None, None, [{"role": "user", "content": "more"}])
+        await service.wait_ingested(session, item.seq + 1)
+        await service.text_input(session, "x")
+        assert bridge.threads and loop_thread not in bridge.threads
+
+    asyncio.run(run())
+
+
+def test_ingestion_failure_fails_the_session_and_releases_waiters():
+    async def run():
+        from vllm_stateful.server.ingest import Ingestor
+
+        service, bridge = _service()
+        await service.start()
+        session, _ = service.open_session("t", "s1", commit=True)
+        ingestor = Ingestor(service)
+        await session.write_lock.acquire()  # a turn is running: appends queue up
+        await ingestor.append(session, None, [1, 2], None)
+        # acknowledged, then refused by the template only once it is ingested
+        TEMPLATE_ROLES_REFUSED.add("later")
+        try:
+            second = await ingestor.append(session, None, None, [{"role": "user", "content": "x"}])
+            session.pending_appends[-1].messages = [{"role": "later", "content": "x"}]
+            waiter = asyncio.ensure_future(service.wait_ingested(session, second.seq))
+            session.write_lock.release()
+            with pytest.raises(SessionError) as e:
+                await asyncio.wait_for(waiter, 10)
+            assert e.value.code == "session_failed" and session.state == "failed"
+            await asyncio.wait_for(session.ingest_task, 10)  # the drain ended cleanly
+            assert session.queued_tokens == 0 and service.ledger.check_integrity() == []
+            assert service.ledger.charged_blocks() == 0  # the failed batch's reservations were returned
+        finally:
+            TEMPLATE_ROLES_REFUSED.discard("later")
+
+    asyncio.run(run())
+
+
+def test_waiting_for_a_backlog_is_bounded():
+    async def run():
+        from vllm_stateful.server.ingest import Ingestor
+
+        service, _ = _service(ingest_wait_timeout_s=0.2)
+        await service.start()
+        session, _ = service.open_session("t", "s1", commit=True)
+        await session.write_lock.acquire()  # ingestion cannot progress
+        await Ingestor(service).append(session, None, [1, 2], None)
+        with pytest.raises(SessionError) as e:
+            await _run(service, session)
+        assert e.value.status == 503 and e.value.code == "session_backlog" and e.value.retry_after
+        assert session.version == 1 and not session.turn_in_flight
+        session.write_lock.release()
+
+    asyncio.run(run())
+
+
+def test_maintenance_survives_errors_and_counts_them():
+    async def run():
+        from vllm_stateful.server.lifecycle import Maintenance
+
+        service, bridge = _service()
+        await service.start()
+        session = service.store.create("t", "short", ttl_s=1)
+        session.last_used_at -= 10
+        maintenance = Maintenance(service, interval_s=0.01)
+        bridge.fail_ops.add("info")
+        original = service.store.expired
+        service.store.expired = lambda now=None: (_ for _ in ()).throw(RuntimeError("boom"))
+        before = service.metrics.background_errors.labels(task="expiry")._value.get()
+        await maintenance.run_once()
+        assert service.metrics.background_errors.labels(task="expiry")._value.get() == before + 1
+        service.store.expired = original
+        bridge.fail_ops.clear()
+        await service.close(session, reason="closed")  # a DELETE got there first ...
+        session2 = service.store.create("t", "short2", ttl_s=1)
+        session2.last_used_at -= 10
+        task = asyncio.ensure_future(maintenance.run())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        assert not service.store.contains("t", "short2")  # ... and expiry kept running
+
+    asyncio.run(run())
