@@ -101,3 +101,22 @@ def test_prefix_cache_hits_never_cross_tenants(tenants):
     for server, sid in ((a, "salted-a1"), (a, "salted-a2"), (a, "salted-a3"), (b, "salted-b")):
         assert server.delete(f"/v1/sessions/{sid}").status_code == 200
     a.integrity()
+
+
+def test_sessions_per_tenant_are_limited_and_the_limit_is_per_tenant(tenants):
+    from tests.e2e.conftest import MAX_SESSIONS_PER_TENANT
+
+    a, b = tenants
+    existing = len(b.get("/v1/sessions").json()["data"])
+    made = [f"limit-{i}" for i in range(MAX_SESSIONS_PER_TENANT - existing)]
+    for sid in made:
+        assert b.post("/v1/sessions", json={"id": sid}).status_code == 201
+    over = b.post("/v1/sessions", json={"id": "limit-over"})
+    assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_sessions"
+    assert int(over.headers["Retry-After"]) >= 1
+    turn = _turn(b, "limit-over-2", [1])  # creating on first use is refused the same way
+    assert turn.status_code == 429 and b.get("/v1/sessions/limit-over-2").status_code == 404
+    assert a.post("/v1/sessions", json={"id": "limit-a"}).status_code == 201  # tenant A is not affected
+    assert a.delete("/v1/sessions/limit-a").status_code == 200
+    for sid in made:
+        assert b.delete(f"/v1/sessions/{sid}").status_code == 200

@@ -29,6 +29,14 @@ T = TypeVar("T")
 INLINE_JSON_BYTES = 64 * 1024
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _strict_json(body: bytes) -> Any:
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
 class EngineBridge:
     def __init__(
         self,
@@ -64,9 +72,10 @@ class EngineBridge:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def parse_json(self, body: bytes) -> Any:
+        """Strict JSON (NaN and Infinity refused with ValueError), parsed off the loop when large."""
         if len(body) <= INLINE_JSON_BYTES:
-            return json.loads(body)
-        return await self.off_loop(json.loads, body)
+            return _strict_json(body)
+        return await self.off_loop(_strict_json, body)
 
     # --- text <-> tokens (call through off_loop) ------------------------------------
 

@@ -45,10 +45,11 @@ async def read_body(raw_request: Request, limit: int | None) -> bytes:
 
 
 async def parse_object(body: bytes, parse: Callable[[bytes], Awaitable[Any]]) -> dict[str, Any]:
+    """The body as a JSON object; 400 for anything else (NaN and Infinity are not JSON)."""
     try:
         value = await parse(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise bad_request("request body must be valid JSON") from None
+        raise bad_request("request body must be valid JSON (without NaN or Infinity)") from None
     if not isinstance(value, dict):
         raise bad_request("request body must be a JSON object")
     return value
@@ -74,6 +75,15 @@ def checked_id(value: Any, param: str = "stateful") -> str:
     return value
 
 
+class LeftToVLLM(Exception):
+    """Wraps an error raised by one of vLLM's own handlers: re-raised as is, for
+    vLLM's exception handlers to answer exactly as stock vLLM does."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def guarded(handler: Callable[..., Awaitable[Response]]):
     """Turn refusals into OpenAI-style error responses; an unexpected error is a 500 in the same format."""
 
@@ -81,6 +91,8 @@ def guarded(handler: Callable[..., Awaitable[Response]]):
     async def wrapper(*args: Any, **kwargs: Any) -> Response:
         try:
             return await handler(*args, **kwargs)
+        except LeftToVLLM as wrapped:
+            raise wrapped.error from None
         except SessionError as err:
             return error_response(err)
         except TemplateNotPrefixStable as err:

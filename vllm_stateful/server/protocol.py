@@ -29,6 +29,8 @@ class ChatMessage(BaseModel):
 
         Raises ValueError for non-text parts (images, audio): sessions are text-only for now."""
         if isinstance(self.content, list):
+            if any(not isinstance(p.get("type"), str) for p in self.content):
+                raise ValueError("every content part needs a string 'type'")
             kinds = {p.get("type") for p in self.content} - {"text"}
             if kinds:
                 raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported in sessions")
@@ -45,8 +47,17 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """Messages as the chat template sees them; 400 for anything a session cannot render."""
     try:
         return [ChatMessage.model_validate(m).as_template_message() for m in messages]
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise bad_request(str(exc).splitlines()[0][:300], "unsupported_in_session", "messages") from None
+
+
+def check_token_ids(token_ids: list[int], max_token_id: int, param: str) -> None:
+    """Out-of-vocabulary ids are a 400 before anything is acknowledged or queued."""
+    bad = next(
+        (t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= max_token_id), None
+    )
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of vocabulary (0..{max_token_id})", "invalid_token_id", param)
 
 
 class CreateSessionRequest(_Strict):

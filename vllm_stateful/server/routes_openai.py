@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vllm_stateful.engine.request_tags import reserved_keys
 from vllm_stateful.server.errors import bad_request, error_body, from_vllm
 from vllm_stateful.server.http import (
+    LeftToVLLM,
     cancel_on_disconnect,
     checked_id,
     guarded,
@@ -32,7 +33,13 @@ from vllm_stateful.server.http import (
     validated,
 )
 from vllm_stateful.server.openai_format import SSE_DONE, ResponseShape, sse
-from vllm_stateful.server.protocol import COMMIT_BODY_FIELD, SESSION_BODY_FIELDS, SESSION_HEADER, template_messages
+from vllm_stateful.server.protocol import (
+    COMMIT_BODY_FIELD,
+    SESSION_BODY_FIELDS,
+    SESSION_HEADER,
+    check_token_ids,
+    template_messages,
+)
 from vllm_stateful.server.state import StatefulState, stateful_state
 from vllm_stateful.server.turn_types import TurnInput
 from vllm_stateful.sessions.options import (
@@ -67,7 +74,8 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     header_id = raw_request.headers.get(SESSION_HEADER)
     body_bytes = await read_body(raw_request, limit if header_id is not None else None)
     body = await parse_object(body_bytes, state.bridge.parse_json)
-    session_id = next((body.pop(f) for f in SESSION_BODY_FIELDS if f in body), header_id)
+    named = [body.pop(f) for f in SESSION_BODY_FIELDS if f in body]
+    session_id = next((v for v in named if v is not None), header_id)
     commit = body.pop(COMMIT_BODY_FIELD, True)
     parsed = validated(state.chat_request_cls if chat else state.completion_request_cls, body)
     reserved = reserved_keys(parsed.vllm_xargs)
@@ -96,7 +104,10 @@ async def _stateless(state: StatefulState, raw_request: Request, parsed: Any, ch
     if state.tenancy.multi_tenant and state.service.ready:
         tenant = state.tenancy.tenant_of(raw_request.headers)
         parsed.cache_salt = state.tenancy.salt(tenant, parsed.cache_salt)
-    return await state.core_endpoints[CHAT_PATH if chat else COMPLETIONS_PATH](parsed, raw_request)
+    try:
+        return await state.core_endpoints[CHAT_PATH if chat else COMPLETIONS_PATH](parsed, raw_request)
+    except Exception as exc:  # vLLM's own handlers answer it, as for any stock request
+        raise LeftToVLLM(exc) from exc
 
 
 def _requested_max_tokens(parsed: Any, chat: bool) -> int | None:
@@ -194,7 +205,7 @@ def _prompt_builder(state: StatefulState, prompt: Any) -> Callable:
             raise bad_request("'prompt' must not be empty", param="prompt")
         return lambda s: state.service.text_input(s, prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        check_token_ids(state, prompt, "prompt")
+        check_token_ids(prompt, state.bridge.max_token_id, "prompt")
         ids = list(prompt)
 
         async def tokens(_session) -> TurnInput:
@@ -204,14 +215,6 @@ def _prompt_builder(state: StatefulState, prompt: Any) -> Callable:
     raise bad_request(
         "a session request takes one non-empty prompt (text or token ids)", "unsupported_in_session", "prompt"
     )
-
-
-def check_token_ids(state: StatefulState, token_ids: list[int], param: str) -> None:
-    """Out-of-vocabulary ids are a 400 before anything is acknowledged or queued."""
-    top = state.bridge.max_token_id
-    bad = next((t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t > top), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is out of vocabulary (0..{top})", "invalid_token_id", param)
 
 
 def _refuse_unsupported(parsed: Any, chat: bool) -> None:

@@ -9,8 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from vllm_stateful.engine.session_pins import token_digest
 from vllm_stateful.server.errors import bad_request
 from vllm_stateful.server.http import cancel_on_disconnect, checked_id, guarded, parse_object, read_body, validated
-from vllm_stateful.server.protocol import AppendRequest, CreateSessionRequest, template_messages
-from vllm_stateful.server.routes_openai import check_token_ids
+from vllm_stateful.server.protocol import AppendRequest, CreateSessionRequest, check_token_ids, template_messages
 from vllm_stateful.server.state import StatefulState, stateful_state
 from vllm_stateful.server.turn_types import TurnInput
 from vllm_stateful.sessions.store import Session, SessionError
@@ -47,7 +46,7 @@ async def create_session(raw_request: Request) -> Response:
     _check_ttl(state, req.ttl_s)
     msgs = template_messages(req.messages) if req.messages else None
     if isinstance(req.prompt, list):
-        check_token_ids(state, req.prompt, "prompt")
+        check_token_ids(req.prompt, state.bridge.max_token_id, "prompt")
     service = state.service
     session = service.store.create(tenant, req.id, req.ttl_s)
     try:
@@ -117,7 +116,7 @@ async def append(session_id: str, raw_request: Request) -> Response:
     req = validated(AppendRequest, await _body(state, raw_request))
     messages = template_messages(req.messages) if req.messages else None
     if req.token_ids is not None:
-        check_token_ids(state, req.token_ids, "token_ids")
+        check_token_ids(req.token_ids, state.bridge.max_token_id, "token_ids")
     item = await state.ingestor.append(session, req.text, req.token_ids, messages)
     accepted = {"id": session.id, "version": session.version, "queued_tokens": session.queued_tokens}
     if not req.wait:

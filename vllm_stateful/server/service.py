@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,11 +33,11 @@ from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.metrics import SessionMetrics
+from vllm_stateful.server.session_kv import SessionKV, survive_cancellation
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
 from vllm_stateful.sessions.admission import Budget, CellLedger, Reservation
 from vllm_stateful.sessions.store import Session, SessionError, SessionStore
 from vllm_stateful.sessions.tenants import Tenancy
-from vllm_stateful.sessions.visible_output import visible_output
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ class SessionService:
         self.config = config
         self.metrics = metrics
         self.tenancy = tenancy
+        self.kv = SessionKV(bridge, tenancy)
         self.store = SessionStore(config.default_ttl_s, config.max_sessions, config.tenant_session_limit)
         self.budget: Budget | None = None
         self.ledger: CellLedger | None = None
@@ -153,7 +153,7 @@ class SessionService:
             if not commit:
                 self._query_started()
                 counted = True
-            async for delta in self._generate(prompt, params, result, priority):
+            async for delta in self.kv.generate(prompt, params, result, priority):
                 if result.finished:
                     self._check_not_aborted(session, result)
                     if commit:
@@ -167,7 +167,7 @@ class SessionService:
                 self._query_finished()
             if reservation is not None and not committed:
                 self.ledger.cancel(reservation)
-            await _survive_cancellation(self._end_turn(session, flagged, lock_held, committed, created))
+            await survive_cancellation(self._end_turn(session, flagged, lock_held, committed, created))
 
     def _run_max(self, session: Session, prompt_len: int, new_len: int, max_tokens: int | None, commit: bool) -> int:
         """The max_tokens to run with; 413 if the prompt alone does not fit the context."""
@@ -195,7 +195,8 @@ class SessionService:
         return max(1, min(limit - prompt_len, self.ledger.room(session.key) - new_len))
 
     def _check_not_aborted(self, session: Session, result: TurnResult) -> None:
-        if result.finish_reason != "abort":
+        """A request the engine aborted or failed commits nothing: 404 if the session closed, else 503."""
+        if result.finish_reason not in ("abort", "error"):
             return
         ensure_open(session)
         raise SessionError(
@@ -246,36 +247,13 @@ class SessionService:
     async def _end_turn(self, session: Session, flagged: bool, lock_held: bool, committed: bool, created: bool):
         if lock_held:
             if not committed:
-                await self._rollback(session)
+                await self.kv.rollback(session)
             session.write_lock.release()
         if flagged:
             session.turn_in_flight = False
         session.touch()
         if created and not committed and session.version == 0 and session.acked_seq == 0 and session.is_open:
             await self.close(session, reason="abandoned")
-
-    async def _generate(self, prompt: list[int], params: SamplingParams, result: TurnResult, priority: int = 0):
-        session = result.session
-        request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
-        gen = self.bridge.generate(prompt, params, request_id, self.tenancy.salt(session.tenant), priority)
-        session.active_request_ids.add(request_id)
-        try:
-            async for out in gen:
-                completion = out.outputs[0]
-                result.output_token_ids.extend(completion.token_ids)
-                result.text += completion.text
-                if out.num_cached_tokens is not None:
-                    result.cached_tokens = out.num_cached_tokens
-                if out.finished:
-                    result.finish_reason = completion.finish_reason
-                    result.stop_reason = completion.stop_reason
-                    result.finished = True
-                yield out
-        finally:
-            # closing the generator aborts the engine request if it is still running
-            await _survive_cancellation(gen.aclose())
-            session.active_request_ids.discard(request_id)
-            session.touch()
 
     async def _commit(
         self,
@@ -288,65 +266,23 @@ class SessionService:
     ) -> None:
         ensure_open(session)
         kept, extra, pending = await self.bridge.off_loop(
-            self._kept_output, result, params.skip_special_tokens, turn_input.is_chat, session.pending_chat_text
+            self.kv.kept_output, result, params.skip_special_tokens, turn_input.is_chat, session.pending_chat_text
         )
         history = prompt + kept + extra
-        info = await self._sync_engine(session, len(prompt) + len(kept))
+        info = await self.kv.sync(session, len(prompt) + len(kept))
         # the engine holds the new pin: now the API state, with no await in between
         session.token_ids = history
         if turn_input.is_chat:
             session.messages = session.messages + turn_input.messages + [{"role": "assistant", "content": result.text}]
             session.pending_chat_text = pending
         session.version += 1
-        self._apply_pin_info(session, info)
+        self.kv.apply(session, info)
         if reservation is not None and self.ledger is not None:
             self.ledger.settle(reservation, len(history))
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
         self.metrics.refresh(self)
-
-    def _kept_output(
-        self, result: TurnResult, skip_special_tokens: bool, is_chat: bool, pending: str
-    ) -> tuple[list[int], list[int], str]:
-        """(kept generated ids, re-tokenized rest of the sent text, text the template still owes);
-        runs in the tokenizer thread."""
-        kept, extra = list(result.output_token_ids), []
-        if isinstance(result.stop_reason, str):  # cut at a stop string: keep what the client was sent
-            visible = visible_output(
-                kept,
-                result.text,
-                lambda ids: self.bridge.decode(ids, skip_special_tokens),
-                lambda text: self.bridge.encode(text, False),
-            )
-            kept, extra = visible.kept_ids, visible.extra_ids
-        if is_chat:
-            tail = self.bridge.decode(kept[-4:], skip_special_tokens=False) if not extra else ""
-            pending = self.bridge.closing.remainder(tail)
-        return kept, extra, pending
-
-    async def _sync_engine(self, session: Session, keep_tokens: int) -> dict[str, int]:
-        try:
-            return await self.bridge.call("sync", key=session.key, keep_tokens=keep_tokens)
-        except Exception as exc:
-            logger.exception("vllm-stateful: engine sync failed for session %s", session.id)
-            raise SessionError(
-                503, f"the engine did not confirm the session's KV ({exc}); nothing was committed", "engine_unavailable"
-            ) from exc
-
-    def _apply_pin_info(self, session: Session, info: dict[str, int]) -> None:
-        session.kv_tokens = info["pinned_tokens"]
-        session.pinned_blocks = info["pinned_blocks"]
-        session.sync_seq += 1
-        if session.state == "cold" and session.kv_tokens:
-            session.state = "resident"
-
-    async def _rollback(self, session: Session) -> None:
-        try:
-            info = await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids))
-            self._apply_pin_info(session, info)
-        except Exception:  # engine gone: nothing left to trim
-            logger.warning("vllm-stateful: could not trim the KV of session %s after a rollback", session.id)
 
     # --- prefill-only ingestion (session creation with content, appends) ---------
 
@@ -367,16 +303,16 @@ class SessionService:
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
         try:
-            async for _ in self._generate(prompt, params, result):
+            async for _ in self.kv.generate(prompt, params, result):
                 pass
             self._check_not_aborted(session, result)
             ensure_open(session)
-            info = await self._sync_engine(session, len(prompt))
+            info = await self.kv.sync(session, len(prompt))
             session.token_ids = prompt
             if turn_input.is_chat:
                 session.messages = session.messages + turn_input.messages
                 session.pending_chat_text = ""
-            self._apply_pin_info(session, info)
+            self.kv.apply(session, info)
             for res in reservations:
                 if self.ledger is not None:
                     self.ledger.settle(res, len(prompt))
@@ -384,7 +320,7 @@ class SessionService:
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:
             if not committed:
-                await _survive_cancellation(self._rollback(session))
+                await survive_cancellation(self.kv.rollback(session))
 
     # --- close -----------------------------------------------------------------------
 
@@ -403,23 +339,10 @@ class SessionService:
             await self.bridge.abort(request_id)
         async with session.ingest_cond:
             session.ingest_cond.notify_all()
-        freed = await self._release_after_lock(session)
+        freed = await self.kv.release_when_unlocked(session, self.config.ingest_wait_timeout_s)
         self.metrics.closed.labels(reason=reason).inc()
         self.metrics.refresh(self)
         return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": freed}
-
-    async def _release_after_lock(self, session: Session) -> int:
-        async def release_locked() -> int:
-            async with session.write_lock:
-                return (await self.bridge.call("release", key=session.key))["freed_blocks"]
-
-        task = asyncio.ensure_future(release_locked())
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.config.ingest_wait_timeout_s)
-        except asyncio.TimeoutError:
-            # the late release still runs when the lock frees; release what is pinned now as well
-            logger.error("vllm-stateful: session %s stayed locked past its close; releasing now", session.id)
-            return (await self.bridge.call("release", key=session.key))["freed_blocks"]
 
 
 def ensure_open(session: Session) -> None:
@@ -441,14 +364,3 @@ def _busy_timeout(session: Session) -> SessionError:
         "session_backlog",
         retry_after=max(1.0, session.queued_tokens / 2000),
     )
-
-
-async def _survive_cancellation(coro) -> None:
-    """Run cleanup to completion even if the awaiting task is being cancelled
-    (Starlette cancels a disconnected stream's task, and anyio re-cancels every
-    await inside it)."""
-    task = asyncio.ensure_future(coro)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        pass

@@ -1,0 +1,135 @@
+"""One session's KV in the engine, seen from the API server: running a request
+on it, keeping the engine's pin in step with the committed history, and
+releasing it.
+
+Contract: the engine's pin for a session always covers a prefix of the API
+server's committed history. ``sync`` is the only way a commit reaches the
+engine and it happens *before* the API state changes (callers apply the
+returned info afterwards, with no await in between); ``rollback`` trims the
+pin back to the committed history after work that did not commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+
+from vllm_stateful.server.bridge import EngineBridge
+from vllm_stateful.server.turn_types import TurnResult
+from vllm_stateful.sessions.store import Session, SessionError
+from vllm_stateful.sessions.tenants import Tenancy
+from vllm_stateful.sessions.visible_output import visible_output
+
+logger = logging.getLogger(__name__)
+
+
+class SessionKV:
+    def __init__(self, bridge: EngineBridge, tenancy: Tenancy) -> None:
+        self.bridge = bridge
+        self.tenancy = tenancy
+
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, result: TurnResult, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one engine request on ``result.session``, filling ``result`` as outputs arrive.
+
+        The request counts as work on the session while it runs; closing the
+        iterator (or cancelling its consumer) aborts it in the engine."""
+        session = result.session
+        request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
+        gen = self.bridge.generate(prompt, params, request_id, self.tenancy.salt(session.tenant), priority)
+        session.active_request_ids.add(request_id)
+        try:
+            async for out in gen:
+                completion = out.outputs[0]
+                result.output_token_ids.extend(completion.token_ids)
+                result.text += completion.text
+                if out.num_cached_tokens is not None:
+                    result.cached_tokens = out.num_cached_tokens
+                if out.finished:
+                    result.finish_reason = completion.finish_reason
+                    result.stop_reason = completion.stop_reason
+                    result.finished = True
+                yield out
+        finally:
+            await survive_cancellation(gen.aclose())
+            session.active_request_ids.discard(request_id)
+            session.touch()
+
+    def kept_output(
+        self, result: TurnResult, skip_special_tokens: bool, is_chat: bool, pending: str
+    ) -> tuple[list[int], list[int], str]:
+        """(kept generated ids, the rest of the sent text tokenized, text the template still owes).
+
+        What a finished turn adds to its session: exactly what the client was
+        sent (see ``visible_output``). Runs in the tokenizer thread."""
+        kept, extra = list(result.output_token_ids), []
+        if isinstance(result.stop_reason, str):  # cut at a stop string
+            visible = visible_output(
+                kept,
+                result.text,
+                lambda ids: self.bridge.decode(ids, skip_special_tokens),
+                lambda text: self.bridge.encode(text, False),
+            )
+            kept, extra = visible.kept_ids, visible.extra_ids
+        if is_chat:
+            tail = self.bridge.decode(kept[-4:], skip_special_tokens=False) if not extra else ""
+            pending = self.bridge.closing.remainder(tail)
+        return kept, extra, pending
+
+    async def sync(self, session: Session, keep_tokens: int) -> dict[str, int]:
+        """Trim the engine's pin to the first ``keep_tokens`` tokens; 503 if the engine does not answer."""
+        try:
+            return await self.bridge.call("sync", key=session.key, keep_tokens=keep_tokens)
+        except Exception as exc:
+            logger.exception("vllm-stateful: engine sync failed for session %s", session.id)
+            raise SessionError(
+                503, f"the engine did not confirm the session's KV ({exc}); nothing was committed", "engine_unavailable"
+            ) from exc
+
+    @staticmethod
+    def apply(session: Session, info: dict[str, int]) -> None:
+        """Record what the engine pins after a sync."""
+        session.kv_tokens = info["pinned_tokens"]
+        session.pinned_blocks = info["pinned_blocks"]
+        session.sync_seq += 1
+        if session.state == "cold" and session.kv_tokens:
+            session.state = "resident"
+
+    async def rollback(self, session: Session) -> None:
+        """Trim the pin back to the committed history (best effort: a dead engine holds nothing)."""
+        try:
+            self.apply(session, await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids)))
+        except Exception:
+            logger.warning("vllm-stateful: could not trim the KV of session %s after a rollback", session.id)
+
+    async def release_when_unlocked(self, session: Session, timeout_s: float) -> int:
+        """Release every pin once the session's write lock is free (no commit can follow);
+        past ``timeout_s``, release now as well and again when the lock frees."""
+
+        async def release_locked() -> int:
+            async with session.write_lock:
+                return (await self.bridge.call("release", key=session.key))["freed_blocks"]
+
+        task = asyncio.ensure_future(release_locked())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except asyncio.TimeoutError:
+            logger.error("vllm-stateful: session %s stayed locked past its close; releasing now", session.id)
+            return (await self.bridge.call("release", key=session.key))["freed_blocks"]
+
+
+async def survive_cancellation(coro) -> None:
+    """Run cleanup to completion even if the awaiting task is being cancelled
+    (Starlette cancels a disconnected stream's task, and anyio re-cancels every
+    await inside it)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pass
