@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+AUTH_A = {"Authorization": "Bearer test-key-tenant-a"}
 MAX_MODEL_LEN = 2048
 SESSION_QUOTA = 1536
 INGEST_QUEUE_TOKENS = 512
@@ -65,6 +66,18 @@ class Server:
         assert body["problems"] == [], body
         return body
 
+    def complete(self, sid: str, prompt, max_tokens: int = 3, commit: bool = True) -> httpx.Response:
+        """A greedy completions request on session ``sid``, with the generated token ids."""
+        return self.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stateful": sid,
+                  "stateful_commit": commit, "return_token_ids": True},
+        )  # fmt: skip
+
+    def idle(self) -> dict:
+        """The integrity report once nothing runs or waits in the engine."""
+        return wait_until(lambda: (b := self.integrity())["running"] == 0 and b["waiting"] == 0 and b, what="idle")
+
     def session(self, sid: str, tokens: bool = False) -> dict:
         r = self.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"} if tokens else None)
         assert r.status_code == 200, r.text
@@ -77,6 +90,26 @@ class Server:
         text = self.get("/metrics").text
         pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$"
         return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def wait_until(predicate, timeout_s: float = 30, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy, which is returned."""
+    deadline = time.time() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
+    """The response is an OpenAI-style error with this status and code; returns the error object."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"], err
+    return err
 
 
 def _free_port() -> int:
@@ -126,7 +159,8 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "--additional-config", json.dumps({"stateful": plugin}),
     ]  # fmt: skip
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # its own process group: teardown stops the engine and worker processes too
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     try:
@@ -143,11 +177,23 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
             time.sleep(1)
         yield Server(root + "/v1", root, "tiny", tiny_model_path, log)
     finally:
-        proc.terminate()
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left of the group (engine, workers)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+        return
 
 
 @pytest.fixture(scope="session")

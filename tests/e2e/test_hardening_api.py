@@ -12,33 +12,11 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import KEY_A, MAX_BODY_BYTES, SESSION_QUOTA
+from tests.e2e.conftest import AUTH_A, MAX_BODY_BYTES, SESSION_QUOTA, assert_error, wait_until
 
 pytestmark = pytest.mark.e2e
 
-AUTH = {"Authorization": f"Bearer {KEY_A}"}
-
-
-def _wait(predicate, timeout_s: float = 30, what: str = "condition"):
-    deadline = time.time() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _idle(server) -> dict:
-    return _wait(lambda: (b := server.integrity())["running"] == 0 and b["waiting"] == 0 and b, what="idle engine")
-
-
-def _error(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert err["code"] == code and err["message"] and err["type"], err
-    return err
+AUTH = AUTH_A
 
 
 def _unchanged(server, sid: str, before: dict) -> None:
@@ -104,7 +82,7 @@ def test_ingestion_template_error_fails_the_session_and_releases_waiters(statefu
     assert "r" in waiter, "waiter still blocked"
     r = waiter["r"]
     assert r.status_code in (409, 202) and (r.status_code == 202 or r.json()["error"]["code"] == "session_failed")
-    s = _wait(lambda: (x := stateful_server.session(sid))["state"] == "failed" and x, what="failed state")
+    s = wait_until(lambda: (x := stateful_server.session(sid))["state"] == "failed" and x, what="failed state")
     assert "chat template" in s["error"]
     q = httpx.post(
         url + "/completions",
@@ -112,7 +90,7 @@ def test_ingestion_template_error_fails_the_session_and_releases_waiters(statefu
         timeout=30,
         json={"model": "tiny", "prompt": [1], "max_tokens": 1, "stateful": sid, "stateful_commit": False},
     )
-    _error(q, 409, "session_failed")
+    assert_error(q, 409, "session_failed")
     assert stateful_server.metric("vllm_stateful:ingest_failures_total") == failures + 1
     freed = stateful_server.delete(f"/v1/sessions/{sid}").json()
     assert freed["deleted"] is True
@@ -131,7 +109,7 @@ def test_append_the_template_refuses_at_once_is_a_400_and_changes_nothing(statef
     )
     before = stateful_server.session(sid, tokens=True)
     r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"messages": [{"role": "tool", "content": "x"}]})
-    _error(r, 400, "template_error")
+    assert_error(r, 400, "template_error")
     _unchanged(stateful_server, sid, before)
     stateful_server.delete(f"/v1/sessions/{sid}")
 
@@ -153,7 +131,7 @@ def test_id_reused_after_delete_never_sees_or_loses_the_old_incarnation(stateful
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             deleting = pool.submit(stateful_server.delete, f"/v1/sessions/{sid}")
             created = pool.submit(
-                lambda: _wait(
+                lambda: wait_until(
                     lambda: (r := stateful_server.post("/v1/sessions", json={"id": sid})).status_code == 201 and r,
                     what="re-create",
                 )
@@ -165,7 +143,7 @@ def test_id_reused_after_delete_never_sees_or_loses_the_old_incarnation(stateful
         assert r.status_code == 200, r.text
         s = stateful_server.session(sid, tokens=True)
         assert s["token_ids"] == new and s["version"] == 1  # nothing of the old incarnation
-        _idle(stateful_server)
+        stateful_server.idle()
         s = stateful_server.session(sid, tokens=True)
         assert s["token_ids"] == new and s["pinned_blocks"] == 1  # the old close released nothing of it
         q = stateful_server.post(
@@ -194,7 +172,7 @@ def test_expiry_keeps_running_when_deletes_race_it(stateful_server):
         assert set(codes) <= {200, 404}
     # expiry is still alive
     assert stateful_server.post("/v1/sessions", json={"id": "race-last", "ttl_s": 1}).status_code == 201
-    _wait(lambda: stateful_server.get("/v1/sessions/race-last").status_code == 404, 15, "expiry")
+    wait_until(lambda: stateful_server.get("/v1/sessions/race-last").status_code == 404, 15, "expiry")
     assert stateful_server.metric("vllm_stateful:background_errors_total") == errors
     stateful_server.integrity()
 
@@ -207,14 +185,14 @@ def test_oversized_bodies_are_413_before_parsing_or_tokenizing(stateful_server):
     assert stateful_server.post("/v1/sessions", json={"id": sid, "prompt": [5, 6, 7]}).status_code == 201
     before = stateful_server.session(sid, tokens=True)
     huge = "lorem ipsum " * (MAX_BODY_BYTES // 10)
-    _error(stateful_server.post(f"/v1/sessions/{sid}/append", json={"text": huge}), 413, "request_too_large")
-    _error(stateful_server.post("/v1/sessions", json={"prompt": huge}), 413, "request_too_large")
-    _error(
+    assert_error(stateful_server.post(f"/v1/sessions/{sid}/append", json={"text": huge}), 413, "request_too_large")
+    assert_error(stateful_server.post("/v1/sessions", json={"prompt": huge}), 413, "request_too_large")
+    assert_error(
         stateful_server.post("/v1/completions", json={"model": "tiny", "prompt": huge, "stateful": sid}),
         413,
         "request_too_large",
     )
-    _error(
+    assert_error(
         stateful_server.post(
             "/v1/completions", json={"model": "tiny", "prompt": huge}, headers={"X-Stateful-Session": sid}
         ),
@@ -223,7 +201,9 @@ def test_oversized_bodies_are_413_before_parsing_or_tokenizing(stateful_server):
     )
     # under the byte limit but surely over the context: refused without tokenizing it
     long_text = "x" * (MAX_BODY_BYTES - 1000)
-    err = _error(stateful_server.post(f"/v1/sessions/{sid}/append", json={"text": long_text}), 413, "append_too_large")
+    err = assert_error(
+        stateful_server.post(f"/v1/sessions/{sid}/append", json={"text": long_text}), 413, "append_too_large"
+    )
     assert "tokens" in err["message"]
     _unchanged(stateful_server, sid, before)
     stateful_server.delete(f"/v1/sessions/{sid}")
@@ -270,7 +250,7 @@ def test_session_does_not_expire_under_a_running_query(stateful_server):
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 1000
     assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 200  # idle time starts after the query
-    _wait(lambda: stateful_server.get(f"/v1/sessions/{sid}").status_code == 404, 15, "expiry after the query")
+    wait_until(lambda: stateful_server.get(f"/v1/sessions/{sid}").status_code == 404, 15, "expiry after the query")
 
 
 # --- 16. stop strings: the session keeps exactly what its client was sent -----------------------
@@ -330,16 +310,16 @@ def test_stop_string_cut_inside_a_token_keeps_only_the_sent_text(stateful_server
 
 def test_ids_with_a_trailing_newline_are_refused_everywhere(stateful_server):
     body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
-    _error(stateful_server.post("/v1/completions", json={**body, "stateful": "abc\n"}), 400, "invalid_session_id")
-    _error(stateful_server.post("/v1/sessions", json={"id": "abc\n"}), 400, "invalid_session_id")
-    _error(stateful_server.get("/v1/sessions/abc%0A"), 400, "invalid_session_id")
+    assert_error(stateful_server.post("/v1/completions", json={**body, "stateful": "abc\n"}), 400, "invalid_session_id")
+    assert_error(stateful_server.post("/v1/sessions", json={"id": "abc\n"}), 400, "invalid_session_id")
+    assert_error(stateful_server.get("/v1/sessions/abc%0A"), 400, "invalid_session_id")
     r = httpx.post(
         stateful_server.base_url + "/completions",
         json=body,
         timeout=30,
         headers={**AUTH, "X-Stateful-Session": "abc def"},
     )
-    _error(r, 400, "invalid_session_id")
+    assert_error(r, 400, "invalid_session_id")
     assert "abc" not in {s["id"].strip() for s in stateful_server.get("/v1/sessions").json()["data"]}
 
 
@@ -354,8 +334,8 @@ def test_first_streaming_requests_that_disconnect_leave_no_session(stateful_serv
             url, {"model": "tiny", "prompt": [5, 6], "max_tokens": 1000, "ignore_eos": True, "stateful": sid}
         )
         turn.hang_up()
-    _idle(stateful_server)
-    _wait(lambda: all(stateful_server.get(f"/v1/sessions/{sid}").status_code == 404 for sid in ids), 10, "cleanup")
+    stateful_server.idle()
+    wait_until(lambda: all(stateful_server.get(f"/v1/sessions/{sid}").status_code == 404 for sid in ids), 10, "cleanup")
     listed = {s["id"] for s in stateful_server.get("/v1/sessions").json()["data"]}
     assert not listed & set(ids)
 
@@ -394,7 +374,7 @@ def test_unsupported_options_are_a_400(stateful_server, chat, extra, param):
     content = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
     body = {"model": "tiny", "max_tokens": 2, "stateful": sid, **content, **extra}
     r = stateful_server.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
-    err = _error(r, 400, "unsupported_in_session")
+    err = assert_error(r, 400, "unsupported_in_session")
     assert err["param"] == param or (param, err["param"]) == ("tools", "tool_choice")
     _unchanged(stateful_server, sid, before)
 
@@ -417,7 +397,7 @@ def test_defaults_sent_explicitly_and_honoured_options_are_accepted(stateful_ser
     refused = stateful_server.post(
         "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid, "top_p": 0}
     )
-    err = _error(refused, 400, "invalid_request")
+    err = assert_error(refused, 400, "invalid_request")
     assert err["param"] == "top_p" and "top_p" in err["message"]
     assert stateful_server.session(sid)["version"] == 1
     stateful_server.delete(f"/v1/sessions/{sid}")
@@ -436,7 +416,7 @@ def test_append_reserves_room_for_the_turn_in_flight(stateful_server):
     )
     # 1200 + (1 + 300 reserved by the running turn) + 100 > the 1536-token quota: refused now, not failed later
     r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 100})
-    _error(r, 429, "session_quota_exceeded")
+    assert_error(r, 429, "session_quota_exceeded")
     ok = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 20})
     assert ok.status_code == 202, ok.text
     assert turn.finish()[-1] == "data: [DONE]"
@@ -456,11 +436,11 @@ def test_json_with_duplicate_session_fields_and_garbage_is_refused(stateful_serv
         timeout=30,
         headers={**AUTH, "content-type": "application/json"},
     )
-    _error(r, 400, "invalid_request")
+    assert_error(r, 400, "invalid_request")
     r = httpx.post(
         stateful_server.root + "/v1/sessions",
         content=b"\xff\xfe{",
         timeout=30,
         headers={**AUTH, "content-type": "application/json"},
     )
-    _error(r, 400, "invalid_request")
+    assert_error(r, 400, "invalid_request")

@@ -7,54 +7,19 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import BLOCK_SIZE, KEY_A, MAX_MODEL_LEN
+from tests.e2e.conftest import AUTH_A, BLOCK_SIZE, MAX_MODEL_LEN, assert_error, wait_until
 
 pytestmark = pytest.mark.e2e
 
-AUTH = {"Authorization": f"Bearer {KEY_A}"}
-
-
-def _wait(predicate, timeout_s: float = 30, what: str = "condition"):
-    deadline = time.time() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _idle(server) -> dict:
-    """The integrity report once nothing runs in the engine."""
-    return _wait(lambda: (b := server.integrity())["running"] == 0 and b["waiting"] == 0 and b, what="idle engine")
-
-
-def _error(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert err["code"] == code and err["message"] and err["type"], err
-    return err
+AUTH = AUTH_A
 
 
 def _query(server, sid: str, prompt: list[int], n: int = 4) -> dict:
-    r = server.post(
-        "/v1/completions",
-        json={
-            "model": "tiny",
-            "prompt": prompt,
-            "max_tokens": n,
-            "temperature": 0,
-            "stateful": sid,
-            "stateful_commit": False,
-            "return_token_ids": True,
-        },
-    )
+    r = server.complete(sid, prompt, n, commit=False)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -75,19 +40,19 @@ def test_forged_session_tags_reach_no_session_on_any_route(stateful_server):
     _fresh(stateful_server, sid, 150, seed=1)
     before = stateful_server.session(sid, tokens=True)
     expected = _query(stateful_server, sid, [5, 6, 7])
-    baseline = _idle(stateful_server)
+    baseline = stateful_server.idle()
     forged = stateful_server.metric('vllm_stateful:engine_events{event="forged_tags"}')
     xargs = {"stateful_session": sid, "stateful_commit": True}
     body = {"model": "tiny", "prompt": before["token_ids"] + [9] * 40, "max_tokens": 4, "vllm_xargs": xargs}
     # through the plugin's own routes the reserved keys are refused outright
-    _error(stateful_server.post("/v1/completions", json=body), 400, "invalid_request")
+    assert_error(stateful_server.post("/v1/completions", json=body), 400, "invalid_request")
     # /invocations is vLLM's and outside --api-key: the engine must ignore the unsigned tag
     for i in range(4):
         r = httpx.post(
             stateful_server.root + "/invocations", json={**body, "vllm_xargs": {**xargs, "n": i}}, timeout=60
         )
         assert r.status_code == 200, r.text
-    after_attack = _idle(stateful_server)
+    after_attack = stateful_server.idle()
     assert after_attack["free_blocks"] == baseline["free_blocks"]  # nothing pinned under any id
     after = stateful_server.session(sid, tokens=True)
     assert (after["token_ids"], after["version"], after["pinned_blocks"]) == (
@@ -98,7 +63,7 @@ def test_forged_session_tags_reach_no_session_on_any_route(stateful_server):
     again = _query(stateful_server, sid, [5, 6, 7])
     assert again["session"]["recomputed_tokens"] == 0
     assert again["choices"][0]["token_ids"] == expected["choices"][0]["token_ids"]
-    _wait(
+    wait_until(
         lambda: stateful_server.metric('vllm_stateful:engine_events{event="forged_tags"}') >= forged + 4,
         what="forged tags counted",
     )
@@ -109,7 +74,7 @@ def test_forged_session_tags_reach_no_session_on_any_route(stateful_server):
 
 
 def test_concurrent_sessions_reserve_before_work_and_get_429_with_retry_after(stateful_server):
-    baseline = _idle(stateful_server)
+    baseline = stateful_server.idle()
     budget, charged = baseline["budget_blocks"], baseline["charged_blocks"]
     n_tokens = 1400
     per_session = -(-(n_tokens) // BLOCK_SIZE)
@@ -131,9 +96,9 @@ def test_concurrent_sessions_reserve_before_work_and_get_429_with_retry_after(st
     refused = [r for _, r in replies if r.status_code != 201]
     assert len(created) == fits, [r.text for r in refused]
     for r in refused:
-        _error(r, 429, "cell_budget_exceeded")
+        assert_error(r, 429, "cell_budget_exceeded")
         assert int(r.headers["Retry-After"]) >= 1
-    report = _idle(stateful_server)
+    report = stateful_server.idle()
     assert report["charged_blocks"] <= budget
     for i in created:
         s = stateful_server.session(f"budget-{i}", tokens=True)
@@ -150,7 +115,7 @@ def test_concurrent_sessions_reserve_before_work_and_get_429_with_retry_after(st
     assert big.status_code == 200 and big.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - 2000
     for i in created:
         assert stateful_server.delete(f"/v1/sessions/budget-{i}").status_code == 200
-    assert _idle(stateful_server)["free_blocks"] == baseline["free_blocks"]
+    assert stateful_server.idle()["free_blocks"] == baseline["free_blocks"]
 
 
 # --- 7. vLLM lifecycle operations never crash and never serve stale KV -------------------------
@@ -161,7 +126,7 @@ def test_prefix_cache_reset_releases_sessions_which_recompute_correctly(stateful
     prompt = _fresh(stateful_server, sid, 200, seed=7)
     r = httpx.post(stateful_server.root + "/reset_prefix_cache", timeout=60)
     assert r.status_code == 200 and r.json() == {"success": True}, r.text
-    cold = _wait(lambda: (s := stateful_server.session(sid))["state"] == "cold" and s, what="session marked cold")
+    cold = wait_until(lambda: (s := stateful_server.session(sid))["state"] == "cold" and s, what="session marked cold")
     assert cold["pinned_blocks"] == 0 and cold["version"] == 1
     turn = stateful_server.post(
         "/v1/completions",
@@ -204,7 +169,7 @@ def test_pause_with_cache_clear_aborts_running_session_work_cleanly(stateful_ser
     assert (after["token_ids"], after["version"]) == (before["token_ids"], before["version"])
     assert _query(stateful_server, sid, [1, 2])["session"]["context_tokens"] == len(before["token_ids"]) + 2
     stateful_server.delete(f"/v1/sessions/{sid}")
-    _idle(stateful_server)
+    stateful_server.idle()
 
 
 def test_weight_reload_drops_session_kv(stateful_server, reference):
@@ -212,7 +177,7 @@ def test_weight_reload_drops_session_kv(stateful_server, reference):
     prompt = _fresh(stateful_server, sid, 120, seed=9)
     r = httpx.post(stateful_server.root + "/collective_rpc", json={"method": "reload_weights"}, timeout=120)
     assert r.status_code == 200, r.text
-    _wait(lambda: stateful_server.session(sid)["state"] == "cold", what="session marked cold")
+    wait_until(lambda: stateful_server.session(sid)["state"] == "cold", what="session marked cold")
     turn = _query(stateful_server, sid, [3, 4], 5)
     assert turn["session"]["recomputed_tokens"] == len(prompt)
     assert turn["choices"][0]["token_ids"] == reference.greedy(prompt + [3, 4], 5)
@@ -223,7 +188,7 @@ def test_weight_reload_drops_session_kv(stateful_server, reference):
 
 
 def test_disconnect_storm_leaves_engine_pins_equal_to_the_api_view(stateful_server):
-    baseline = _idle(stateful_server)["free_blocks"]
+    baseline = stateful_server.idle()["free_blocks"]
     sid = "drift-1"
     _fresh(stateful_server, sid, 70, seed=10)
     url = stateful_server.base_url + "/completions"
@@ -240,7 +205,7 @@ def test_disconnect_storm_leaves_engine_pins_equal_to_the_api_view(stateful_serv
             next(resp.iter_lines())  # the turn runs; hang up at once
         if i % 3 == 0:
             _query(stateful_server, sid, [1])
-    report = _idle(stateful_server)
+    report = stateful_server.idle()
     s = stateful_server.session(sid, tokens=True)
     assert s["version"] == 1 and len(s["token_ids"]) == 70  # every turn was rolled back
     assert report["free_blocks"] == baseline - s["pinned_blocks"]  # no block pinned beyond the API's view
@@ -286,7 +251,7 @@ def test_abandoned_non_streaming_turns_are_aborted_and_commit_nothing(stateful_s
     body = {"model": "tiny", "prompt": [5], "max_tokens": 1400, "ignore_eos": True, "stateful": sid}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(stateful_server.base_url + "/completions", json=body, headers=AUTH, timeout=0.5)
-    _idle(stateful_server)
+    stateful_server.idle()
     after = stateful_server.session(sid, tokens=True)
     assert (after["token_ids"], after["version"]) == (before["token_ids"], before["version"])
     # queries too: nothing keeps running for a client that left
@@ -297,7 +262,7 @@ def test_abandoned_non_streaming_turns_are_aborted_and_commit_nothing(stateful_s
             headers=AUTH,
             timeout=0.5,
         )
-    _idle(stateful_server)
+    stateful_server.idle()
     stateful_server.delete(f"/v1/sessions/{sid}")
 
 
@@ -329,7 +294,7 @@ def test_query_cut_short_by_delete_is_a_404(stateful_server, stream):
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(url, json=body, headers=AUTH, timeout=120)))
     t.start()
-    _wait(lambda: stateful_server.integrity()["running"] > 0, what="query running")
+    wait_until(lambda: stateful_server.integrity()["running"] > 0, what="query running")
     assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
     t.join(60)
-    _error(result["r"], 404, "session_not_found")
+    assert_error(result["r"], 404, "session_not_found")

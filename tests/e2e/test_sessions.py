@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import KEY_A, MAX_MODEL_LEN, SESSION_QUOTA
+from tests.e2e.conftest import KEY_A, MAX_MODEL_LEN, SESSION_QUOTA, assert_error
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
@@ -201,13 +201,6 @@ def test_ttl_expiry_releases_blocks(stateful_server, client):
     assert stateful_server.integrity()["free_blocks"] == baseline
 
 
-def _error(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert err["code"] == code and err["message"] and err["type"]
-    return err
-
-
 def test_errors_leave_session_unchanged(stateful_server, client):
     url = stateful_server.base_url + "/completions"
     sid = "err-1"
@@ -218,34 +211,38 @@ def test_errors_leave_session_unchanged(stateful_server, client):
     def post(body, **kw):
         return httpx.post(url, json={"model": "tiny", "max_tokens": 2, **body}, timeout=60, headers=AUTH, **kw)
 
-    _error(post({"prompt": "x", "stateful": "bad id!"}), 400, "invalid_session_id")
-    _error(post({"prompt": "x", "stateful": "a" * 129}), 400, "invalid_session_id")
-    _error(post({"prompt": "x", "stateful": sid, "n": 2}), 400, "unsupported_in_session")
-    _error(post({"prompt": ["a", "b"], "stateful": sid}), 400, "unsupported_in_session")
-    _error(post({"prompt": "x", "stateful": sid, "stateful_commit": "no"}), 400, "invalid_request")
-    _error(post({"prompt": [1, 99999], "stateful": sid}), 400, "invalid_token_id")
-    _error(stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [99999]}), 400, "invalid_token_id")
-    _error(post({"prompt": "x", "stateful": "nope", "stateful_commit": False}), 404, "session_not_found")
-    _error(stateful_server.get("/v1/sessions/nope"), 404, "session_not_found")
-    _error(stateful_server.delete("/v1/sessions/nope"), 404, "session_not_found")
-    _error(stateful_server.post("/v1/sessions/nope/append", json={"text": "x"}), 404, "session_not_found")
-    _error(stateful_server.post("/v1/sessions", json={"id": "x", "bogus": 1}), 400, "invalid_request")
-    _error(
+    assert_error(post({"prompt": "x", "stateful": "bad id!"}), 400, "invalid_session_id")
+    assert_error(post({"prompt": "x", "stateful": "a" * 129}), 400, "invalid_session_id")
+    assert_error(post({"prompt": "x", "stateful": sid, "n": 2}), 400, "unsupported_in_session")
+    assert_error(post({"prompt": ["a", "b"], "stateful": sid}), 400, "unsupported_in_session")
+    assert_error(post({"prompt": "x", "stateful": sid, "stateful_commit": "no"}), 400, "invalid_request")
+    assert_error(post({"prompt": [1, 99999], "stateful": sid}), 400, "invalid_token_id")
+    assert_error(
+        stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [99999]}), 400, "invalid_token_id"
+    )
+    assert_error(post({"prompt": "x", "stateful": "nope", "stateful_commit": False}), 404, "session_not_found")
+    assert_error(stateful_server.get("/v1/sessions/nope"), 404, "session_not_found")
+    assert_error(stateful_server.delete("/v1/sessions/nope"), 404, "session_not_found")
+    assert_error(stateful_server.post("/v1/sessions/nope/append", json={"text": "x"}), 404, "session_not_found")
+    assert_error(stateful_server.post("/v1/sessions", json={"id": "x", "bogus": 1}), 400, "invalid_request")
+    assert_error(
         stateful_server.post("/v1/sessions/" + sid + "/append", json={"text": "a", "token_ids": [1]}),
         400,
         "invalid_request",
     )
     # 413: past the model's context length
     too_long = list(range(10, 10 + MAX_MODEL_LEN))
-    _error(post({"prompt": too_long, "stateful": sid}), 413, "context_length_exceeded")
-    _error(post({"prompt": [5] * 10, "stateful": sid, "max_tokens": MAX_MODEL_LEN}), 413, "context_length_exceeded")
+    assert_error(post({"prompt": too_long, "stateful": sid}), 413, "context_length_exceeded")
+    assert_error(
+        post({"prompt": [5] * 10, "stateful": sid, "max_tokens": MAX_MODEL_LEN}), 413, "context_length_exceeded"
+    )
     # a refused first request does not leave an empty session behind
-    _error(post({"prompt": too_long, "stateful": "fresh-413"}), 413, "context_length_exceeded")
-    _error(stateful_server.get("/v1/sessions/fresh-413"), 404, "session_not_found")
+    assert_error(post({"prompt": too_long, "stateful": "fresh-413"}), 413, "context_length_exceeded")
+    assert_error(stateful_server.get("/v1/sessions/fresh-413"), 404, "session_not_found")
     # 429: past the per-session quota, with Retry-After
     over_quota = [7] * (SESSION_QUOTA - before["context_tokens"] + 5)
     r = post({"prompt": over_quota, "stateful": sid})
-    _error(r, 429, "session_quota_exceeded")
+    assert_error(r, 429, "session_quota_exceeded")
     assert int(r.headers["Retry-After"]) >= 1
     after = _session(stateful_server, sid, tokens=True)
     assert (after["version"], after["token_ids"], after["pinned_blocks"]) == (
@@ -291,7 +288,7 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
         r = httpx.post(
             url, json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid}, timeout=60, headers=AUTH
         )
-        _error(r, 409, "session_busy")
+        assert_error(r, 409, "session_busy")
         # a read-only query is not a committing request: allowed concurrently
         q = httpx.post(
             url,

@@ -18,36 +18,21 @@ def tenants(stateful_server):
     return stateful_server.as_tenant(KEY_A), stateful_server.as_tenant(KEY_B)
 
 
-def _turn(server, sid: str, prompt, commit: bool = True, n: int = 3) -> httpx.Response:
-    return server.post(
-        "/v1/completions",
-        json={
-            "model": "tiny",
-            "prompt": prompt,
-            "max_tokens": n,
-            "temperature": 0,
-            "stateful": sid,
-            "stateful_commit": commit,
-            "return_token_ids": True,
-        },
-    )
-
-
 def test_a_tenant_never_reaches_another_tenants_session(tenants):
     a, b = tenants
     sid = "shared-name"
-    assert _turn(a, sid, [11, 12, 13]).status_code == 200
+    assert a.complete(sid, [11, 12, 13]).status_code == 200
     a_before = a.session(sid, tokens=True)
     # every route on A's id, as B, is a 404 -- exactly like an id nobody owns
     assert b.get(f"/v1/sessions/{sid}").status_code == 404
     assert b.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"}).status_code == 404
     assert b.post(f"/v1/sessions/{sid}/append", json={"token_ids": [1]}).status_code == 404
     assert b.delete(f"/v1/sessions/{sid}").status_code == 404
-    q = _turn(b, sid, [1], commit=False)
+    q = b.complete(sid, [1], commit=False)
     assert q.status_code == 404 and q.json()["error"]["code"] == "session_not_found"
     assert sid not in {s["id"] for s in b.get("/v1/sessions").json()["data"]}
     # naming the same id, B creates and uses B's own session
-    assert _turn(b, sid, [21, 22]).status_code == 200
+    assert b.complete(sid, [21, 22]).status_code == 200
     b_session = b.session(sid, tokens=True)
     assert b_session["token_ids"][:2] == [21, 22] and b_session["version"] == 1
     a_after = a.session(sid, tokens=True)
@@ -92,11 +77,11 @@ def test_prefix_cache_hits_never_cross_tenants(tenants):
     # A's own stateless request does reuse them (one tenant, one salt)
     assert stateless_cached(a) >= 288
     # sessions: B's session with A's content starts from nothing ...
-    first = _turn(b, "salted-b", p2 + [7], n=1).json()
+    first = b.complete("salted-b", p2 + [7], 1).json()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert first["session"]["new_tokens"] == len(p2) + 1
     # ... while another session of A with that content shares A's blocks
-    again = _turn(a, "salted-a3", p2 + [7], n=1).json()
+    again = a.complete("salted-a3", p2 + [7], 1).json()
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 288
     for server, sid in ((a, "salted-a1"), (a, "salted-a2"), (a, "salted-a3"), (b, "salted-b")):
         assert server.delete(f"/v1/sessions/{sid}").status_code == 200
@@ -114,7 +99,7 @@ def test_sessions_per_tenant_are_limited_and_the_limit_is_per_tenant(tenants):
     over = b.post("/v1/sessions", json={"id": "limit-over"})
     assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_sessions"
     assert int(over.headers["Retry-After"]) >= 1
-    turn = _turn(b, "limit-over-2", [1])  # creating on first use is refused the same way
+    turn = b.complete("limit-over-2", [1])  # creating on first use is refused the same way
     assert turn.status_code == 429 and b.get("/v1/sessions/limit-over-2").status_code == 404
     assert a.post("/v1/sessions", json={"id": "limit-a"}).status_code == 201  # tenant A is not affected
     assert a.delete("/v1/sessions/limit-a").status_code == 200
