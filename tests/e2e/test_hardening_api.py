@@ -155,21 +155,69 @@ def test_id_reused_after_delete_never_sees_or_loses_the_old_incarnation(stateful
     stateful_server.integrity()
 
 
+def test_append_to_a_recreated_id_lands_in_the_new_incarnation(stateful_server):
+    """The old incarnation's ingestion is still pending (it yields to a running query) when the id is
+    deleted and created again; the new session's append must be its own, and ingested."""
+    url = stateful_server.base_url
+    assert stateful_server.post("/v1/sessions", json={"id": "reuse-q", "prompt": [5] * 20}).status_code == 201
+    long_query = {"model": "tiny", "prompt": [6], "max_tokens": 1500, "ignore_eos": True, "stateful": "reuse-q",
+                  "stateful_commit": False}  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        query = pool.submit(httpx.post, url + "/completions", json=long_query, headers=AUTH, timeout=120)
+        wait_until(lambda: stateful_server.integrity()["running"] > 0, what="query running")
+        time.sleep(0.5)
+        sid = "reuse-2"
+        assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
+        assert stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [901]}).status_code == 202
+        assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
+        assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
+        r = stateful_server.post(
+            f"/v1/sessions/{sid}/append", json={"token_ids": [2001, 2002], "wait": True}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        assert query.result().status_code == 200
+    s = stateful_server.session(sid, tokens=True)
+    assert s["token_ids"] == [2001, 2002] and s["version"] == 1 and s["queued_tokens"] == 0
+    for name in (sid, "reuse-q"):
+        assert stateful_server.delete(f"/v1/sessions/{name}").status_code == 200
+    stateful_server.integrity()
+
+
 # --- 5. TTL expiry survives DELETEs racing it --------------------------------------------------
 
 
 def test_expiry_keeps_running_when_deletes_race_it(stateful_server):
+    """DELETEs land while an expiry pass is closing a batch of sessions one by one (each close waits
+    for the engine, which a stateless load keeps busy); afterwards expiry still works."""
     errors = stateful_server.metric("vllm_stateful:background_errors_total")
-    for round_ in range(3):
-        ids = [f"race-{round_}-{i}" for i in range(20)]
-        for sid in ids:
-            assert (
-                stateful_server.post("/v1/sessions", json={"id": sid, "ttl_s": 1, "prompt": [5, 6]}).status_code == 201
-            )
-        time.sleep(0.8 + 0.2 * round_)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda s: stateful_server.delete(f"/v1/sessions/{s}").status_code, ids))
-        assert set(codes) <= {200, 404}
+    stop = threading.Event()
+
+    def load():
+        body = {"model": "tiny", "prompt": list(range(100, 1600)), "max_tokens": 50, "ignore_eos": True}
+        while not stop.is_set():
+            httpx.post(stateful_server.base_url + "/completions", json=body, headers=AUTH, timeout=120)
+
+    def delete_later(order_and_id) -> int:
+        order, sid = order_and_id
+        time.sleep(order * 0.05)
+        return stateful_server.delete(f"/v1/sessions/{sid}").status_code
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        loaders = [pool.submit(load) for _ in range(2)]
+        try:
+            for round_ in range(4):
+                ids = [f"race-{round_}-{i}" for i in range(30)]
+                for sid in ids:
+                    r = stateful_server.post("/v1/sessions", json={"id": sid, "ttl_s": 1, "prompt": [5, 6]})
+                    assert r.status_code == 201
+                time.sleep(0.9)
+                # spread over the next expiry passes, newest first (a pass closes the oldest first)
+                codes = list(pool.map(delete_later, enumerate(reversed(ids))))
+                assert set(codes) <= {200, 404}
+        finally:
+            stop.set()
+            for f in loaders:
+                f.result()
     # expiry is still alive
     assert stateful_server.post("/v1/sessions", json={"id": "race-last", "ttl_s": 1}).status_code == 201
     wait_until(lambda: stateful_server.get("/v1/sessions/race-last").status_code == 404, 15, "expiry")

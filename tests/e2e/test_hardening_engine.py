@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import threading
+import time
 
 import httpx
 import pytest
@@ -181,6 +182,60 @@ def test_weight_reload_drops_session_kv(stateful_server, reference):
     turn = _query(stateful_server, sid, [3, 4], 5)
     assert turn["session"]["recomputed_tokens"] == len(prompt)
     assert turn["choices"][0]["token_ids"] == reference.greedy(prompt + [3, 4], 5)
+    stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+def test_pause_keeps_acknowledged_appends_which_are_ingested_after_resume(stateful_server):
+    """vLLM's default pause aborts every request, background ingestion included: the acknowledged
+    appends are retried after resume, never dropped and never fail the session."""
+    ids = [f"pause-append-{i}" for i in range(4)]
+    chunks = {sid: [[300 + 7 * i + j for j in range(120)] for i in range(3)] for sid in ids}
+    for sid in ids:
+        assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
+    try:
+        for i in range(3):
+            for sid in ids:
+                r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": chunks[sid][i]})
+                assert r.status_code == 202, r.text
+        assert httpx.post(stateful_server.root + "/pause", params={"mode": "abort"}, timeout=60).status_code == 200
+        time.sleep(1.0)
+    finally:
+        assert httpx.post(stateful_server.root + "/resume", timeout=60).status_code == 200
+    for sid in ids:
+        r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [9], "wait": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        s = stateful_server.session(sid, tokens=True)
+        assert s["state"] == "resident" and s["version"] == 4
+        assert s["token_ids"] == [t for c in chunks[sid] for t in c] + [9]
+        assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
+    stateful_server.integrity()
+
+
+def test_a_turn_running_across_a_weight_update_does_not_pin_old_kv(stateful_server, reference):
+    sid = "lifecycle-inflight"
+    _fresh(stateful_server, sid, 150, seed=11)
+    turn = {"model": "tiny", "prompt": [7], "max_tokens": 300, "ignore_eos": True, "stream": True, "stateful": sid}
+    try:
+        with httpx.stream("POST", stateful_server.base_url + "/completions", json=turn, headers=AUTH, timeout=120) as s:
+            lines = s.iter_lines()
+            next(lines)
+            r = httpx.post(stateful_server.root + "/pause", params={"mode": "keep", "clear_cache": "false"}, timeout=60)
+            assert r.status_code == 200, r.text
+            r = httpx.post(stateful_server.root + "/collective_rpc", json={"method": "reload_weights"}, timeout=120)
+            assert r.status_code == 200, r.text
+            assert httpx.post(stateful_server.root + "/resume", timeout=60).status_code == 200
+            rest = [line for line in lines if line]
+    finally:
+        httpx.post(stateful_server.root + "/resume", timeout=60)
+    assert rest[-1] == "data: [DONE]"
+    after = stateful_server.session(sid, tokens=True)
+    assert after["version"] == 2 and after["pinned_blocks"] == 0 and after["state"] == "cold"
+    history = after["token_ids"]
+    q = _query(stateful_server, sid, [3, 4], 5)
+    # nothing computed before the update is reused: neither the pin nor the prefix cache
+    assert q["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert q["session"]["recomputed_tokens"] == len(history) - 1
+    assert q["choices"][0]["token_ids"] == reference.greedy(history + [3, 4], 5)
     stateful_server.delete(f"/v1/sessions/{sid}")
 
 

@@ -30,11 +30,15 @@ class FakeBridge:
     max_model_len = 4096
     max_token_chars = 1
 
+    def min_tokens_of(self, chars: int) -> int:
+        return chars
+
     def __init__(self) -> None:
         self.threads: list[int] = []
         self.fail_ops: set[str] = set()
         self.calls: list[tuple[str, dict]] = []
         self.pins: dict[str, int] = {}
+        self.abort_next = 0  # the engine aborts this many of the next requests
         self._closing = None
         from concurrent.futures import ThreadPoolExecutor
 
@@ -91,7 +95,11 @@ class FakeBridge:
     async def generate(self, prompt, params, request_id, cache_salt, priority=0, session_id=None):
         await asyncio.sleep(0)
         n = params.max_tokens
-        out = SimpleNamespace(token_ids=[ord("a")] * n, text="a" * n, finish_reason="length", stop_reason=None)
+        reason = "length"
+        if self.abort_next:
+            self.abort_next -= 1
+            reason, n = "abort", 0
+        out = SimpleNamespace(token_ids=[ord("a")] * n, text="a" * n, finish_reason=reason, stop_reason=None)
         yield SimpleNamespace(outputs=[out], num_cached_tokens=0, finished=True)
 
     async def abort(self, request_id: str) -> None:
@@ -251,5 +259,45 @@ def test_maintenance_survives_errors_and_counts_them():
         await asyncio.sleep(0.2)
         task.cancel()
         assert not service.store.contains("t", "short2")  # ... and expiry kept running
+
+    asyncio.run(run())
+
+
+def test_ingestion_the_engine_aborts_is_retried_not_failed():
+    async def run():
+        from vllm_stateful.server import ingest
+        from vllm_stateful.server.ingest import Ingestor
+
+        ingest.RETRY_FIRST_S = 0.01
+        service, bridge = _service()
+        await service.start()
+        session, _ = service.open_session("t", "s1", commit=True)
+        bridge.abort_next = 2  # e.g. vLLM paused with mode=abort, twice
+        item = await Ingestor(service).append(session, None, [1, 2, 3], None)
+        await asyncio.wait_for(service.wait_ingested(session, item.seq), 10)
+        assert session.state == "resident" and session.token_ids == [1, 2, 3] and session.queued_tokens == 0
+        assert service.ledger.held_tokens(session.key) == 3 and service.ledger.check_integrity() == []
+
+    asyncio.run(run())
+
+
+def test_a_query_reads_one_snapshot_and_reports_the_version_it_read():
+    async def run():
+        service, _ = _service()
+        await service.start()
+        session, created = service.open_session("t", "s1", commit=True)
+        await _run(service, session, created)  # version 1: "qr" + "aaa"
+        before = list(session.token_ids)
+
+        async def build_then_commit_elsewhere(s):
+            turn_input = await service.text_input(s, "zz")  # snapshot taken here
+            s.token_ids = s.token_ids + [1, 2]  # a commit lands while the query is being built
+            s.version += 1
+            return turn_input
+
+        results = await _run(service, session, commit=False, build=build_then_commit_elsewhere)
+        final = results[-1]
+        assert final.prompt_tokens == len(before) + 2  # history snapshot + "zz", not the newer history
+        assert final.session_field()["version"] == 1
 
     asyncio.run(run())

@@ -10,8 +10,9 @@ incarnation's key. Ops:
   time all pins are dropped), which the API server polls to notice drops.
 * ``sync`` {key, keep_tokens} -- trim the session's pin to its first
   ``keep_tokens`` tokens (the API server's committed history that the engine
-  computed); returns the pin's tokens and blocks.
-* ``release`` {key} -- drop the session's pins; returns the freed blocks.
+  computed); returns the pin's tokens and blocks. Requests of the session
+  admitted before the sync can no longer pin (``may_pin``).
+* ``release`` {key} -- drop the session's pins for good; returns the freed blocks.
 * ``pins`` -- key -> [tokens, blocks] for every pinned session.
 * ``integrity`` {digests} -- ref-count and shape checks, optionally with a
   digest of each session's pinned tokens (O(tokens): for tests and operators).
@@ -21,7 +22,8 @@ incarnation's key. Ops:
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
@@ -31,6 +33,17 @@ from vllm_stateful.engine.session_pins import token_digest
 logger = init_logger(__name__)
 
 _WARN_EVERY_S = 10.0
+# Released keys remembered, so that a request finishing after its session's
+# release never pins again (keys are never reused; this bounds the memory).
+_RELEASED_KEYS_KEPT = 65536
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a session request saw when the engine accepted it."""
+
+    kv_epoch: int
+    generation: int
 
 
 class SessionControl:
@@ -41,6 +54,25 @@ class SessionControl:
         self.kv_epoch = 0
         self.counters: Counter[str] = Counter()
         self._last_warning: dict[str, float] = {}
+        # bumped by every sync of a key: a pin may only come from a request admitted after the last one
+        self._generation: dict[str, int] = {}
+        self._released: OrderedDict[str, None] = OrderedDict()
+
+    # --- which finished requests may pin -----------------------------------------------
+
+    def stamp(self, key: str) -> Stamp:
+        return Stamp(self.kv_epoch, self._generation.get(key, 0))
+
+    def may_pin(self, key: str, stamp: Stamp | None) -> bool:
+        """Only a request admitted after the session's last sync, release and KV drop may pin:
+        a rollback or close that reached the engine first is never undone by a late finish,
+        and KV from before a cache reset or weight update is never pinned again."""
+        return (
+            stamp is not None
+            and key not in self._released
+            and stamp.kv_epoch == self.kv_epoch
+            and stamp.generation == self._generation.get(key, 0)
+        )
 
     # --- events from the scheduler -------------------------------------------------
 
@@ -57,15 +89,15 @@ class SessionControl:
     def drop_all(self, reason: str, evict: bool = False) -> int:
         """Release every pin; the API server sees ``kv_epoch`` change and marks sessions cold.
 
-        ``evict``: also remove the released blocks from the prefix cache (their KV
-        is stale, e.g. after a weight update), so no request can hit them."""
+        ``evict``: also empty vLLM's prefix cache (after a weight update every
+        cached block is stale), so no request can hit KV computed before now."""
         sessions = len(self.pins.session_ids())
-        block_ids = {b.block_id for key in self.pins.session_ids() for b in self.pins.get(key).blocks}
         released = self.pins.release_all()
-        if evict and block_ids:
-            self.scheduler.kv_cache_manager.block_pool.evict_blocks(block_ids)
+        self.kv_epoch += 1  # requests admitted before now may not pin
+        if evict:  # the whole prefix cache: blocks computed before now are stale
+            pool = self.scheduler.kv_cache_manager.block_pool
+            pool.evict_blocks(set(range(pool.num_gpu_blocks)))
         if sessions:
-            self.kv_epoch += 1
             self.counters[f"dropped_{reason}"] += sessions
             logger.warning("vllm-stateful: %s released the KV of %d sessions (%d blocks)", reason, sessions, released)
         return released
@@ -109,9 +141,14 @@ class SessionControl:
 
     def op_sync(self, key: str, keep_tokens: int) -> dict[str, int]:
         self.pins.truncate(key, int(keep_tokens))
+        self._generation[key] = self._generation.get(key, 0) + 1
         return self._pin_info(key)
 
     def op_release(self, key: str) -> dict[str, int]:
+        self._generation.pop(key, None)
+        self._released[key] = None
+        while len(self._released) > _RELEASED_KEYS_KEPT:
+            self._released.popitem(last=False)
         return {"freed_blocks": self.pins.release(key)}
 
     def op_pins(self) -> dict[str, list[int]]:

@@ -9,11 +9,14 @@ overrides, each around ``super()``:
   partial last block. vLLM's own copy-on-write for partial hits
   (``SingleTypeKVCacheManager._apply_cow``) gives the request a private copy
   of that block, so nothing is recomputed and pinned blocks are never written.
-* ``_free_request`` -- when a committing session request *finishes normally*
-  (stopped or length-capped), its blocks become the session's pinned KV,
-  covering every token whose KV is known to be written (all but the last
-  sampled token). Aborted or failed requests never pin: the API server only
-  commits finished turns, so nothing it rolls back can re-appear in the engine.
+* ``add_request`` / ``_free_request`` -- when a committing session request
+  *finishes normally* (stopped, length-capped, repetition), its blocks become
+  the session's pinned KV, covering every token whose KV is known to be
+  written (all but the last sampled token). Aborted or failed requests never
+  pin, and neither does a request admitted before the session's last sync or
+  release or before a KV drop (``SessionControl.may_pin``): nothing the API
+  server rolled back or closed can re-appear in the engine, and no KV from
+  before a weight update is pinned.
 * ``reset_prefix_cache`` -- every cache reset vLLM performs (``/reset_prefix_cache``,
   ``pause(clear_cache)``, ``sleep`` level >= 1, releasing KV memory) first
   releases all pinned sessions, which become ``cold`` (their tokens stay in
@@ -43,7 +46,8 @@ from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
 logger = init_logger(__name__)
 
 # Finished statuses whose KV is complete and which the API server may commit.
-PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
+STAMP_ATTR = "_vllm_stateful_stamp"
 
 
 class StatefulSchedulerMixin:
@@ -78,6 +82,12 @@ class StatefulSchedulerMixin:
 
     # --- vLLM overrides -------------------------------------------------------
 
+    def add_request(self, request: Request) -> None:
+        tag = self._session_tag(request, count_forged=True)
+        if tag is not None:
+            setattr(request, STAMP_ATTR, self.session_control.stamp(tag.key))
+        super().add_request(request)
+
     def _get_local_prefix_cache_hit(self, request: Request):
         tag = self._session_tag(request)
         if tag is not None:
@@ -95,7 +105,8 @@ class StatefulSchedulerMixin:
         tag = self._session_tag(request)
         if tag is not None and tag.commit and request.status in PINNABLE:
             try:
-                self._pin_finished_request(tag.key, request)
+                if self.session_control.may_pin(tag.key, getattr(request, STAMP_ATTR, None)):
+                    self._pin_finished_request(tag.key, request)
             except Exception:
                 self.session_control.fault("pin", request.request_id)
         return super()._free_request(request, delay_free_blocks)
@@ -113,10 +124,10 @@ class StatefulSchedulerMixin:
 
     # --- session state ----------------------------------------------------------
 
-    def _session_tag(self, request: Request) -> SessionTag | None:
+    def _session_tag(self, request: Request, count_forged: bool = False) -> SessionTag | None:
         params = request.sampling_params
         tag, forged = read_tag(params.extra_args if params else None, self.session_control.secret)
-        if forged:
+        if forged and count_forged:
             self.session_control.forged(request.request_id)
         return tag
 

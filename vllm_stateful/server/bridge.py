@@ -115,9 +115,9 @@ class EngineBridge:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def min_tokens_of(self, text: str) -> int:
-        """A lower bound on ``len(encode(text))`` computed without tokenizing."""
-        return -(-len(text) // self.max_token_chars)
+    def min_tokens_of(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of ``chars`` characters, without tokenizing it."""
+        return -(-chars // self.max_token_chars)
 
     # --- generation -------------------------------------------------------------
 

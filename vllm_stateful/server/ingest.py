@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 # Longest an ingest batch waits for in-flight queries before it runs anyway.
 QUERY_YIELD_MAX_S = 2.0
+# A batch the engine aborted (pause, cache reset) is retried after this backoff (doubling).
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
+RETRYABLE = ("engine_aborted", "engine_unavailable")
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Ingestor:
         ensure_open(session)
         if text is not None or messages is not None:
             chars = len(text) if text is not None else sum(len(str(m.get("content", ""))) for m in messages or [])
-            lower_bound = -(-chars // bridge.max_token_chars)
+            lower_bound = bridge.min_tokens_of(chars)
             self._check_queue(session, lower_bound)
             service.ledger.check(session.key, lower_bound, 1, "this append")  # 413 before tokenizing
         estimate = await self._estimate(session, text, token_ids, messages)
@@ -110,31 +113,40 @@ class Ingestor:
         """Tokens to reserve: exact for token ids and plain text, an upper bound
         (the template's whole reply closing added) where a chat turn may commit first."""
         bridge = self.service.bridge
-        chatty = bool(session.messages) or session.turn_in_flight or bool(session.pending_chat_text)
         previous = list(session.messages)
 
-        def count() -> int:
-            margin = len(bridge.encode(bridge.closing.text, False)) if chatty else 0
+        def count() -> tuple[int, int]:
+            margin = len(bridge.encode(bridge.closing.text, False))
             if token_ids is not None:
-                return len(token_ids) + margin
+                return len(token_ids), margin
             if text is not None:
-                return len(bridge.encode(text, False)) + margin + 1  # +1: BOS on a first append
-            return len(bridge.encode(bridge.continuation(previous, messages or [], False), False)) + margin + 1
+                return len(bridge.encode(text, False)) + 1, margin  # +1: BOS on a first append
+            return len(bridge.encode(bridge.continuation(previous, messages or [], False), False)) + 1, margin
 
-        return await bridge.off_loop(count)
+        tokens, margin = await bridge.off_loop(count)
+        # decided after the await: a chat turn that started meanwhile may commit first and
+        # leave its reply closing to be prepended to this append
+        chatty = bool(session.messages) or session.turn_in_flight or bool(session.pending_chat_text)
+        return tokens + (margin if chatty else 0)
 
     async def _drain(self, session: Session) -> None:
         # No await may follow the loop: ``append`` relies on ``ingest_task.done()``
         # becoming true in the same step that finds the queue empty.
+        backoff = 0.0
         while session.pending_appends and session.is_open:
+            if backoff:
+                await asyncio.sleep(backoff)
             await self.service.yield_to_queries(QUERY_YIELD_MAX_S)
             async with session.write_lock:
                 if not session.is_open:
                     break  # closed or failed while we waited; waiters were woken
                 batch, session.pending_appends = session.pending_appends, []
-                await self._ingest_batch(session, batch)
+                consumed = await self._ingest_batch(session, batch)
+            backoff = 0.0 if consumed else min(RETRY_MAX_S, max(RETRY_FIRST_S, 2 * backoff))
 
-    async def _ingest_batch(self, session: Session, batch: list[AppendItem]) -> None:
+    async def _ingest_batch(self, session: Session, batch: list[AppendItem]) -> bool:
+        """Ingest ``batch``: True once it is ingested or the session failed; False when the engine
+        aborted it (paused, reset) and it went back to the head of the queue, reservations kept."""
         service = self.service
         ingested = False
         try:
@@ -144,24 +156,34 @@ class Ingestor:
             await service.ingest(session, turn_input, [i.reservation for i in batch])
             ingested = True
         except asyncio.CancelledError:
+            self._finish(session, batch, ingested=False)
             raise
         except Exception as exc:  # acknowledged data must not vanish silently
+            if session.is_open and isinstance(exc, SessionError) and exc.code in RETRYABLE:
+                logger.warning("vllm-stateful: ingest into session %s deferred: %s", session.id, exc.message)
+                session.pending_appends = batch + session.pending_appends
+                return False
             if session.is_open:
                 logger.exception("vllm-stateful: ingest into session %s failed", session.id)
                 session.state = "failed"
                 session.error = exc.message if isinstance(exc, SessionError) else f"{type(exc).__name__}: {exc}"
                 service.metrics.ingest_failures.inc()
-        finally:
-            if not ingested and service.ledger is not None:
-                for item in batch:
-                    service.ledger.cancel(item.reservation)
-            reserved = sum(i.reserved_tokens for i in batch)
-            session.queued_tokens -= reserved
-            service.metrics.ingest_queued.dec(reserved)
-            service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
-            async with session.ingest_cond:
-                session.ingested_seq = batch[-1].seq
-                session.ingest_cond.notify_all()
+        self._finish(session, batch, ingested)
+        async with session.ingest_cond:
+            session.ingest_cond.notify_all()
+        return True
+
+    def _finish(self, session: Session, batch: list[AppendItem], ingested: bool) -> None:
+        """The batch leaves the queue: its reservations are settled (by ``ingest``) or returned."""
+        service = self.service
+        if not ingested and service.ledger is not None:
+            for item in batch:
+                service.ledger.cancel(item.reservation)
+        reserved = sum(i.reserved_tokens for i in batch)
+        session.queued_tokens -= reserved
+        service.metrics.ingest_queued.dec(reserved)
+        service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
+        session.ingested_seq = batch[-1].seq
 
     def _coalesce(
         self, messages: list[dict[str, Any]], pending: str, empty: bool, batch: list[AppendItem]

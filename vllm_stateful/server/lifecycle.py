@@ -44,7 +44,8 @@ class Maintenance:
 
     async def expire(self) -> None:
         for session in self.service.store.expired(time.time()):
-            if not session.busy:  # failed sessions expire too
+            # closing the ones before it took time: it may have been used since
+            if session.expired(time.time()):  # failed sessions expire too
                 await self.service.close(session, reason="expired")
 
     async def notice_kv_drops(self) -> None:
@@ -57,13 +58,16 @@ class Maintenance:
             return
         seen = {s.key: s.sync_seq for s in service.store.all()}
         pins = await service.bridge.call("pins")
+        skipped = False
         for session in service.store.all():
             if seen.get(session.key) != session.sync_seq or session.write_lock.locked():
-                continue  # a commit since we asked: its own sync is newer
+                skipped = True  # work in flight: look again on the next pass
+                continue
             tokens, blocks = pins.get(session.key, (0, 0))
             # kv_tokens keeps what the session should reuse, so the next request reports
             # what it had to recompute honestly
             session.pinned_blocks = blocks
             if session.state == "resident" and session.token_ids and not tokens:
                 session.state = "cold"
-        service.kv_epoch = info["kv_epoch"]
+        if not skipped:
+            service.kv_epoch = info["kv_epoch"]

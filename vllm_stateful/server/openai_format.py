@@ -18,11 +18,11 @@ from vllm_stateful.server.turn_types import TurnResult
 class ResponseShape:
     """Builds bodies for one request; ``chat`` selects chat vs completions."""
 
-    def __init__(self, chat: bool, model: str, return_token_ids: bool = False) -> None:
+    def __init__(self, chat: bool, model: str, return_token_ids: bool = False, request_id: str | None = None) -> None:
         self.chat = chat
         self.return_token_ids = return_token_ids
         self.model = model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if chat else "cmpl-") + (request_id if isinstance(request_id, str) else uuid.uuid4().hex)
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:

@@ -100,9 +100,3 @@ class AppendRequest(_Strict):
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
         return self
-
-
-class AppendAccepted(BaseModel):
-    id: str
-    version: int
-    queued_tokens: int

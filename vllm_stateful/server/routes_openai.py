@@ -53,6 +53,9 @@ from vllm_stateful.sessions.store import SessionError
 router = APIRouter()
 
 CHAT_PATH = "/v1/chat/completions"
+# vllm_xargs keys vLLM itself reads from a request's extra_args (v1/request.py): KV transfer between engines,
+# which a session's pinned KV cannot take part in.
+ENGINE_XARGS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode"})
 COMPLETIONS_PATH = "/v1/completions"
 
 
@@ -81,6 +84,10 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     reserved = reserved_keys(parsed.vllm_xargs)
     if reserved:
         raise bad_request(f"vllm_xargs keys {reserved} are reserved for vllm-stateful", param="vllm_xargs")
+    transfer = sorted(set(parsed.vllm_xargs or {}) & ENGINE_XARGS)
+    if session_id is not None and transfer:
+        raise bad_request(f"vllm_xargs keys {transfer} are not supported on session requests", "unsupported_in_session",
+                          "vllm_xargs")  # fmt: skip
     if session_id is None:
         return await _stateless(state, raw_request, parsed, chat)
     if len(body_bytes) > limit:
@@ -138,7 +145,8 @@ async def _run_session_request(
 ) -> Response:
     service = state.service
     session, created = service.open_session(tenant, session_id, commit)
-    shape = ResponseShape(chat, parsed.model or state.bridge.served_model_names[0], bool(body.get("return_token_ids")))
+    model = parsed.model or state.bridge.served_model_names[0]
+    shape = ResponseShape(chat, model, bool(body.get("return_token_ids")), body.get("request_id"))
     turn = service.run_turn(
         session,
         created,
@@ -148,6 +156,7 @@ async def _run_session_request(
         commit,
         bool(parsed.stream),
         priority=parsed.priority,
+        session_id=parsed.session_id,
     )
     if not parsed.stream:
         items = [item async for item in turn]

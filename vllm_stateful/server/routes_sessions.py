@@ -3,6 +3,8 @@ the caller does not own is a 404, exactly like an id nobody owns."""
 
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -19,9 +21,18 @@ router = APIRouter()
 INTEGRITY_PATH = "/v1/stateful/debug/integrity"
 
 
-async def _body(state: StatefulState, raw_request: Request) -> dict:
-    body = await read_body(raw_request, state.config.max_request_body_bytes)
-    return await parse_object(body or b"{}", state.bridge.parse_json)
+async def _body(state: StatefulState, raw_request: Request, ids_field: str | None = None) -> dict:
+    """The JSON body; a token-id list that cannot fit the context is a 413 before any validation."""
+    body = await parse_object(
+        await read_body(raw_request, state.config.max_request_body_bytes) or b"{}", state.bridge.parse_json
+    )
+    ids = body.get(ids_field) if ids_field else None
+    if isinstance(ids, list) and len(ids) > state.bridge.max_model_len:
+        raise SessionError(
+            413, f"{len(ids)} token ids exceed the model's context length of {state.bridge.max_model_len}",
+            "context_length_exceeded", param=ids_field,
+        )  # fmt: skip
+    return body
 
 
 def _own_session(state: StatefulState, raw_request: Request, session_id: str) -> Session:
@@ -40,7 +51,7 @@ def _check_ttl(state: StatefulState, ttl_s: float | None) -> None:
 async def create_session(raw_request: Request) -> Response:
     state = stateful_state(raw_request)
     tenant = state.tenancy.tenant_of(raw_request.headers)
-    req = validated(CreateSessionRequest, await _body(state, raw_request))
+    req = validated(CreateSessionRequest, await _body(state, raw_request, "prompt"))
     if req.id is not None:
         checked_id(req.id, "id")
     _check_ttl(state, req.ttl_s)
@@ -113,7 +124,7 @@ async def delete_session(session_id: str, raw_request: Request) -> Response:
 async def append(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
     session = _own_session(state, raw_request, session_id)
-    req = validated(AppendRequest, await _body(state, raw_request))
+    req = validated(AppendRequest, await _body(state, raw_request, "token_ids"))
     messages = template_messages(req.messages) if req.messages else None
     if req.token_ids is not None:
         check_token_ids(req.token_ids, state.bridge.max_token_id, "token_ids")
@@ -149,12 +160,19 @@ async def integrity(raw_request: Request) -> Response:
         raise SessionError(404, "debug routes are off (stateful.debug_routes)", "not_found")
     tenant = state.tenancy.tenant_of(raw_request.headers)
     engine = await state.bridge.call("integrity", digests=True)
-    problems = list(engine["problems"])
     sessions = state.service.store.all()
     by_key = {s.key: s for s in sessions}
 
     def name(s: Session) -> str:  # other tenants' ids are not the caller's to see
         return f"session {s.id}" if s.tenant == tenant else "a session of another tenant"
+
+    def redact(problem: str) -> str:  # engine-side reports name sessions by their secret keys
+        for key, s in by_key.items():
+            problem = problem.replace(f"session {key}", name(s))
+        return re.sub(r"session [0-9a-f]{32}", "a session the API does not know", problem)
+
+    assert state.service.ledger is not None
+    problems = [redact(p) for p in engine["problems"] + state.service.ledger.check_integrity()]
 
     for key, pin in engine["sessions"].items():
         s = by_key.get(key)
@@ -167,8 +185,6 @@ async def integrity(raw_request: Request) -> Response:
     for s in sessions:
         if s.key not in engine["sessions"] and s.pinned_blocks and not s.busy:
             problems.append(f"{name(s)}: API view {s.pinned_blocks} pinned blocks, engine none")
-    assert state.service.ledger is not None
-    problems += state.service.ledger.check_integrity()
     own = {s.key: s for s in state.service.store.of_tenant(tenant)}
     body = {
         "problems": problems,

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from vllm.outputs import RequestOutput
@@ -82,17 +83,31 @@ class SessionService:
     # --- input -----------------------------------------------------------------
 
     async def chat_input(self, session: Session, messages: list[dict[str, Any]], add_generation_prompt: bool):
-        """Tokens for ``messages`` continuing the session's conversation (rendered off the event loop)."""
-        previous, pending, first = list(session.messages), session.pending_chat_text, not session.token_ids
+        """Tokens for ``messages`` continuing the session's conversation (rendered off the event loop),
+        over a snapshot of the session taken now."""
+        self.check_text_fits(session, sum(len(str(m.get("content", ""))) for m in messages))
+        history, previous, pending = list(session.token_ids), list(session.messages), session.pending_chat_text
 
         def build() -> TurnInput:
             text = pending + self.bridge.continuation(previous, messages, add_generation_prompt)
-            return TurnInput(self.bridge.encode(text, first), list(messages), True)
+            return TurnInput(self.bridge.encode(text, not history), list(messages), True, history)
 
         return await self.bridge.off_loop(build)
 
     async def text_input(self, session: Session, text: str) -> TurnInput:
-        return TurnInput(await self.bridge.off_loop(self.bridge.encode, text, not session.token_ids))
+        self.check_text_fits(session, len(text))
+        history = list(session.token_ids)
+        return TurnInput(await self.bridge.off_loop(self.bridge.encode, text, not history), history=history)
+
+    def check_text_fits(self, session: Session, chars: int) -> None:
+        """413 without tokenizing when ``chars`` characters of text cannot fit the context."""
+        if session.context_tokens + self.bridge.min_tokens_of(chars) > self.bridge.max_model_len:
+            raise SessionError(
+                413,
+                f"{chars} characters of text are at least {self.bridge.min_tokens_of(chars)} tokens, beyond what "
+                f"the session can hold in the model's context length of {self.bridge.max_model_len}",
+                "context_length_exceeded",
+            )
 
     # --- turns and queries -------------------------------------------------------
 
@@ -112,6 +127,7 @@ class SessionService:
         commit: bool,
         stream: bool,
         priority: int = 0,
+        session_id: str | None = None,
     ) -> AsyncIterator[tuple[TurnResult, RequestOutput | None]]:
         """Run one request on the session, yielding (result, delta) per engine output.
 
@@ -137,8 +153,11 @@ class SessionService:
                 await self._acquire(session)
                 lock_held = True
                 ensure_open(session)
+            read_version = session.version  # build_input snapshots the session before its first await
             turn_input = await build_input(session)
-            prompt = session.token_ids + turn_input.token_ids
+            ensure_open(session)  # closed while the input was built: nothing may start
+            history = session.token_ids if turn_input.history is None else turn_input.history
+            prompt = history + turn_input.token_ids
             run_max = self._run_max(session, len(prompt), len(turn_input.token_ids), max_tokens, commit)
             if commit:
                 reservation = self.ledger.reserve(session.key, len(turn_input.token_ids) + run_max)
@@ -148,18 +167,20 @@ class SessionService:
                 **make_extra_args(self.tenancy.secret, session.key, commit),
             }
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-            result = TurnResult(session, len(prompt), session.kv_tokens)
+            result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version)
             started = time.monotonic()
             if not commit:
                 self._query_started()
                 counted = True
-            async for delta in self.kv.generate(prompt, params, result, priority):
-                if result.finished:
-                    self._check_not_aborted(session, result)
-                    if commit:
-                        await self._commit(session, turn_input, prompt, result, params, reservation)
-                        committed = True
-                yield result, delta
+            # aclosing: the engine request is aborted before the rollback below is sent
+            async with aclosing(self.kv.generate(prompt, params, result, priority, session_id)) as outputs:
+                async for delta in outputs:
+                    if result.finished:
+                        self._check_not_aborted(session, result)
+                        if commit:
+                            await self._commit(session, turn_input, prompt, result, params, reservation)
+                            committed = True
+                    yield result, delta
             if not commit:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
@@ -276,7 +297,9 @@ class SessionService:
             session.messages = session.messages + turn_input.messages + [{"role": "assistant", "content": result.text}]
             session.pending_chat_text = pending
         session.version += 1
-        self.kv.apply(session, info)
+        result.version = session.version
+        # the engine computed KV for all but the last generated token
+        self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
         if reservation is not None and self.ledger is not None:
             self.ledger.settle(reservation, len(history))
         self.metrics.turns.inc()
@@ -295,6 +318,9 @@ class SessionService:
         """
         ensure_open(session)
         if not turn_input.token_ids:
+            for res in reservations:
+                if self.ledger is not None:
+                    self.ledger.settle(res, session.context_tokens)
             return
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
@@ -303,8 +329,9 @@ class SessionService:
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
         try:
-            async for _ in self.kv.generate(prompt, params, result):
-                pass
+            async with aclosing(self.kv.generate(prompt, params, result)) as outputs:
+                async for _ in outputs:
+                    pass
             self._check_not_aborted(session, result)
             ensure_open(session)
             info = await self.kv.sync(session, len(prompt))
@@ -312,7 +339,7 @@ class SessionService:
             if turn_input.is_chat:
                 session.messages = session.messages + turn_input.messages
                 session.pending_chat_text = ""
-            self.kv.apply(session, info)
+            self.kv.apply(session, info, len(prompt))
             for res in reservations:
                 if self.ledger is not None:
                     self.ledger.settle(res, len(prompt))
@@ -335,6 +362,7 @@ class SessionService:
             return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": 0}
         if self.ledger is not None:
             self.ledger.forget(session.key)
+        self.metrics.ingest_queued.dec(session.queued_tokens)
         for request_id in list(session.active_request_ids):
             await self.bridge.abort(request_id)
         async with session.ingest_cond:

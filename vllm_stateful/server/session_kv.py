@@ -34,7 +34,12 @@ class SessionKV:
         self.tenancy = tenancy
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, result: TurnResult, priority: int = 0
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        result: TurnResult,
+        priority: int = 0,
+        session_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Run one engine request on ``result.session``, filling ``result`` as outputs arrive.
 
@@ -42,7 +47,8 @@ class SessionKV:
         iterator (or cancelling its consumer) aborts it in the engine."""
         session = result.session
         request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
-        gen = self.bridge.generate(prompt, params, request_id, self.tenancy.salt(session.tenant), priority)
+        salt = self.tenancy.salt(session.tenant)
+        gen = self.bridge.generate(prompt, params, request_id, salt, priority, session_id)
         session.active_request_ids.add(request_id)
         try:
             async for out in gen:
@@ -93,18 +99,30 @@ class SessionKV:
             ) from exc
 
     @staticmethod
-    def apply(session: Session, info: dict[str, int]) -> None:
-        """Record what the engine pins after a sync."""
-        session.kv_tokens = info["pinned_tokens"]
+    def apply(session: Session, info: dict[str, int], expected_tokens: int) -> None:
+        """Record a commit's sync: the session should reuse ``expected_tokens`` tokens of KV
+        (what the finished request computed); the engine pins ``info``. A session whose KV the
+        engine did not keep (dropped by a reset or weight update meanwhile) is ``cold``, and its
+        next request reports the re-prefill in ``recomputed_tokens``."""
+        session.kv_tokens = expected_tokens
         session.pinned_blocks = info["pinned_blocks"]
         session.sync_seq += 1
-        if session.state == "cold" and session.kv_tokens:
+        if info["pinned_tokens"]:
             session.state = "resident"
+        elif session.token_ids:
+            session.state = "cold"
 
     async def rollback(self, session: Session) -> None:
-        """Trim the pin back to the committed history (best effort: a dead engine holds nothing)."""
+        """Trim the pin back to the committed history (best effort: a dead engine holds nothing).
+
+        ``kv_tokens`` keeps what the session should reuse (so a later re-prefill is reported as
+        recomputed); a session left without KV is ``cold``."""
         try:
-            self.apply(session, await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids)))
+            info = await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids))
+            session.pinned_blocks = info["pinned_blocks"]
+            session.sync_seq += 1
+            if not info["pinned_tokens"] and session.token_ids and session.state == "resident":
+                session.state = "cold"
         except Exception:
             logger.warning("vllm-stateful: could not trim the KV of session %s after a rollback", session.id)
 

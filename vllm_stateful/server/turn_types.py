@@ -15,6 +15,8 @@ class TurnInput:
     token_ids: list[int]
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat only
     is_chat: bool = False
+    # the session history the input was built on (None: the history when the request runs)
+    history: list[int] | None = None
 
 
 @dataclass
@@ -30,6 +32,7 @@ class TurnResult:
     stop_reason: int | str | None = None
     cached_tokens: int = 0
     finished: bool = False
+    version: int = 0  # the version the request read, or, once committed, the one it made
 
     @property
     def new_tokens(self) -> int:
@@ -42,7 +45,7 @@ class TurnResult:
     def session_field(self) -> dict[str, Any]:
         return {
             "id": self.session.id,
-            "version": self.session.version,
+            "version": self.version,
             "context_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "recomputed_tokens": self.recomputed_tokens,

@@ -19,12 +19,6 @@ from vllm_stateful.sessions.ids import new_incarnation_key, new_session_id
 
 RETRY_AFTER_S = 1.0
 
-# resident: KV pinned in the engine; cold: only tokens kept (KV dropped by an
-# engine lifecycle operation such as a prefix-cache reset or a weight update),
-# re-prefilled on next use; failed: acknowledged data could not be ingested,
-# every request is refused until the session is deleted; closed: removed.
-STATES = ("resident", "cold", "failed", "closed")
-
 
 class SessionError(Exception):
     """A refused session operation: ``status`` is the HTTP status to answer."""
@@ -63,6 +57,10 @@ class Session:
     kv_tokens: int = 0
     pinned_blocks: int = 0
     sync_seq: int = 0
+    # resident: KV pinned in the engine; cold: only tokens kept (KV dropped by an
+    # engine lifecycle operation such as a prefix-cache reset or a weight update),
+    # re-prefilled on next use; failed: acknowledged data could not be ingested,
+    # every request is refused until the session is deleted; closed: removed.
     state: str = "resident"
     error: str | None = None
     turn_in_flight: bool = False
