@@ -104,7 +104,7 @@ def test_concurrent_appends_ingest_in_acknowledgement_order(stateful_server):
 
 def test_back_pressure_429_and_nothing_dropped(stateful_server):
     sid = "dp-pressure"
-    stateful_server.post("/v1/sessions", json={"id": sid})
+    stateful_server.post("/v1/sessions", json={"id": sid, "prompt": [5]})
     chunk = list(range(300, 300 + INGEST_QUEUE_TOKENS // 4))
 
     def send(i):
@@ -115,8 +115,15 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
             headers=AUTH,
         )
 
-    with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
+    # a running turn holds the session, so nothing drains while the appends arrive
+    turn = {"model": "tiny", "prompt": [6], "max_tokens": 300, "ignore_eos": True, "stream": True, "stateful": sid}
+    with httpx.stream("POST", stateful_server.base_url + "/completions", json=turn, headers=AUTH, timeout=120) as s:
+        lines = s.iter_lines()
+        next(lines)
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
+        for _ in lines:
+            pass
     accepted, refused = [], 0
     for i, r in replies:
         if r.status_code == 202:
@@ -125,11 +132,13 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
             assert r.status_code == 429, r.text
             assert r.json()["error"]["code"] == "ingest_queue_full" and int(r.headers["Retry-After"]) >= 1
             refused += 1
-    assert refused > 0 and accepted
+    assert len(accepted) == INGEST_QUEUE_TOKENS // (len(chunk) + 1) and refused == 10 - len(accepted)
     stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [1], "wait": True})
-    expected = [t for _, i in sorted(accepted) for t in [3300 + i] + chunk] + [1]
+    appended = [t for _, i in sorted(accepted) for t in [3300 + i] + chunk] + [1]
     body = _tokens(stateful_server, sid)
-    assert body["token_ids"] == expected and body["version"] == len(accepted) + 1
+    # the session, then the turn (its prompt and 300 generated tokens), then every accepted append in order
+    assert body["token_ids"][:2] == [5, 6] and body["token_ids"][302:] == appended
+    assert body["version"] == 2 + len(accepted) + 1
     stateful_server.delete(f"/v1/sessions/{sid}")
     deadline = time.time() + 5
     while stateful_server.get(f"/v1/sessions/{sid}").status_code != 404 and time.time() < deadline:

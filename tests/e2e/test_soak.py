@@ -573,9 +573,14 @@ def test_soak_sessions_turns_deletes_expiry_disconnects_preemption(stateful_serv
     slots = [Slot(i, random.Random(SEED * 1000 + 100 + i)) for i in range(N_SESSIONS)]
 
     async def main() -> Soak:
-        # idle connections are closed by the client well before the server's keep-alive timeout (5 s),
-        # so a request never goes out on a connection the server is closing at that moment
-        limits = httpx.Limits(max_connections=N_SESSIONS + BURST_MAX + 16, keepalive_expiry=1.0)
+        # One connection per request. With keep-alive reuse (even expiring idle connections after 1 s,
+        # well inside the server's 5 s), about one request in ~12,000 under this load was reset before
+        # any response (httpx ReadError; the server saw the client disconnect while reading the body),
+        # also with the plugin's disconnect watcher disabled. Root cause not found yet (open follow-up);
+        # this test checks session state, not HTTP connection reuse.
+        limits = httpx.Limits(
+            max_connections=N_SESSIONS + BURST_MAX + 16, keepalive_expiry=0.0, max_keepalive_connections=0
+        )
         async with (
             httpx.AsyncClient(base_url=server.root, headers=AUTH, timeout=300, limits=limits) as http,
             httpx.AsyncClient(timeout=300, limits=limits) as oa_http,

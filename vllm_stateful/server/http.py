@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from vllm_stateful.server.errors import bad_request, error_response, from_vllm
 from vllm_stateful.sessions.chat_render import TemplateNotPrefixStable
@@ -36,11 +37,14 @@ async def read_body(raw_request: Request, limit: int | None) -> bytes:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large(limit)
     chunks, size = [], 0
-    async for chunk in raw_request.stream():
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in raw_request.stream():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise SessionError(CLIENT_CLOSED_REQUEST, "the client closed the connection", "client_closed") from None
     return b"".join(chunks)
 
 
