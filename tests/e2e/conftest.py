@@ -10,6 +10,7 @@ small KV pool so that bursts preempt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -73,6 +74,17 @@ class Server:
             json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stateful": sid,
                   "stateful_commit": commit, "return_token_ids": True},
         )  # fmt: skip
+
+    @contextlib.contextmanager
+    def paused(self):
+        """vLLM's engine frozen (``/pause?mode=keep``, a dev route): running requests stay where they
+        are, so work queued behind them meanwhile stays queued, however fast the machine is."""
+        r = httpx.post(self.root + "/pause", params={"mode": "keep", "clear_cache": "false"}, timeout=60)
+        assert r.status_code == 200, r.text
+        try:
+            yield
+        finally:
+            assert httpx.post(self.root + "/resume", timeout=60).status_code == 200
 
     def idle(self) -> dict:
         """The integrity report once nothing runs or waits in the engine."""

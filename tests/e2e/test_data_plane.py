@@ -120,7 +120,7 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
     with httpx.stream("POST", stateful_server.base_url + "/completions", json=turn, headers=AUTH, timeout=120) as s:
         lines = s.iter_lines()
         next(lines)
-        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        with stateful_server.paused(), concurrent.futures.ThreadPoolExecutor(10) as pool:
             replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
         for _ in lines:
             pass
@@ -161,7 +161,8 @@ def test_appends_queued_behind_a_turn_are_coalesced_into_one_prefill(stateful_se
     with httpx.stream("POST", url, json=turn, timeout=120, headers=AUTH) as resp:
         lines = resp.iter_lines()
         next(lines)  # the turn is running and holds the session's write lock
-        acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]}) for i in range(10)]
+        with stateful_server.paused():
+            acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]}) for i in range(10)]
         assert [a.status_code for a in acks] == [202] * 10
         for _ in lines:
             pass

@@ -67,7 +67,8 @@ def test_ingestion_template_error_fails_the_session_and_releases_waiters(statefu
     )
     # acknowledged now (rendered after no assistant reply); ingested after the turn adds one, which the
     # server's chat template (--chat-template, with a raise_exception rule) refuses
-    ack = stateful_server.post(f"/v1/sessions/{sid}/append", json={"messages": [{"role": "tool", "content": "x"}]})
+    with stateful_server.paused():
+        ack = stateful_server.post(f"/v1/sessions/{sid}/append", json={"messages": [{"role": "tool", "content": "x"}]})
     assert ack.status_code == 202, ack.text
     waiter = {}
     t = threading.Thread(
@@ -284,19 +285,16 @@ def test_ttl_values_a_client_cannot_set(stateful_server):
 def test_session_does_not_expire_under_a_running_query(stateful_server):
     sid = "busy-ttl"
     assert stateful_server.post("/v1/sessions", json={"id": sid, "ttl_s": 1, "prompt": [5] * 30}).status_code == 201
-    r = stateful_server.post(
-        "/v1/completions",
-        json={
-            "model": "tiny",
-            "prompt": [6],
-            "max_tokens": 1000,
-            "ignore_eos": True,
-            "stateful": sid,
-            "stateful_commit": False,
-        },
-    )
+    body = {"model": "tiny", "prompt": [6], "max_tokens": 200, "ignore_eos": True, "stateful": sid,
+            "stateful_commit": False}  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        query = pool.submit(httpx.post, stateful_server.base_url + "/completions", json=body, headers=AUTH, timeout=120)
+        wait_until(lambda: stateful_server.integrity()["running"] > 0, what="query running")
+        with stateful_server.paused():
+            time.sleep(2.5)  # the query keeps running, frozen, well past the session's 1 s TTL
+        r = query.result()
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 1000
+    assert r.json()["usage"]["completion_tokens"] == 200
     assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 200  # idle time starts after the query
     wait_until(lambda: stateful_server.get(f"/v1/sessions/{sid}").status_code == 404, 15, "expiry after the query")
 
@@ -463,10 +461,11 @@ def test_append_reserves_room_for_the_turn_in_flight(stateful_server):
         url + "/completions", {"model": "tiny", "prompt": [5], "max_tokens": 300, "ignore_eos": True, "stateful": sid}
     )
     # 1200 + (1 + 300 reserved by the running turn) + 100 > the 1536-token quota: refused now, not failed later
-    r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 100})
-    assert_error(r, 429, "session_quota_exceeded")
-    ok = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 20})
-    assert ok.status_code == 202, ok.text
+    with stateful_server.paused():
+        r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 100})
+        assert_error(r, 429, "session_quota_exceeded")
+        ok = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 20})
+        assert ok.status_code == 202, ok.text
     assert turn.finish()[-1] == "data: [DONE]"
     done = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [8], "wait": True})
     assert done.status_code == 200, done.text
