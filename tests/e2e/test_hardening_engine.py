@@ -262,7 +262,8 @@ def test_disconnect_storm_leaves_engine_pins_equal_to_the_api_view(stateful_serv
             _query(stateful_server, sid, [1])
     report = stateful_server.idle()
     s = stateful_server.session(sid, tokens=True)
-    assert s["version"] == 1 and len(s["token_ids"]) == 70  # every turn was rolled back
+    # each turn was rolled back, or committed in full if it finished before the hang-up was noticed
+    assert len(s["token_ids"]) == 70 + (s["version"] - 1) * (40 + 300)
     assert report["free_blocks"] == baseline - s["pinned_blocks"]  # no block pinned beyond the API's view
     stateful_server.delete(f"/v1/sessions/{sid}")
 
