@@ -60,7 +60,7 @@ def test_ingestion_template_error_fails_the_session_and_releases_waiters(statefu
         {
             "model": "tiny",
             "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 200,
+            "max_tokens": 1000,
             "ignore_eos": True,
             "stateful": sid,
         },
