@@ -76,6 +76,23 @@ class Server:
         )  # fmt: skip
 
     @contextlib.contextmanager
+    def held_request(self, path: str, body: dict):
+        """Send ``body`` to ``path`` while vLLM is paused and keep it admitted but not running until
+        the block ends: a committing turn then holds its session (whatever the machine's speed), so
+        work sent meanwhile queues behind it. Yields a future of the response."""
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            with self.paused():
+                future = pool.submit(self.post, path, json=body)
+                wait_until(lambda: (b := self.integrity())["waiting"] + b["running"] > 0, what="request admitted")
+                yield future
+            future.result()
+        finally:
+            pool.shutdown(wait=True)
+
+    @contextlib.contextmanager
     def paused(self):
         """vLLM's engine frozen (``/pause?mode=keep``, a dev route): running requests stay where they
         are, so work queued behind them meanwhile stays queued, however fast the machine is."""

@@ -115,15 +115,12 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
             headers=AUTH,
         )
 
-    # a running turn holds the session, so nothing drains while the appends arrive
-    turn = {"model": "tiny", "prompt": [6], "max_tokens": 1000, "ignore_eos": True, "stream": True, "stateful": sid}
-    with httpx.stream("POST", stateful_server.base_url + "/completions", json=turn, headers=AUTH, timeout=120) as s:
-        lines = s.iter_lines()
-        next(lines)
-        with stateful_server.paused(), concurrent.futures.ThreadPoolExecutor(10) as pool:
+    # a turn holds the session, so nothing drains while the appends arrive
+    turn = {"model": "tiny", "prompt": [6], "max_tokens": 300, "ignore_eos": True, "stateful": sid}
+    with stateful_server.held_request("/v1/completions", turn) as held:
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
             replies = list(pool.map(send, range(10)))  # 10 x 129 tokens stays under the session quota
-        for _ in lines:
-            pass
+    assert held.result().status_code == 200
     accepted, refused = [], 0
     for i, r in replies:
         if r.status_code == 202:
@@ -136,8 +133,8 @@ def test_back_pressure_429_and_nothing_dropped(stateful_server):
     stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [1], "wait": True})
     appended = [t for _, i in sorted(accepted) for t in [3300 + i] + chunk] + [1]
     body = _tokens(stateful_server, sid)
-    # the session, then the turn (its prompt and 1000 generated tokens), then every accepted append in order
-    assert body["token_ids"][:2] == [5, 6] and body["token_ids"][1002:] == appended
+    # the session, then the turn (its prompt and 300 generated tokens), then every accepted append in order
+    assert body["token_ids"][:2] == [5, 6] and body["token_ids"][302:] == appended
     assert body["version"] == 2 + len(accepted) + 1
     stateful_server.delete(f"/v1/sessions/{sid}")
     deadline = time.time() + 5
@@ -156,20 +153,15 @@ def test_appends_queued_behind_a_turn_are_coalesced_into_one_prefill(stateful_se
     sid = "dp-coalesce"
     stateful_server.post("/v1/sessions", json={"id": sid, "prompt": [40, 41, 42]})
     batches_before = _metric(stateful_server, "vllm_stateful:ingest_batches_total")
-    url = stateful_server.base_url + "/completions"
-    turn = {"model": "tiny", "prompt": [50], "max_tokens": 1400, "ignore_eos": True, "stream": True, "stateful": sid}
-    with httpx.stream("POST", url, json=turn, timeout=120, headers=AUTH) as resp:
-        lines = resp.iter_lines()
-        next(lines)  # the turn is running and holds the session's write lock
-        with stateful_server.paused():
-            acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]}) for i in range(10)]
+    turn = {"model": "tiny", "prompt": [50], "max_tokens": 400, "ignore_eos": True, "stateful": sid}
+    with stateful_server.held_request("/v1/completions", turn) as held:  # the turn holds the session
+        acks = [stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [60 + i]}) for i in range(10)]
         assert [a.status_code for a in acks] == [202] * 10
-        for _ in lines:
-            pass
+    assert held.result().status_code == 200
     stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [99], "wait": True})
     body = _tokens(stateful_server, sid)
-    # the turn (prompt + 1400 generated) committed first, then the ten appends in order, then the last
-    assert body["token_ids"][:4] == [40, 41, 42, 50] and len(body["token_ids"]) == 4 + 1400 + 11
+    # the turn (prompt + 400 generated) committed first, then the ten appends in order, then the last
+    assert body["token_ids"][:4] == [40, 41, 42, 50] and len(body["token_ids"]) == 4 + 400 + 11
     assert body["token_ids"][-11:] == [60 + i for i in range(10)] + [99]
     # one prefill for the ten queued appends, one for the last
     assert _metric(stateful_server, "vllm_stateful:ingest_batches_total") - batches_before == 2

@@ -55,29 +55,22 @@ def test_ingestion_template_error_fails_the_session_and_releases_waiters(statefu
     sid = "tmpl-fail"
     assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
     failures = stateful_server.metric("vllm_stateful:ingest_failures_total")
-    turn = _Stream(
-        url + "/chat/completions",
-        {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 1000,
-            "ignore_eos": True,
-            "stateful": sid,
-        },
-    )
-    # acknowledged now (rendered after no assistant reply); ingested after the turn adds one, which the
-    # server's chat template (--chat-template, with a raise_exception rule) refuses
-    with stateful_server.paused():
-        ack = stateful_server.post(f"/v1/sessions/{sid}/append", json={"messages": [{"role": "tool", "content": "x"}]})
-    assert ack.status_code == 202, ack.text
+    turn = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stateful": sid}
     waiter = {}
     t = threading.Thread(
         target=lambda: waiter.setdefault(
             "r", stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [5], "wait": True}, timeout=60)
         )
     )
-    t.start()
-    assert turn.finish()[-1] == "data: [DONE]"
+    with stateful_server.held_request("/v1/chat/completions", turn) as held:
+        # acknowledged now (rendered after no assistant reply); ingested after the turn adds one, which the
+        # server's chat template (--chat-template, with a raise_exception rule) refuses
+        tool = {"messages": [{"role": "tool", "content": "x"}]}
+        ack = stateful_server.post(f"/v1/sessions/{sid}/append", json=tool)
+        assert ack.status_code == 202, ack.text
+        t.start()  # an append queued behind it, waiting for its ingestion
+        wait_until(lambda: stateful_server.session(sid)["version"] == 2, what="second append acknowledged")
+    assert held.result().status_code == 200
     t.join(60)
     # the append queued behind the failed one is released with the error, promptly
     assert "r" in waiter, "waiter still blocked"
@@ -285,16 +278,13 @@ def test_ttl_values_a_client_cannot_set(stateful_server):
 def test_session_does_not_expire_under_a_running_query(stateful_server):
     sid = "busy-ttl"
     assert stateful_server.post("/v1/sessions", json={"id": sid, "ttl_s": 1, "prompt": [5] * 30}).status_code == 201
-    body = {"model": "tiny", "prompt": [6], "max_tokens": 1500, "ignore_eos": True, "stateful": sid,
+    body = {"model": "tiny", "prompt": [6], "max_tokens": 20, "ignore_eos": True, "stateful": sid,
             "stateful_commit": False}  # fmt: skip
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        query = pool.submit(httpx.post, stateful_server.base_url + "/completions", json=body, headers=AUTH, timeout=120)
-        wait_until(lambda: stateful_server.integrity()["running"] > 0, what="query running")
-        with stateful_server.paused():
-            time.sleep(2.5)  # the query keeps running, frozen, well past the session's 1 s TTL
-        r = query.result()
+    with stateful_server.held_request("/v1/completions", body) as query:
+        time.sleep(2.5)  # the query stays in flight, frozen, well past the session's 1 s TTL
+    r = query.result()
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 1500
+    assert r.json()["usage"]["completion_tokens"] == 20
     assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 200  # idle time starts after the query
     wait_until(lambda: stateful_server.get(f"/v1/sessions/{sid}").status_code == 404, 15, "expiry after the query")
 
@@ -461,20 +451,17 @@ def test_defaults_sent_explicitly_and_honoured_options_are_accepted(stateful_ser
 
 
 def test_append_reserves_room_for_the_turn_in_flight(stateful_server):
-    url = stateful_server.base_url
     sid = "ack-room"
     history = list(range(100, 100 + 1200))
     assert stateful_server.post("/v1/sessions", json={"id": sid, "prompt": history}).status_code == 201
-    turn = _Stream(
-        url + "/completions", {"model": "tiny", "prompt": [5], "max_tokens": 300, "ignore_eos": True, "stateful": sid}
-    )
-    # 1200 + (1 + 300 reserved by the running turn) + 100 > the 1536-token quota: refused now, not failed later
-    with stateful_server.paused():
+    turn = {"model": "tiny", "prompt": [5], "max_tokens": 300, "ignore_eos": True, "stateful": sid}
+    with stateful_server.held_request("/v1/completions", turn) as held:
+        # 1200 + (1 + 300 reserved by the running turn) + 100 > the 1536-token quota: refused now, not failed later
         r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 100})
         assert_error(r, 429, "session_quota_exceeded")
         ok = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7] * 20})
         assert ok.status_code == 202, ok.text
-    assert turn.finish()[-1] == "data: [DONE]"
+    assert held.result().status_code == 200
     done = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [8], "wait": True})
     assert done.status_code == 200, done.text
     s = done.json()
