@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench bench-chat bench-streaming bench-sessions bench-probe clean
+.PHONY: setup run test test-unit lint bench bench-chat bench-streaming bench-sessions bench-probe clean bench-flash
 
 setup: $(VENV)/.setup-$(TARGET)
 
@@ -46,6 +46,9 @@ bench-chat: setup
 
 bench-streaming: setup
 	$(BIN)/python benchmarks/streaming_benchmark.py
+
+bench-flash: setup
+	$(BIN)/python benchmarks/flash_benchmark.py
 
 bench-sessions: setup
 	$(BIN)/python benchmarks/session_turn_latency.py

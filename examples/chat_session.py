@@ -22,6 +22,8 @@ for new_messages in turns:  # only the new messages, every turn
         model=model, messages=new_messages, max_tokens=16, temperature=0, extra_body={"stateful": args.session}
     )
     session = reply.model_extra["session"]
-    print(f"sent {reply.usage.prompt_tokens} new tokens, context {session['context_tokens']}, "
-          f"recomputed {session['recomputed_tokens']}: {reply.choices[0].message.content!r}")
+    print(
+        f"sent {reply.usage.prompt_tokens} new tokens, context {session['context_tokens']}, "
+        f"recomputed {session['recomputed_tokens']}: {reply.choices[0].message.content!r}"
+    )
 print(httpx.delete(f"{args.base_url}/sessions/{args.session}").json())

@@ -28,7 +28,14 @@ class StatefulConfig:
     default_ttl_s: idle seconds before a session expires; 0 disables expiry
         (an operator's choice: clients cannot ask for "never").
     min_ttl_s / max_ttl_s: bounds on a client's ``ttl_s``.
-    max_flash_queries_per_session: reserved for flash queries.
+    max_flash_queries_per_session / max_flash_queries: registered flash
+        queries per session and in all; beyond them 429.
+    flash_max_wait_s: the largest ``wait_s`` a flash-query read may ask for.
+    max_event_subscribers_per_session: open ``/events`` streams per session;
+        beyond it 429.
+    event_replay: events a session keeps for resuming with ``Last-Event-ID``.
+    event_buffer: undelivered events kept per subscriber; a slower client
+        loses the oldest and is told so by a ``lagged`` event.
     max_ingest_queue_tokens: per-session bound on appended-but-not-ingested
         tokens; beyond it appends get 429, and one append larger than it 413.
     max_sessions / max_sessions_per_tenant: live sessions in all and per
@@ -49,6 +56,11 @@ class StatefulConfig:
     min_ttl_s: float = 1.0
     max_ttl_s: float = 86400.0
     max_flash_queries_per_session: int = 8
+    max_flash_queries: int = 1024
+    flash_max_wait_s: float = 60.0
+    max_event_subscribers_per_session: int = 16
+    event_replay: int = 256
+    event_buffer: int = 256
     max_ingest_queue_tokens: int = 8192
     max_sessions: int = 4096
     max_sessions_per_tenant: int | None = None
@@ -66,12 +78,20 @@ class StatefulConfig:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise ValueError(f"stateful.{name} must be a positive integer or null, got {value!r}")
-        for name in ("max_flash_queries_per_session", "max_ingest_queue_tokens", "max_sessions"):
+        for name in (
+            "max_flash_queries_per_session",
+            "max_flash_queries",
+            "max_event_subscribers_per_session",
+            "event_replay",
+            "event_buffer",
+            "max_ingest_queue_tokens",
+            "max_sessions",
+        ):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"stateful.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not _positive_int(self.max_request_body_bytes) or self.max_request_body_bytes < 1024:
             raise ValueError("stateful.max_request_body_bytes must be an integer >= 1024")
-        for name in ("default_ttl_s", "min_ttl_s", "max_ttl_s", "ingest_wait_timeout_s"):
+        for name in ("default_ttl_s", "min_ttl_s", "max_ttl_s", "ingest_wait_timeout_s", "flash_max_wait_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"stateful.{name} must be a finite number >= 0, got {value!r}")

@@ -34,6 +34,10 @@ KEY_A = "test-key-tenant-a"
 KEY_B = "test-key-tenant-b"
 MAX_BODY_BYTES = 256 * 1024
 MAX_SESSIONS_PER_TENANT = 200
+MAX_SUBSCRIBERS = 4
+EVENT_BUFFER = 8
+EVENT_REPLAY = 16
+MAX_FLASH_PER_SESSION = 4
 CHAT_TEMPLATE = Path(__file__).with_name("strict_chatml.jinja")
 
 
@@ -170,6 +174,10 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "max_request_body_bytes": MAX_BODY_BYTES,
         "max_sessions_per_tenant": MAX_SESSIONS_PER_TENANT,
         "ingest_wait_timeout_s": 60,
+        "max_event_subscribers_per_session": MAX_SUBSCRIBERS,
+        "event_buffer": EVENT_BUFFER,
+        "event_replay": EVENT_REPLAY,
+        "max_flash_queries_per_session": MAX_FLASH_PER_SESSION,
     }
     cmd = [
         sys.executable, "-m", "vllm_stateful.cli", "serve", tiny_model_path,

@@ -73,7 +73,14 @@ ROUTES = {
     "delete": ("DELETE", "/v1/sessions/{id}"),
     "append": ("POST", "/v1/sessions/{id}/append"),
     "integrity": ("GET", "/v1/stateful/debug/integrity"),
+    "flash_register": ("POST", "/v1/sessions/{id}/flash_queries"),
+    "flash_list": ("GET", "/v1/sessions/{id}/flash_queries"),
+    "flash_get": ("GET", "/v1/sessions/{id}/flash_queries/{fid}"),
+    "flash_delete": ("DELETE", "/v1/sessions/{id}/flash_queries/{fid}"),
+    "events": ("GET", "/v1/sessions/{id}/events"),
 }
+# The victim's flash query (registered at setup); "{known_fid}" in a path is replaced by its id at run time.
+KNOWN_FID = "{known_fid}"
 # Drawn with these weights: the body-taking routes get most of the budget.
 ROUTE_WEIGHTS = {
     "chat": 30,
@@ -84,6 +91,11 @@ ROUTE_WEIGHTS = {
     "list": 3,
     "delete": 5,
     "integrity": 4,
+    "flash_register": 8,
+    "flash_list": 2,
+    "flash_get": 5,
+    "flash_delete": 3,
+    "events": 3,
 }
 SERVER_ERROR_TYPES = ("server_error", "service_unavailable_error")  # a 5xx, in an error body
 AUTHS = {"A": f"Bearer {KEY_A}", "B": f"Bearer {KEY_B}", "bad": "Bearer not-a-key", "none": None}
@@ -243,6 +255,17 @@ def _valid_body(route: str, vocab: int) -> st.SearchStrategy[dict]:
         return st.tuples(content, st.fixed_dictionaries({}, optional={"wait": st.booleans()})).map(
             lambda t: {**t[0], **t[1]}
         )
+    if route == "flash_register":
+        question = st.one_of(
+            st.fixed_dictionaries({"prompt": st.one_of(_texts(), _token_ids(vocab))}),
+            st.fixed_dictionaries({"messages": messages}),
+        )
+        base = st.tuples(
+            question,
+            st.fixed_dictionaries({"max_tokens": st.integers(1, 4)}, optional={"name": _texts()}),
+            _sampling_extras(chat=False).map(lambda d: {k: v for k, v in d.items() if not k.startswith("stateful")}),
+        )
+        return base.map(lambda t: {**t[0], **t[1], **t[2]})
     return st.just({})
 
 
@@ -400,10 +423,26 @@ def cases(draw, vocab: int, preexisting: frozenset) -> Case:
         if not _path_safe(sid):
             sid = draw(st.sampled_from([s for s in _INVALID_IDS if _path_safe(s)]))
         path = path.replace("{id}", quote(sid, safe="").replace(".", "%2E"))
-    if route in ("get", "list", "integrity") and draw(st.booleans()):
+    if "{fid}" in path:
+        fid = draw(st.sampled_from([KNOWN_FID] * 3 + ["fq-0", "fq-" + "0" * 24, "x", "%2E%2E", "\u00e9" * 3]))
+        if route == "flash_delete" and kind == "victim" and auth == "A" and fid == KNOWN_FID:
+            fid = "fq-" + "1" * 24  # tenant A may not delete the victim's known query; others may try
+        path = path.replace("{fid}", fid if fid == KNOWN_FID else quote(fid, safe="%"))
+    if route in ("get", "list", "integrity", "flash_get") and draw(st.booleans()):
         params["include_tokens"] = draw(
             st.one_of(st.sampled_from(["true", "1", "TRUE", "false", ""]), st.text(max_size=5))
         )
+    if route == "flash_get":
+        for name in ("min_version", "wait_s"):
+            if draw(st.booleans()):
+                params[name] = draw(
+                    st.one_of(
+                        st.sampled_from(["0", "1", "7", "-1", "0.01", "nan", "inf", "1e9", "x", ""]),
+                        st.text(max_size=4),
+                    )
+                )
+    if route == "events" and draw(st.booleans()):
+        headers["last-event-id"] = draw(st.sampled_from([b"0", b"1", b"-1", b"x", b"99999999999", b"1e3", b""]))
     body: Any = None
     content: bytes | None = None
     if method == "POST":
@@ -432,6 +471,8 @@ def cases(draw, vocab: int, preexisting: frozenset) -> Case:
             if route in ("chat", "completions"):
                 sid_resolved = _openai_session_id(body, headers.get("x-stateful-session"))
                 _cost_guard(body, stateless=sid_resolved is None)
+            if route == "flash_register":
+                _cost_guard(body, stateless=False)
             text = json.dumps(body, ensure_ascii=draw(st.booleans()))
             try:
                 content = text.encode("utf-8")
@@ -482,6 +523,7 @@ REGRESSIONS = [
     _explicit("completions", {"stateful": VICTIM, "max_tokens": 1}, note="no prompt"),
     _explicit("completions", {"stateful": VICTIM, "prompt": "\ud800", "max_tokens": 1}, note="lone surrogate"),
     _explicit("append", {"text": "a\ud800"}, VICTIM, note="lone surrogate"),
+    _explicit("completions", {"stateful": VICTIM, "prompt": "a", "max_tokens": 1, "stop": ["\ud800"]}, note="stop"),
     _explicit("chat", {"stateful": VICTIM, "messages": _HI, "max_tokens": 0}, note="max_tokens 0"),
     _explicit(
         "chat",
@@ -508,7 +550,10 @@ REGRESSIONS = [
 
 
 def _snapshot(body: dict) -> dict:
-    keys = ("id", "version", "context_tokens", "pinned_blocks", "state", "queued_tokens", "ttl_s", "token_ids")
+    keys = (
+        "id", "version", "context_tokens", "pinned_blocks", "state", "queued_tokens", "ttl_s", "token_ids",
+        "flash_queries",
+    )  # fmt: skip
     return {k: body.get(k) for k in keys}
 
 
@@ -548,6 +593,7 @@ class FuzzRun:
     )
     error_codes: collections.Counter = field(default_factory=collections.Counter)
     since_integrity: int = 0
+    known_fid: str = ""
 
     def __post_init__(self) -> None:
         self.http = httpx.Client(base_url=self.root, timeout=TIMEOUT_S)
@@ -626,6 +672,8 @@ class FuzzRun:
         )
         body = {"stateful": VICTIM, "messages": [{"role": "user", "content": "One line."}], "max_tokens": 4}
         ok(self.call("POST", "/v1/chat/completions", json=body), 200)
+        question = {"name": "known", "prompt": "Summary:", "max_tokens": 3}
+        self.known_fid = ok(self.call("POST", f"/v1/sessions/{VICTIM}/flash_queries", json=question), 201)["id"]
         self.victim = self.settle()
         assert self.victim["version"] == 6 and self.victim["state"] == "resident", self.victim
 
@@ -635,14 +683,20 @@ class FuzzRun:
         self.counts["requests"] += 1
         self.counts[f"route:{route}"] += 1
         before_a = self.preexisting["A"] | {VICTIM}
+        path = case.path.replace(KNOWN_FID, self.known_fid)
         try:
-            resp = self.http.request(
-                case.method,
-                case.path,
-                params=case.params or None,
-                headers=case.headers,
-                content=case.content,
-            )
+            if route == "events":  # a stream that stays open: read the status and headers, then hang up
+                with self.http.stream(case.method, path, headers=case.headers) as resp:
+                    if resp.status_code != 200:
+                        resp.read()
+            else:
+                resp = self.http.request(
+                    case.method,
+                    path,
+                    params=case.params or None,
+                    headers=case.headers,
+                    content=case.content,
+                )
         except httpx.TimeoutException as exc:
             self.violation("timeout", case, None, error=repr(exc))
             return
@@ -651,7 +705,9 @@ class FuzzRun:
         ctype = resp.headers.get("content-type", "")
         payload: Any = None
         stream_error = None
-        if ctype.startswith("text/event-stream"):
+        if route == "events":
+            payload = resp.json() if status != 200 and ctype.startswith("application/json") else None
+        elif ctype.startswith("text/event-stream"):
             events = _sse_events(resp.text)
             # the chunk that carries the session (the usage chunk, if any, comes after it)
             payload = next((e for e in reversed(events) if isinstance(e, dict) and "session" in e), None)
@@ -718,6 +774,17 @@ class FuzzRun:
                 self.violation(
                     "accepted change is not one clean commit", case, resp, before=_brief(old), after=_brief(new)
                 )
+        elif route in ("flash_register", "flash_delete") and on_victim and not rejected:
+            fid = payload.get("id") if isinstance(payload, dict) else None
+            rest_same = {k: v for k, v in new.items() if k != "flash_queries"} == {
+                k: v for k, v in old.items() if k != "flash_queries"
+            }
+            listed = fid in (new["flash_queries"] or [])
+            if not rest_same or listed != (route == "flash_register"):
+                kind = "flash change is not exactly one query"
+                self.violation(kind, case, resp, before=_brief(old), after=_brief(new))
+            else:
+                self.counts["accepted_on_victim_unchanged"] += 1
         elif new != old:
             self.violation(
                 "victim changed" + (" by a rejected request" if rejected else ""),
@@ -805,7 +872,7 @@ def run_fuzz(run: FuzzRun, vocab: int, max_examples: int = MAX_EXAMPLES) -> Fuzz
     assert VICTIM not in run.preexisting["A"], "a previous fuzz run left its victim behind"
     pre_victim = run.integrity()
     run.set_up_victim()
-    baseline = run.integrity()
+    baseline = _wait_idle(run)  # the victim's flash query is evaluated at registration
     assert baseline["problems"] == [], baseline
     victim0 = dict(run.victim)
 

@@ -172,6 +172,7 @@ class SessionControl:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_epoch": self.kv_epoch,
+            "counters": dict(self.counters),
         }
 
     def op_drop_all(self, reason: str) -> dict[str, int]:

@@ -17,6 +17,9 @@ overrides, each around ``super()``:
   release or before a KV drop (``SessionControl.may_pin``): nothing the API
   server rolled back or closed can re-appear in the engine, and no KV from
   before a weight update is pinned.
+* ``schedule`` -- flash evaluations (background re-answers of flash
+  queries) are held out of the step while foreground work exists
+  (``work_classes.FlashHold``), then put back; vLLM schedules the rest.
 * ``reset_prefix_cache`` -- every cache reset vLLM performs (``/reset_prefix_cache``,
   ``pause(clear_cache)``, ``sleep`` level >= 1, releasing KV memory) first
   releases all pinned sessions, which become ``cold`` (their tokens stay in
@@ -42,12 +45,18 @@ from vllm_stateful.engine.control import SessionControl
 from vllm_stateful.engine.request_tags import SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
+from vllm_stateful.engine.work_classes import FlashHold, is_flash
 
 logger = init_logger(__name__)
 
 # Finished statuses whose KV is complete and which the API server may commit.
 PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
 STAMP_ATTR = "_vllm_stateful_stamp"
+FLASH_ATTR = "_vllm_stateful_flash"
+
+
+def _flash(request: Request) -> bool:
+    return getattr(request, FLASH_ATTR, False)
 
 
 class StatefulSchedulerMixin:
@@ -74,6 +83,7 @@ class StatefulSchedulerMixin:
             self.kv_cache_manager.block_pool, self.kv_cache_manager.coordinator.single_type_managers[0].block_size
         )
         self.session_control = SessionControl(self)
+        self.flash_hold = FlashHold(self.session_control.counters)
         logger.info(
             "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
             "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
@@ -86,7 +96,25 @@ class StatefulSchedulerMixin:
         tag = self._session_tag(request, count_forged=True)
         if tag is not None:
             setattr(request, STAMP_ATTR, self.session_control.stamp(tag.key))
+        params = request.sampling_params
+        setattr(request, FLASH_ATTR, is_flash(params.extra_args if params else None))
         super().add_request(request)
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        held_running, held_waiting = self.flash_hold.split(self.running, self.waiting, _flash)
+        if held_running:
+            self.running = [r for r in self.running if not _flash(r)]
+        if held_waiting:
+            self.waiting.remove_requests(held_waiting)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.running.extend(held_running)
+            if held_waiting:
+                self.waiting.prepend_requests(held_waiting)
+        flash_ids = {r.request_id for r in self.running if _flash(r)}
+        self.flash_hold.after_step(len(held_running) + len(held_waiting), output.num_scheduled_tokens, flash_ids)
+        return output
 
     def _get_local_prefix_cache_hit(self, request: Request):
         tag = self._session_tag(request)

@@ -48,6 +48,7 @@ RETRYABLE = ("engine_aborted", "engine_unavailable")
 @dataclass
 class AppendItem:
     seq: int
+    version: int  # the session version its acknowledgement made
     acked_at: float
     reservation: Reservation
     text: str | None = None
@@ -82,7 +83,7 @@ class Ingestor:
         session.acked_seq += 1
         session.version += 1
         session.queued_tokens += estimate
-        item = AppendItem(session.acked_seq, time.monotonic(), reservation, text, token_ids, messages)
+        item = AppendItem(session.acked_seq, session.version, time.monotonic(), reservation, text, token_ids, messages)
         session.pending_appends.append(item)
         if session.ingest_task is None or session.ingest_task.done():
             session.ingest_task = asyncio.get_running_loop().create_task(self._drain(session))
@@ -153,7 +154,7 @@ class Ingestor:
             previous, pending, empty = list(session.messages), session.pending_chat_text, not session.token_ids
             turn_input = await service.bridge.off_loop(self._coalesce, previous, pending, empty, batch)
             service.metrics.ingest_batches.inc()
-            await service.ingest(session, turn_input, [i.reservation for i in batch])
+            await service.ingest(session, turn_input, [i.reservation for i in batch], batch[-1].version)
             ingested = True
         except asyncio.CancelledError:
             self._finish(session, batch, ingested=False)
@@ -167,6 +168,7 @@ class Ingestor:
                 logger.exception("vllm-stateful: ingest into session %s failed", session.id)
                 session.state = "failed"
                 session.error = exc.message if isinstance(exc, SessionError) else f"{type(exc).__name__}: {exc}"
+                session.events.close("failed", {"reason": "ingest_failed", "error": session.error})
                 service.metrics.ingest_failures.inc()
         self._finish(session, batch, ingested)
         async with session.ingest_cond:

@@ -55,10 +55,29 @@ class SessionMetrics:
         self.engine = Gauge(
             p + "engine_events",
             "Engine-side session events: forged_tags (unsigned tags ignored), faults, dropped_* (sessions "
-            "whose KV was released by a cache reset or weight update)",
+            "whose KV was released by a cache reset or weight update), flash_held_steps (steps that held "
+            "flash evaluations back for foreground work), flash_shared_steps (steps that batched both)",
             ["event"],
             registry=REGISTRY,
         )
+
+        self.flash_queries = Gauge(p + "flash_queries", "Registered flash queries", registry=REGISTRY)
+        self.flash_evaluations = Counter(p + "flash_evaluations", "Flash-query answers computed", registry=REGISTRY)
+        self.flash_superseded = Counter(
+            p + "flash_superseded",
+            "Session changes whose flash evaluation was skipped for a newer version",
+            registry=REGISTRY,
+        )
+        self.flash_hits = Counter(
+            p + "flash_hits", "Read-only queries answered from a flash query's cache", registry=REGISTRY
+        )
+        self.flash_answer_age = Histogram(
+            p + "flash_answer_age_versions",
+            "Versions behind the session of each flash answer read",
+            buckets=(0, 1, 2, 4, 8, 16, 64),
+            registry=REGISTRY,
+        )
+        self.event_subscribers = Gauge(p + "event_subscribers", "Open /events streams", registry=REGISTRY)
 
     def refresh(self, service) -> None:
         store = service.store
@@ -71,5 +90,5 @@ class SessionMetrics:
 
     def engine_counters(self, info: dict) -> None:
         for name, value in info.items():
-            if name in ("forged_tags", "faults") or name.startswith("dropped_"):
+            if name in ("forged_tags", "faults") or name.startswith(("dropped_", "flash_")):
                 self.engine.labels(event=name).set(value)

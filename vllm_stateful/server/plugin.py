@@ -3,7 +3,7 @@
 vLLM loads it only when ``VLLM_PLUGINS`` names ``stateful``. It overrides
 POST ``/v1/chat/completions`` and ``/v1/completions`` (requests without a
 session are handed to vLLM's own handlers, captured here before the
-override) and adds the ``/v1/sessions`` routes. vLLM's API-key middleware
+override) and adds the ``/v1/sessions`` routes (flash queries and events included). vLLM's API-key middleware
 wraps these routes like any other ``/v1`` route.
 
 Startup fails, with a message saying what is supported, when the setup cannot
@@ -29,6 +29,7 @@ class StatefulEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_stateful.server.routes_flash import router as flash_router
         from vllm_stateful.server.routes_openai import CHAT_PATH, COMPLETIONS_PATH
         from vllm_stateful.server.routes_openai import router as openai_router
         from vllm_stateful.server.routes_sessions import router as sessions_router
@@ -43,6 +44,7 @@ class StatefulEndpointPlugin:
         app.state.stateful_core_endpoints = core
         app.include_router(openai_router)
         app.include_router(sessions_router)
+        app.include_router(flash_router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
@@ -54,6 +56,7 @@ class StatefulEndpointPlugin:
         from vllm_stateful.config import StatefulConfig
         from vllm_stateful.engine.support import unsupported_reason
         from vllm_stateful.server.bridge import EngineBridge
+        from vllm_stateful.server.flash_runner import FlashRunner
         from vllm_stateful.server.ingest import Ingestor
         from vllm_stateful.server.lifecycle import Maintenance
         from vllm_stateful.server.metrics import SessionMetrics
@@ -76,6 +79,7 @@ class StatefulEndpointPlugin:
             bridge=bridge,
             service=service,
             ingestor=Ingestor(service),
+            flash=FlashRunner(service),
             core_endpoints=getattr(state, "stateful_core_endpoints", {}),
             chat_request_cls=ChatCompletionRequest,
             completion_request_cls=CompletionRequest,

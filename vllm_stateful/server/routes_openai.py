@@ -97,10 +97,10 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     session_id = checked_id(session_id)
     if not isinstance(commit, bool):
         raise bad_request("'stateful_commit' must be a boolean", param=COMMIT_BODY_FIELD)
-    _refuse_unsupported(parsed, chat)
+    refuse_unsupported(parsed, chat)
     if parsed.model and parsed.model not in state.bridge.served_model_names:
         raise SessionError(404, f"the model '{parsed.model}' does not exist", "model_not_found", param="model")
-    build = _chat_builder(state, body) if chat else _prompt_builder(state, parsed.prompt)
+    build = chat_builder(state, body) if chat else prompt_builder(state, parsed.prompt)
     max_tokens = _requested_max_tokens(parsed, chat)
     make_params(parsed, state, 1 if max_tokens is None else max_tokens)  # vLLM's checks, before any session is touched
     work = _run_session_request(state, raw_request, tenant, session_id, parsed, body, build, max_tokens, chat, commit)
@@ -123,12 +123,30 @@ def _requested_max_tokens(parsed: Any, chat: bool) -> int | None:
     return parsed.max_tokens
 
 
+# Text fields vLLM's request models accept but its engine fails on (a 500) when they hold lone surrogates.
+ENCODED_TEXT_FIELDS = ("stop", "bad_words")
+
+
 def make_params(parsed: Any, state: StatefulState, max_tokens: int):
     """vLLM's SamplingParams for the request, through vLLM's own validation (400 if it refuses)."""
+    for name in ENCODED_TEXT_FIELDS:
+        value = getattr(parsed, name, None)
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for text in texts:
+            if isinstance(text, str) and not _utf8(text):
+                raise bad_request(f"'{name}' holds text that is not valid Unicode (a lone surrogate)", param=name)
     try:
         return parsed.to_sampling_params(max_tokens, state.bridge.default_sampling_params)
     except Exception as exc:  # vLLM's VLLMValidationError is not a ValueError
         raise from_vllm(exc) from None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _run_session_request(
@@ -198,7 +216,7 @@ async def _stream(turn, first, shape: ResponseShape, include_usage: bool):
         await turn.aclose()
 
 
-def _chat_builder(state: StatefulState, body: dict[str, Any]) -> Callable:
+def chat_builder(state: StatefulState, body: dict[str, Any]) -> Callable:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must hold at least one new message", "unsupported_in_session", "messages")
@@ -206,7 +224,7 @@ def _chat_builder(state: StatefulState, body: dict[str, Any]) -> Callable:
     return lambda s: state.service.chat_input(s, msgs, add_generation_prompt=True)
 
 
-def _prompt_builder(state: StatefulState, prompt: Any) -> Callable:
+def prompt_builder(state: StatefulState, prompt: Any) -> Callable:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -226,7 +244,7 @@ def _prompt_builder(state: StatefulState, prompt: Any) -> Callable:
     )
 
 
-def _refuse_unsupported(parsed: Any, chat: bool) -> None:
+def refuse_unsupported(parsed: Any, chat: bool) -> None:
     """Options a session cannot honour are a 400, never silently ignored."""
     if (parsed.n or 1) != 1:
         raise bad_request("n>1 is not supported on session requests", "unsupported_in_session", "n")

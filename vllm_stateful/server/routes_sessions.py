@@ -21,7 +21,7 @@ router = APIRouter()
 INTEGRITY_PATH = "/v1/stateful/debug/integrity"
 
 
-async def _body(state: StatefulState, raw_request: Request, ids_field: str | None = None) -> dict:
+async def session_body(state: StatefulState, raw_request: Request, ids_field: str | None = None) -> dict:
     """The JSON body; a token-id list that cannot fit the context is a 413 before any validation."""
     body = await parse_object(
         await read_body(raw_request, state.config.max_request_body_bytes) or b"{}", state.bridge.parse_json
@@ -35,7 +35,7 @@ async def _body(state: StatefulState, raw_request: Request, ids_field: str | Non
     return body
 
 
-def _own_session(state: StatefulState, raw_request: Request, session_id: str) -> Session:
+def own_session(state: StatefulState, raw_request: Request, session_id: str) -> Session:
     tenant = state.tenancy.tenant_of(raw_request.headers)
     return state.service.store.get(tenant, checked_id(session_id, "session_id"))
 
@@ -51,7 +51,7 @@ def _check_ttl(state: StatefulState, ttl_s: float | None) -> None:
 async def create_session(raw_request: Request) -> Response:
     state = stateful_state(raw_request)
     tenant = state.tenancy.tenant_of(raw_request.headers)
-    req = validated(CreateSessionRequest, await _body(state, raw_request, "prompt"))
+    req = validated(CreateSessionRequest, await session_body(state, raw_request, "prompt"))
     if req.id is not None:
         checked_id(req.id, "id")
     _check_ttl(state, req.ttl_s)
@@ -84,7 +84,7 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
             turn_input = TurnInput(list(prompt))
         reservation = service.ledger.reserve(session.key, len(turn_input.token_ids), 1, "this session's content")
         try:
-            await service.ingest(session, turn_input, [reservation])
+            await service.ingest(session, turn_input, [reservation], session.version + 1)
         finally:
             service.ledger.cancel(reservation)  # no-op once settled
         session.version += 1
@@ -104,7 +104,7 @@ async def list_sessions(raw_request: Request) -> Response:
 async def get_session(session_id: str, raw_request: Request) -> Response:
     """``?include_tokens=true`` adds the session's token history (``token_ids``); owner only, like every route."""
     state = stateful_state(raw_request)
-    session = _own_session(state, raw_request, session_id)
+    session = own_session(state, raw_request, session_id)
     body = session.to_public()
     if raw_request.query_params.get("include_tokens", "").lower() in ("1", "true"):
         body["token_ids"] = list(session.token_ids)
@@ -115,7 +115,7 @@ async def get_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def delete_session(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = _own_session(state, raw_request, session_id)
+    session = own_session(state, raw_request, session_id)
     return JSONResponse(await state.service.close(session))
 
 
@@ -123,8 +123,8 @@ async def delete_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def append(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = _own_session(state, raw_request, session_id)
-    req = validated(AppendRequest, await _body(state, raw_request, "token_ids"))
+    session = own_session(state, raw_request, session_id)
+    req = validated(AppendRequest, await session_body(state, raw_request, "token_ids"))
     messages = template_messages(req.messages) if req.messages else None
     if req.token_ids is not None:
         check_token_ids(req.token_ids, state.bridge.max_token_id, "token_ids")
@@ -193,6 +193,7 @@ async def integrity(raw_request: Request) -> Response:
         "running": engine["running"],
         "waiting": engine["waiting"],
         "kv_epoch": engine["kv_epoch"],
+        "counters": engine["counters"],
         "sessions": sorted(s.id for s in own.values() if s.key in engine["sessions"]),
         "api_sessions": {s.id: s.pinned_blocks for s in own.values()},
         "charged_blocks": state.service.ledger.charged_blocks(),

@@ -32,16 +32,20 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
+from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.metrics import SessionMetrics
 from vllm_stateful.server.session_kv import SessionKV, survive_cancellation
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
 from vllm_stateful.sessions.admission import Budget, CellLedger, Reservation
+from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.store import Session, SessionError, SessionStore
 from vllm_stateful.sessions.tenants import Tenancy
 
 logger = logging.getLogger(__name__)
 
+# The event that ends a session's stream, by close reason (other reasons: "closed").
+LIFECYCLE_EVENTS = {"expired": "expired", "failed": "failed"}
 BuildInput = Callable[[Session], Awaitable[TurnInput]]
 MakeParams = Callable[[int], SamplingParams]
 
@@ -53,10 +57,19 @@ class SessionService:
         self.metrics = metrics
         self.tenancy = tenancy
         self.kv = SessionKV(bridge, tenancy)
-        self.store = SessionStore(config.default_ttl_s, config.max_sessions, config.tenant_session_limit)
+        self.store = SessionStore(
+            config.default_ttl_s,
+            config.max_sessions,
+            config.tenant_session_limit,
+            lambda: SessionEvents(config.event_replay, config.event_buffer, config.max_event_subscribers_per_session),
+        )
         self.budget: Budget | None = None
         self.ledger: CellLedger | None = None
         self.kv_epoch = 0
+        # Set by the flash-query runner: told of every committed change and close; answers cache hits.
+        self.on_commit: Callable[[Session], None] | None = None
+        self.on_close: Callable[[Session], None] | None = None
+        self.cached_answer: Callable[[TurnResult, list[int], SamplingParams], bool] | None = None
         # Background ingestion yields to read-only queries (bounded), so a query's
         # decode steps are not batched with ingest prefills.
         self._queries_in_flight = 0
@@ -128,6 +141,7 @@ class SessionService:
         stream: bool,
         priority: int = 0,
         session_id: str | None = None,
+        flash: bool = False,
     ) -> AsyncIterator[tuple[TurnResult, RequestOutput | None]]:
         """Run one request on the session, yielding (result, delta) per engine output.
 
@@ -136,6 +150,12 @@ class SessionService:
         vLLM's sampling params once the final ``max_tokens`` is known. The last
         yielded result has ``finished`` set and, with ``commit``, is committed.
         Refusals raise SessionError before the first yield.
+
+        A read-only query whose answer a flash query already holds for this
+        version is answered from that cache (one result, no delta, no engine
+        request). ``flash``: a background flash evaluation -- it reads what is
+        committed now (no read-your-writes wait), runs in the engine's flash
+        class (only on spare capacity), and is not client use of the session.
         """
         assert self.ledger is not None
         flagged = lock_held = committed = counted = False
@@ -148,12 +168,14 @@ class SessionService:
                 )
             if commit:
                 session.turn_in_flight = flagged = True
-            await self.wait_ingested(session, session.acked_seq)
+            if not flash:
+                await self.wait_ingested(session, session.acked_seq)
             if commit:
                 await self._acquire(session)
                 lock_held = True
                 ensure_open(session)
-            read_version = session.version  # build_input snapshots the session before its first await
+            # build_input snapshots the session before its first await
+            read_version = session.version if commit else session.committed_version
             turn_input = await build_input(session)
             ensure_open(session)  # closed while the input was built: nothing may start
             history = session.token_ids if turn_input.history is None else turn_input.history
@@ -165,11 +187,18 @@ class SessionService:
             params.extra_args = {
                 **(params.extra_args or {}),
                 **make_extra_args(self.tenancy.secret, session.key, commit),
+                **({CLASS_KEY: FLASH} if flash else {}),
             }
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
             result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version)
+            if not commit and not flash:
+                result.flash_hit = False
+            if not commit and not flash and not stream and self.cached_answer is not None:
+                if self.cached_answer(result, turn_input.token_ids, params):
+                    yield result, None
+                    return
             started = time.monotonic()
-            if not commit:
+            if not commit and not flash:
                 self._query_started()
                 counted = True
             # aclosing: the engine request is aborted before the rollback below is sent
@@ -181,14 +210,14 @@ class SessionService:
                             await self._commit(session, turn_input, prompt, result, params, reservation)
                             committed = True
                     yield result, delta
-            if not commit:
+            if not commit and not flash:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
             if counted:
                 self._query_finished()
             if reservation is not None and not committed:
                 self.ledger.cancel(reservation)
-            await survive_cancellation(self._end_turn(session, flagged, lock_held, committed, created))
+            await survive_cancellation(self._end_turn(session, flagged, lock_held, committed, created, not flash))
 
     def _run_max(self, session: Session, prompt_len: int, new_len: int, max_tokens: int | None, commit: bool) -> int:
         """The max_tokens to run with; 413 if the prompt alone does not fit the context."""
@@ -265,14 +294,17 @@ class SessionService:
                 raise _busy_timeout(session) from None
         ensure_open(session)
 
-    async def _end_turn(self, session: Session, flagged: bool, lock_held: bool, committed: bool, created: bool):
+    async def _end_turn(
+        self, session: Session, flagged: bool, lock_held: bool, committed: bool, created: bool, used: bool = True
+    ):
         if lock_held:
             if not committed:
                 await self.kv.rollback(session)
             session.write_lock.release()
         if flagged:
             session.turn_in_flight = False
-        session.touch()
+        if used:
+            session.touch()
         if created and not committed and session.version == 0 and session.acked_seq == 0 and session.is_open:
             await self.close(session, reason="abandoned")
 
@@ -298,6 +330,7 @@ class SessionService:
             session.pending_chat_text = pending
         session.version += 1
         result.version = session.version
+        self._committed(session, session.version)
         # the engine computed KV for all but the last generated token
         self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
         if reservation is not None and self.ledger is not None:
@@ -309,11 +342,14 @@ class SessionService:
 
     # --- prefill-only ingestion (session creation with content, appends) ---------
 
-    async def ingest(self, session: Session, turn_input: TurnInput, reservations: list[Reservation]) -> None:
+    async def ingest(
+        self, session: Session, turn_input: TurnInput, reservations: list[Reservation], version: int
+    ) -> None:
         """Prefill ``turn_input`` into the session and commit it (no visible output).
 
-        Caller holds ``session.write_lock`` and has reserved the tokens. vLLM
-        always samples one token; it is discarded and never enters the session.
+        Caller holds ``session.write_lock`` and has reserved the tokens;
+        ``version`` is the session version the input completes. vLLM always
+        samples one token; it is discarded and never enters the session.
         On success the reservations are settled; on failure nothing changes.
         """
         ensure_open(session)
@@ -321,6 +357,7 @@ class SessionService:
             for res in reservations:
                 if self.ledger is not None:
                     self.ledger.settle(res, session.context_tokens)
+            self._committed(session, version)
             return
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
@@ -340,6 +377,7 @@ class SessionService:
                 session.messages = session.messages + turn_input.messages
                 session.pending_chat_text = ""
             self.kv.apply(session, info, len(prompt))
+            self._committed(session, version)
             for res in reservations:
                 if self.ledger is not None:
                     self.ledger.settle(res, len(prompt))
@@ -348,6 +386,15 @@ class SessionService:
         finally:
             if not committed:
                 await survive_cancellation(self.kv.rollback(session))
+
+    def _committed(self, session: Session, version: int) -> None:
+        """``session.token_ids`` now holds every change up to ``version``: tell subscribers and flash queries."""
+        session.committed_version = max(session.committed_version, version)
+        session.events.publish(
+            "appended", {"version": session.committed_version, "context_tokens": session.context_tokens}
+        )
+        if self.on_commit is not None:
+            self.on_commit(session)
 
     # --- close -----------------------------------------------------------------------
 
@@ -368,6 +415,9 @@ class SessionService:
         async with session.ingest_cond:
             session.ingest_cond.notify_all()
         freed = await self.kv.release_when_unlocked(session, self.config.ingest_wait_timeout_s)
+        session.events.close(LIFECYCLE_EVENTS.get(reason, "closed"), {"reason": reason})
+        if self.on_close is not None:
+            self.on_close(session)
         self.metrics.closed.labels(reason=reason).inc()
         self.metrics.refresh(self)
         return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": freed}

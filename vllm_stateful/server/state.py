@@ -10,6 +10,7 @@ from fastapi import Request
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.server.bridge import EngineBridge
+from vllm_stateful.server.flash_runner import FlashRunner
 from vllm_stateful.server.ingest import Ingestor
 from vllm_stateful.server.service import SessionService
 from vllm_stateful.sessions.store import SessionError
@@ -23,6 +24,7 @@ class StatefulState:
     bridge: EngineBridge
     service: SessionService
     ingestor: Ingestor
+    flash: FlashRunner
     # vLLM's own handlers for the paths this plugin overrides, by path.
     core_endpoints: dict[str, Callable[..., Awaitable[Any]]]
     chat_request_cls: type

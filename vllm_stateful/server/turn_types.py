@@ -33,6 +33,7 @@ class TurnResult:
     cached_tokens: int = 0
     finished: bool = False
     version: int = 0  # the version the request read, or, once committed, the one it made
+    flash_hit: bool | None = None  # read-only queries: answered from a flash query's cache
 
     @property
     def new_tokens(self) -> int:
@@ -49,6 +50,7 @@ class TurnResult:
             "context_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "recomputed_tokens": self.recomputed_tokens,
+            **({} if self.flash_hit is None else {"flash_hit": self.flash_hit}),
         }
 
     def usage(self) -> dict[str, Any]:

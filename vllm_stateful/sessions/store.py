@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.ids import new_incarnation_key, new_session_id
 
 RETRY_AFTER_S = 1.0
@@ -75,6 +77,12 @@ class Session:
     # This incarnation's append queue and its drain task (owned by the Ingestor).
     pending_appends: list[Any] = field(default_factory=list)
     ingest_task: asyncio.Task | None = None
+    # The version whose data ``token_ids`` holds in full (``version`` also counts appends
+    # acknowledged but not yet ingested).
+    committed_version: int = 0
+    # Flash queries by id (sessions/flash.py) and the session's event stream.
+    flash: dict[str, Any] = field(default_factory=dict)
+    events: SessionEvents = field(default_factory=lambda: SessionEvents(256, 256, 16))
 
     @property
     def context_tokens(self) -> int:
@@ -111,7 +119,7 @@ class Session:
             "last_used_at": int(self.last_used_at),
             "ttl_s": self.ttl_s,
             "queued_tokens": self.queued_tokens,
-            "flash_queries": [],
+            "flash_queries": list(self.flash),
         }
 
 
@@ -122,8 +130,15 @@ class SessionStore:
     a taken id and 429 over the session limits.
     """
 
-    def __init__(self, default_ttl_s: float, max_sessions: int = 1 << 30, max_per_tenant: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        default_ttl_s: float,
+        max_sessions: int = 1 << 30,
+        max_per_tenant: int = 1 << 30,
+        new_events: Callable[[], SessionEvents] | None = None,
+    ) -> None:
         self.default_ttl_s = default_ttl_s
+        self.new_events = new_events
         self.max_sessions = max_sessions
         self.max_per_tenant = max_per_tenant
         self._sessions: dict[tuple[str, str], Session] = {}
@@ -157,6 +172,8 @@ class SessionStore:
                 RETRY_AFTER_S,
             )
         session = Session(id=sid, tenant=tenant, ttl_s=self.default_ttl_s if ttl_s is None else float(ttl_s))
+        if self.new_events is not None:
+            session.events = self.new_events()
         self._sessions[(tenant, sid)] = session
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         return session

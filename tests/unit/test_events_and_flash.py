@@ -1,0 +1,119 @@
+"""Pure logic of session events, flash-query records and the engine's flash hold (no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from types import SimpleNamespace
+
+from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, FlashHold, is_flash
+from vllm_stateful.sessions.events import SessionEvents
+from vllm_stateful.sessions.flash import FlashAnswer, FlashQuery, confidence_of, sampling_signature
+
+
+async def _drain(sub) -> list:
+    out = []
+    while (event := await asyncio.wait_for(sub.next(), 1)) is not None:
+        out.append(event)
+    return out
+
+
+def test_a_slow_subscriber_loses_the_oldest_events_and_is_told_how_many():
+    async def run():
+        hub = SessionEvents(replay=16, buffer=3, max_subscribers=4)
+        slow = hub.subscribe()
+        for v in range(10):
+            hub.publish("appended", {"version": v})  # never blocks, whatever the subscriber does
+        hub.close("closed", {"reason": "closed"})
+        events = await _drain(slow)
+        assert [e.name for e in events] == ["lagged", "appended", "appended", "closed"]
+        assert events[0].data == {"missed": 8} and events[0].id is None
+        assert [e.data.get("version") for e in events[1:3]] == [8, 9]
+        assert hub.subscribers == set()
+
+    asyncio.run(run())
+
+
+def test_resume_replays_after_the_last_event_id_and_reports_what_fell_out_of_the_window():
+    async def run():
+        hub = SessionEvents(replay=4, buffer=16, max_subscribers=4)
+        ids = [hub.publish("appended", {"version": v}).id for v in range(6)]
+        resumed = hub.subscribe(last_event_id=ids[3])
+        hub.close("expired", {"reason": "expired"})
+        assert [e.data.get("version") for e in await _drain(resumed)] == [4, 5, None]
+        hub2 = SessionEvents(replay=2, buffer=16, max_subscribers=4)
+        ids = [hub2.publish("appended", {"version": v}).id for v in range(5)]
+        late = hub2.subscribe(last_event_id=ids[0])
+        hub2.close("closed", {})
+        events = await _drain(late)
+        assert events[0].name == "lagged" and events[0].data == {"missed": 2}
+        assert [e.data.get("version") for e in events[1:]] == [3, 4, None]
+        assert hub2.subscribe().ended  # a closed hub ends new streams at once
+
+    asyncio.run(run())
+
+
+def test_event_ids_increase_across_sessions():
+    a, b = SessionEvents(4, 4, 1), SessionEvents(4, 4, 1)
+    ids = [a.publish("x", {}).id, b.publish("x", {}).id, a.publish("x", {}).id]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert a.publish("x", {}).sse()["id"] == str(ids[-1] + 1)
+
+
+def test_flash_answers_only_move_forward_and_wake_waiters():
+    async def run():
+        q = FlashQuery(None, {}, 8, None, lambda s: None, lambda n: None)
+        waiter = asyncio.create_task(q.wait_for_version(3, 5, lambda: True))
+        await asyncio.sleep(0)
+        q.record(FlashAnswer(2, "old", (1,), (9,), "length", 0.5))
+        await asyncio.sleep(0)
+        assert not waiter.done() and q.due(3) and not q.due(2)
+        q.record(FlashAnswer(3, "new", (2,), (9,), "length", 0.5))
+        await asyncio.wait_for(waiter, 1)
+        q.record(FlashAnswer(1, "older", (3,), (9,), "length", 0.5))  # a late, older evaluation
+        assert q.answer.text == "new"
+        public = q.to_public(session_version=4)
+        assert public["version"] == 3 and public["stale"] is True and "answer_token_ids" not in public
+        q.fail("context full", 4)
+        assert not q.due(4) and q.due(5) and q.to_public(4)["error"] == "context full"
+        started = asyncio.get_running_loop().time()
+        await q.wait_for_version(9, 0.05, lambda: True)  # bounded
+        assert asyncio.get_running_loop().time() - started < 1
+
+    asyncio.run(run())
+
+
+def test_confidence_is_the_geometric_mean_token_probability():
+    assert confidence_of(math.log(0.25) * 2, 2) == 0.25
+    assert confidence_of(0.0, 3) == 1.0
+    assert confidence_of(None, 3) is None and confidence_of(-1.0, 0) is None
+
+
+def test_only_greedy_params_have_a_cache_signature():
+    greedy = SimpleNamespace(temperature=0.0, max_tokens=8, stop=["x"])
+    assert sampling_signature(greedy) == sampling_signature(SimpleNamespace(**vars(greedy)))
+    assert sampling_signature(SimpleNamespace(**{**vars(greedy), "max_tokens": 9})) != sampling_signature(greedy)
+    assert sampling_signature(SimpleNamespace(temperature=0.7, max_tokens=8)) is None
+
+
+def test_flash_requests_are_held_while_foreground_work_exists():
+    counters: Counter = Counter()
+    hold = FlashHold(counters)
+    flash = lambda r: r.startswith("f")  # noqa: E731
+    assert is_flash({CLASS_KEY: FLASH}) and not is_flash({CLASS_KEY: "other"}) and not is_flash(None)
+    # only flash work: nothing held
+    assert hold.split(["f1"], ["f2"], flash) == ([], [])
+    hold.after_step(0, ["f1", "f2"], {"f1", "f2"})
+    # foreground running or waiting: every flash request is held
+    assert hold.split(["f1", "u1"], ["f2", "u2"], flash) == (["f1"], ["f2"])
+    hold.after_step(2, ["u1", "u2"], {"f1", "f2"})
+    assert counters == {"flash_held_steps": 1}
+    # a holding step that scheduled nothing: the next step does not hold (no deadlock) ...
+    assert hold.split(["f1"], ["u2"], flash) == (["f1"], [])
+    hold.after_step(1, [], {"f1"})
+    assert hold.split(["f1"], ["u2"], flash) == ([], [])
+    hold.after_step(0, ["f1", "u2"], {"f1"})
+    assert counters["flash_shared_steps"] == 1
+    # ... and holds again once that step made progress
+    assert hold.split(["f1"], ["u2"], flash) == (["f1"], [])

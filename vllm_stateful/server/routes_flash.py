@@ -1,0 +1,195 @@
+"""Flash-query and event routes of API.md, scoped to the caller's tenant:
+
+* ``POST/GET /v1/sessions/{id}/flash_queries``, ``GET/DELETE .../{fid}``
+* ``GET /v1/sessions/{id}/events`` (server-sent events via sse-starlette)
+
+A flash query is validated like a read-only session query (vLLM's request
+model, the session option allow-list, vLLM's sampling checks), greedy unless
+it says otherwise, with ``max_tokens`` 1..256, and refused with 413 when it
+cannot fit the session's context now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from vllm_stateful.server.errors import bad_request
+from vllm_stateful.server.http import guarded, validated
+from vllm_stateful.server.routes_openai import chat_builder, make_params, prompt_builder, refuse_unsupported
+from vllm_stateful.server.routes_sessions import own_session, session_body
+from vllm_stateful.server.service import ensure_open
+from vllm_stateful.server.state import StatefulState, stateful_state
+from vllm_stateful.sessions.flash import FlashQuery, sampling_signature
+from vllm_stateful.sessions.store import Session, SessionError
+
+router = APIRouter()
+
+FLASH_PATH = "/v1/sessions/{session_id}/flash_queries"
+MAX_FLASH_TOKENS, DEFAULT_FLASH_TOKENS = 256, 32
+# Fields of a completion request that a flash query cannot honour: answers are cached, not streamed,
+# and always for one sequence; the session is named by the path.
+REFUSED = (
+    "stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
+    "max_completion_tokens", "stateful", "ark_stateful", "stateful_commit", "vllm_xargs", "request_id", "priority",
+)  # fmt: skip
+EVENT_PING_S = 15
+SHUTDOWN_POLL_S = 0.5
+
+
+@router.post(FLASH_PATH, status_code=201)
+@guarded
+async def register_flash_query(session_id: str, raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    session = own_session(state, raw_request, session_id)
+    body = await session_body(state, raw_request, "prompt")
+    name = body.pop("name", None)
+    if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 128):
+        raise bad_request("'name' must be a string of 1-128 characters", param="name")
+    chat = "messages" in body
+    if chat == ("prompt" in body):
+        raise bad_request("give exactly one of 'messages' or 'prompt'")
+    refused = sorted(k for k in body if k in REFUSED)
+    if refused:
+        raise bad_request(f"'{refused[0]}' is not supported on flash queries", "unsupported_in_flash_query", refused[0])
+    max_tokens = body.setdefault("max_tokens", DEFAULT_FLASH_TOKENS)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_FLASH_TOKENS:
+        raise bad_request(f"'max_tokens' must be an integer from 1 to {MAX_FLASH_TOKENS}", param="max_tokens")
+    request = {"model": state.bridge.served_model_names[0], "temperature": 0.0, **body}
+    parsed = validated(state.chat_request_cls if chat else state.completion_request_cls, request)
+    refuse_unsupported(parsed, chat)
+    if parsed.model not in state.bridge.served_model_names:
+        raise SessionError(404, f"the model '{parsed.model}' does not exist", "model_not_found", param="model")
+    build = chat_builder(state, request) if chat else prompt_builder(state, parsed.prompt)
+    params = make_params(parsed, state, max_tokens)
+    ensure_open(session)
+    await _check_fits(state, session, build, max_tokens)
+    query = FlashQuery(
+        name=name,
+        request=body,
+        max_tokens=max_tokens,
+        signature=sampling_signature(params),
+        build_input=build,
+        make_params=lambda n: make_params(parsed, state, n),
+    )
+    state.flash.register(session, query)
+    return JSONResponse(query.to_public(session.version), status_code=201)
+
+
+async def _check_fits(state: StatefulState, session: Session, build, max_tokens: int) -> None:
+    prompt_tokens = session.context_tokens + len((await build(session)).token_ids)
+    if prompt_tokens + max_tokens > state.bridge.max_model_len:
+        raise SessionError(
+            413,
+            f"the flash query needs {prompt_tokens} prompt tokens + {max_tokens} to generate, over the model's "
+            f"context length of {state.bridge.max_model_len}",
+            "context_length_exceeded",
+        )
+
+
+@router.get(FLASH_PATH)
+@guarded
+async def list_flash_queries(session_id: str, raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    session = own_session(state, raw_request, session_id)
+    return JSONResponse({"object": "list", "data": [q.to_public(session.version) for q in session.flash.values()]})
+
+
+@router.get(FLASH_PATH + "/{flash_query_id}")
+@guarded
+async def get_flash_query(session_id: str, flash_query_id: str, raw_request: Request) -> Response:
+    """The cached answer at once; ``?min_version=N&wait_s=T`` first waits (at most T s) for one at least
+    that fresh (``wait_s`` alone: for the session's current version). ``?include_tokens=true`` adds
+    ``answer_token_ids``."""
+    state = stateful_state(raw_request)
+    session = own_session(state, raw_request, session_id)
+    query = _own_query(session, flash_query_id)
+    params = raw_request.query_params
+    wait_s = _number(params.get("wait_s"), "wait_s", 0.0, state.config.flash_max_wait_s)
+    min_version = _number(params.get("min_version"), "min_version", 0, math.inf, integer=True)
+    if wait_s:
+        target = session.version if min_version is None else int(min_version)
+        await query.wait_for_version(target, wait_s, lambda: session.is_open)
+        ensure_open(session)
+        query = _own_query(session, flash_query_id)
+    state.flash.observe_age(session, query)
+    include = params.get("include_tokens", "").lower() in ("1", "true")
+    return JSONResponse(query.to_public(session.version, include))
+
+
+@router.delete(FLASH_PATH + "/{flash_query_id}")
+@guarded
+async def delete_flash_query(session_id: str, flash_query_id: str, raw_request: Request) -> Response:
+    state = stateful_state(raw_request)
+    session = own_session(state, raw_request, session_id)
+    query = _own_query(session, flash_query_id)
+    state.flash.unregister(session, query)
+    return JSONResponse({"id": query.id, "object": "session.flash_query.deleted", "deleted": True})
+
+
+@router.get("/v1/sessions/{session_id}/events")
+@guarded
+async def session_events(session_id: str, raw_request: Request) -> Response:
+    """``text/event-stream`` of the session's events; resume with ``Last-Event-ID`` (header or
+    ``?last_event_id=``) within the replay window. Ends after the session's lifecycle event, or without
+    one when the server shuts down (the client resumes elsewhere with ``Last-Event-ID``)."""
+    state = stateful_state(raw_request)
+    session = own_session(state, raw_request, session_id)
+    hub = session.events
+    last = raw_request.headers.get("last-event-id") or raw_request.query_params.get("last_event_id")
+    last_id = _number(last, "Last-Event-ID", 0, math.inf, integer=True)
+    if len(hub.subscribers) >= hub.max_subscribers:
+        raise SessionError(
+            429, f"session '{session.id}' has its maximum of {hub.max_subscribers} event subscribers",
+            "too_many_subscribers", retry_after=5.0,
+        )  # fmt: skip
+    subscriber = hub.subscribe(None if last_id is None else int(last_id))
+    metrics = state.service.metrics
+    metrics.event_subscribers.inc()
+
+    async def stream():
+        try:
+            while not _shutting_down(raw_request):
+                try:
+                    event = await asyncio.wait_for(subscriber.next(), SHUTDOWN_POLL_S)
+                except asyncio.TimeoutError:
+                    continue
+                if event is None:
+                    return
+                yield event.sse()
+        finally:
+            hub.unsubscribe(subscriber)
+            metrics.event_subscribers.dec()
+
+    return EventSourceResponse(stream(), ping=EVENT_PING_S)
+
+
+def _shutting_down(raw_request: Request) -> bool:
+    """vLLM's HTTP server is stopping (``app.state.server``, set by vLLM's ``serve_http``): open streams
+    must end, or uvicorn's graceful shutdown would wait for them forever."""
+    server = getattr(raw_request.app.state, "server", None)
+    return bool(getattr(server, "should_exit", False))
+
+
+def _own_query(session: Session, flash_query_id: str) -> FlashQuery:
+    query = session.flash.get(flash_query_id)
+    if query is None:
+        raise SessionError(404, f"flash query '{flash_query_id[:64]}' not found", "flash_query_not_found")
+    return query
+
+
+def _number(raw: str | None, name: str, low: float, high: float, integer: bool = False) -> Any:
+    if raw is None:
+        return None
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise bad_request(f"'{name}' must be a{'n integer' if integer else ' number'}", param=name) from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise bad_request(f"'{name}' must be between {low} and {high}", param=name)
+    return value
