@@ -54,11 +54,27 @@ def test_resume_replays_after_the_last_event_id_and_reports_what_fell_out_of_the
     asyncio.run(run())
 
 
-def test_event_ids_increase_across_sessions():
-    a, b = SessionEvents(4, 4, 1), SessionEvents(4, 4, 1)
-    ids = [a.publish("x", {}).id, b.publish("x", {}).id, a.publish("x", {}).id]
-    assert ids == sorted(ids) and len(set(ids)) == 3
-    assert a.publish("x", {}).sse()["id"] == str(ids[-1] + 1)
+def test_event_ids_are_unique_and_consecutive_per_stream_and_count_losses_exactly():
+    async def run():
+        a, b = SessionEvents(2, 8, 1), SessionEvents(2, 8, 1)
+        ids_a = [a.publish("x", {"n": i}).id for i in range(3)]
+        ids_b = [b.publish("x", {"n": i}).id for i in range(3)]
+        assert ids_a == list(range(ids_a[0], ids_a[0] + 3)) and not set(ids_a) & set(ids_b)
+        assert a.publish("x", {}).sse()["id"] == str(ids_a[-1] + 1)
+        # other streams' events never count as lost: only this stream's evicted ones do
+        late = a.subscribe(last_event_id=ids_a[0])
+        a.close("closed", {})
+        events = await _drain(late)
+        assert events[0].data == {"missed": 1} and [e.data.get("n") for e in events[1:]] == [2, None, None]
+        # an id of another stream (e.g. an earlier incarnation) resumes from the start of this one
+        other = b.subscribe(last_event_id=ids_a[1])
+        b.close("closed", {})
+        events = await _drain(other)
+        assert events[0].data == {"missed": 1} and [e.data.get("n") for e in events[1:3]] == [1, 2]
+        # a subscriber that comes after the end gets the final event
+        assert [e.name for e in await _drain(a.subscribe())] == ["closed"]
+
+    asyncio.run(run())
 
 
 def test_flash_answers_only_move_forward_and_wake_waiters():
@@ -66,17 +82,17 @@ def test_flash_answers_only_move_forward_and_wake_waiters():
         q = FlashQuery(None, {}, 8, None, lambda s: None, lambda n: None)
         waiter = asyncio.create_task(q.wait_for_version(3, 5, lambda: True))
         await asyncio.sleep(0)
-        q.record(FlashAnswer(2, "old", (1,), (9,), "length", 0.5))
+        q.record(FlashAnswer(2, 20, "old", (1,), (9,), "length", 0.5))
         await asyncio.sleep(0)
-        assert not waiter.done() and q.due(3) and not q.due(2)
-        q.record(FlashAnswer(3, "new", (2,), (9,), "length", 0.5))
+        assert not waiter.done() and q.due(21) and not q.due(20)
+        q.record(FlashAnswer(3, 30, "new", (2,), (9,), "length", 0.5))
         await asyncio.wait_for(waiter, 1)
-        q.record(FlashAnswer(1, "older", (3,), (9,), "length", 0.5))  # a late, older evaluation
+        q.record(FlashAnswer(3, 25, "older", (3,), (9,), "length", 0.5))  # a late evaluation of an older state
         assert q.answer.text == "new"
         public = q.to_public(session_version=4)
         assert public["version"] == 3 and public["stale"] is True and "answer_token_ids" not in public
-        q.fail("context full", 4)
-        assert not q.due(4) and q.due(5) and q.to_public(4)["error"] == "context full"
+        q.fail("context full", 40)
+        assert not q.due(40) and q.due(41) and q.to_public(4)["error"] == "context full"
         started = asyncio.get_running_loop().time()
         await q.wait_for_version(9, 0.05, lambda: True)  # bounded
         assert asyncio.get_running_loop().time() - started < 1
@@ -95,6 +111,10 @@ def test_only_greedy_params_have_a_cache_signature():
     assert sampling_signature(greedy) == sampling_signature(SimpleNamespace(**vars(greedy)))
     assert sampling_signature(SimpleNamespace(**{**vars(greedy), "max_tokens": 9})) != sampling_signature(greedy)
     assert sampling_signature(SimpleNamespace(temperature=0.7, max_tokens=8)) is None
+    # the plugin's own tags do not matter, a client's vllm_xargs do
+    tagged = SimpleNamespace(**vars(greedy), extra_args={"stateful_session": "k", "stateful_class": "flash"})
+    assert sampling_signature(tagged) == sampling_signature(greedy)
+    assert sampling_signature(SimpleNamespace(**vars(greedy), extra_args={"x": 1})) != sampling_signature(greedy)
 
 
 def test_flash_requests_are_held_while_foreground_work_exists():
@@ -107,6 +127,7 @@ def test_flash_requests_are_held_while_foreground_work_exists():
     hold.after_step(0, ["f1", "f2"], {"f1", "f2"})
     # foreground running or waiting: every flash request is held
     assert hold.split(["f1", "u1"], ["f2", "u2"], flash) == (["f1"], ["f2"])
+    assert hold.split(["f1"], ["f2"], flash, foreground=["u3"]) == (["f1"], ["f2"])  # e.g. vLLM's KV-load queue
     hold.after_step(2, ["u1", "u2"], {"f1", "f2"})
     assert counters == {"flash_held_steps": 1}
     # a holding step that scheduled nothing: the next step does not hold (no deadlock) ...

@@ -101,17 +101,26 @@ class StatefulSchedulerMixin:
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any):
-        held_running, held_waiting = self.flash_hold.split(self.running, self.waiting, _flash)
+        held_running, held_waiting = self.flash_hold.split(
+            self.running, self.waiting, _flash, foreground=self.kv_holding_waiting
+        )
+        # held running requests keep their model-runner slots: vLLM may admit only into the rest
+        slots = len(held_running)
         if held_running:
             self.running = [r for r in self.running if not _flash(r)]
+            self.max_num_running_reqs -= slots
+            self.max_num_active_reqs -= slots
         if held_waiting:
             self.waiting.remove_requests(held_waiting)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
-            self.running.extend(held_running)
+            if held_running:
+                self.max_num_running_reqs += slots
+                self.max_num_active_reqs += slots
+                self.running.extend(held_running)
             if held_waiting:
-                self.waiting.prepend_requests(held_waiting)
+                self.waiting.prepend_requests(reversed(held_waiting))  # FCFS: back at the head, in order
         flash_ids = {r.request_id for r in self.running if _flash(r)}
         self.flash_hold.after_step(len(held_running) + len(held_waiting), output.num_scheduled_tokens, flash_ids)
         return output

@@ -9,6 +9,10 @@ queries, ingestion, plain vLLM traffic). Contract of ``FlashHold``:
   waiting, flash requests are held out of vLLM's queues, so they neither take
   token budget nor share the batch. A foreground request therefore waits for
   flash work at most for the engine step already in progress.
+* Held running requests keep their KV blocks and model-runner slots: while
+  they are held, vLLM admits new requests only into the remaining slots. They
+  cannot be preempted while held; if the KV pool runs out, vLLM preempts a
+  foreground request instead (the cell budget's headroom makes this rare).
 * Starvation guard: if a step that held flash work scheduled nothing at all
   (foreground requests could not be admitted, e.g. no free blocks while flash
   requests hold some), the next step does not hold, so the engine always
@@ -39,11 +43,15 @@ class FlashHold:
         self.counters = counters
         self._starved = False
 
-    def split(self, running: Iterable[Any], waiting: Iterable[Any], flash: Any) -> tuple[list[Any], list[Any]]:
+    def split(
+        self, running: Iterable[Any], waiting: Iterable[Any], flash: Any, foreground: Iterable[Any] = ()
+    ) -> tuple[list[Any], list[Any]]:
         """The flash requests to hold out of ``running`` and ``waiting`` this step
-        (``flash(request) -> bool``); empty lists when nothing is held."""
+        (``flash(request) -> bool``); empty lists when nothing is held. Requests in
+        ``foreground`` (other queues vLLM admits from) count as foreground work too."""
         running, waiting = list(running), list(waiting)
-        foreground = any(not flash(r) for r in running) or any(not flash(r) for r in waiting)
+        others = any(not flash(r) for r in running) or any(not flash(r) for r in waiting)
+        foreground = others or any(not flash(r) for r in foreground)
         if not foreground or self._starved:
             return [], []
         return [r for r in running if flash(r)], [r for r in waiting if flash(r)]

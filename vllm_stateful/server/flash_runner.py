@@ -14,7 +14,7 @@ Contract:
   when no foreground request (turn, query, ingestion, plain traffic) is
   running or waiting (``engine/work_classes.py``), and do not count as
   client use of the session (TTL) or delay ingestion.
-* A read-only query whose prompt tokens, version and greedy sampling match a
+* A read-only query whose prompt tokens, token state and greedy sampling match a
   cached answer is answered from it (``session.flash_hit``).
 * A failed evaluation (context full, engine paused) is recorded on the query
   and retried at the next version; the runner itself never dies.
@@ -51,6 +51,8 @@ class FlashRunner:
 
     def register(self, session: Session, query: FlashQuery) -> None:
         cfg = self.config
+        if not session.is_open:  # closed or failed while the registration was checked
+            raise SessionError(404, f"session '{session.id}' was closed", "session_not_found")
         if len(session.flash) >= cfg.max_flash_queries_per_session:
             raise SessionError(
                 429,
@@ -71,6 +73,8 @@ class FlashRunner:
         if session.flash.pop(query.id, None) is not None:
             self.service.metrics.flash_queries.dec()
         query.remove()
+        if not session.flash:
+            self._evaluated.pop(session.key, None)  # skipped versions count only while queries exist
 
     def forget(self, session: Session) -> None:
         """The session closed: its queries are gone."""
@@ -92,8 +96,8 @@ class FlashRunner:
         metrics = self.service.metrics
         try:
             while session.is_open:
-                version = session.committed_version
-                due = [q for q in session.flash.values() if q.due(version)]
+                version, seq = session.committed_version, session.commit_seq
+                due = [q for q in session.flash.values() if q.due(seq)]
                 if not due:
                     break
                 previous = self._evaluated.get(session.key)
@@ -110,7 +114,7 @@ class FlashRunner:
 
     async def _evaluate(self, session: Session, query: FlashQuery) -> None:
         service = self.service
-        version = session.committed_version
+        seq = session.commit_seq
         input_ids: list[int] = []
 
         async def build(s: Session) -> TurnInput:
@@ -132,13 +136,18 @@ class FlashRunner:
                     result, last = item[0], item[1] if item[1] is not None else last
         except SessionError as err:
             if err.code != "session_not_found":
-                query.fail(err.message, version)
+                query.fail(err.message, seq)
             return
-        if result is None or query.removed or not session.is_open:
+        except Exception as exc:  # e.g. the chat template refused the session's new state
+            logger.warning("vllm-stateful: flash query %s of session %s failed: %r", query.id, session.id, exc)
+            query.fail(f"{type(exc).__name__}: {exc}", seq)
+            return
+        if result is None or not result.finished or query.removed or not session.is_open:
             return
         cumulative = last.outputs[0].cumulative_logprob if last is not None else None
         answer = FlashAnswer(
             version=result.version,
+            commit_seq=result.read_seq,
             text=result.text,
             token_ids=tuple(result.output_token_ids),
             input_ids=tuple(input_ids),
@@ -169,7 +178,8 @@ class FlashRunner:
             return False
         for query in result.session.flash.values():
             a = query.answer
-            if a and a.version == result.version and query.signature == signature and list(a.input_ids) == input_ids:
+            same_state = a is not None and a.commit_seq == result.read_seq
+            if same_state and query.signature == signature and list(a.input_ids) == input_ids:
                 result.output_token_ids = list(a.token_ids)
                 result.text = a.text
                 result.finish_reason = a.finish_reason

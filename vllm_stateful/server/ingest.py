@@ -48,7 +48,6 @@ RETRYABLE = ("engine_aborted", "engine_unavailable")
 @dataclass
 class AppendItem:
     seq: int
-    version: int  # the session version its acknowledgement made
     acked_at: float
     reservation: Reservation
     text: str | None = None
@@ -83,7 +82,7 @@ class Ingestor:
         session.acked_seq += 1
         session.version += 1
         session.queued_tokens += estimate
-        item = AppendItem(session.acked_seq, session.version, time.monotonic(), reservation, text, token_ids, messages)
+        item = AppendItem(session.acked_seq, time.monotonic(), reservation, text, token_ids, messages)
         session.pending_appends.append(item)
         if session.ingest_task is None or session.ingest_task.done():
             session.ingest_task = asyncio.get_running_loop().create_task(self._drain(session))
@@ -154,7 +153,8 @@ class Ingestor:
             previous, pending, empty = list(session.messages), session.pending_chat_text, not session.token_ids
             turn_input = await service.bridge.off_loop(self._coalesce, previous, pending, empty, batch)
             service.metrics.ingest_batches.inc()
-            await service.ingest(session, turn_input, [i.reservation for i in batch], batch[-1].version)
+            complete = session.acked_seq == batch[-1].seq  # nothing acknowledged after this batch
+            await service.ingest(session, turn_input, [i.reservation for i in batch], complete)
             ingested = True
         except asyncio.CancelledError:
             self._finish(session, batch, ingested=False)

@@ -12,8 +12,7 @@ cannot fit the session's context now.
 from __future__ import annotations
 
 import asyncio
-import math
-from typing import Any
+import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,8 +37,12 @@ REFUSED = (
     "stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
     "max_completion_tokens", "stateful", "ark_stateful", "stateful_commit", "vllm_xargs", "request_id", "priority",
 )  # fmt: skip
+# Values of refused fields that change nothing (the defaults), accepted as given.
+REFUSED_DEFAULTS = {"n": (None, 1), "stream": (None, False), "echo": (None, False)}
 EVENT_PING_S = 15
 SHUTDOWN_POLL_S = 0.5
+ID_PATTERN = re.compile(r"[0-9]{1,16}")
+WAIT_PATTERN = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 
 
 @router.post(FLASH_PATH, status_code=201)
@@ -54,12 +57,14 @@ async def register_flash_query(session_id: str, raw_request: Request) -> Respons
     chat = "messages" in body
     if chat == ("prompt" in body):
         raise bad_request("give exactly one of 'messages' or 'prompt'")
-    refused = sorted(k for k in body if k in REFUSED)
+    refused = sorted(k for k in body if k in REFUSED and body[k] not in REFUSED_DEFAULTS.get(k, (None, False)))
     if refused:
         raise bad_request(f"'{refused[0]}' is not supported on flash queries", "unsupported_in_flash_query", refused[0])
     max_tokens = body.setdefault("max_tokens", DEFAULT_FLASH_TOKENS)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_FLASH_TOKENS:
         raise bad_request(f"'max_tokens' must be an integer from 1 to {MAX_FLASH_TOKENS}", param="max_tokens")
+    if body.get("temperature") is None:
+        body.pop("temperature", None)  # greedy unless a temperature is given
     request = {"model": state.bridge.served_model_names[0], "temperature": 0.0, **body}
     parsed = validated(state.chat_request_cls if chat else state.completion_request_cls, request)
     refuse_unsupported(parsed, chat)
@@ -110,8 +115,8 @@ async def get_flash_query(session_id: str, flash_query_id: str, raw_request: Req
     session = own_session(state, raw_request, session_id)
     query = _own_query(session, flash_query_id)
     params = raw_request.query_params
-    wait_s = _number(params.get("wait_s"), "wait_s", 0.0, state.config.flash_max_wait_s)
-    min_version = _number(params.get("min_version"), "min_version", 0, math.inf, integer=True)
+    wait_s = _number(params.get("wait_s"), "wait_s", WAIT_PATTERN, state.config.flash_max_wait_s)
+    min_version = _number(params.get("min_version"), "min_version", ID_PATTERN)
     if wait_s:
         target = session.version if min_version is None else int(min_version)
         await query.wait_for_version(target, wait_s, lambda: session.is_open)
@@ -142,25 +147,21 @@ async def session_events(session_id: str, raw_request: Request) -> Response:
     session = own_session(state, raw_request, session_id)
     hub = session.events
     last = raw_request.headers.get("last-event-id") or raw_request.query_params.get("last_event_id")
-    last_id = _number(last, "Last-Event-ID", 0, math.inf, integer=True)
+    last_id = _number(last, "Last-Event-ID", ID_PATTERN)
     if len(hub.subscribers) >= hub.max_subscribers:
         raise SessionError(
             429, f"session '{session.id}' has its maximum of {hub.max_subscribers} event subscribers",
             "too_many_subscribers", retry_after=5.0,
         )  # fmt: skip
-    subscriber = hub.subscribe(None if last_id is None else int(last_id))
+    _watch_shutdown(raw_request, state)
     metrics = state.service.metrics
-    metrics.event_subscribers.inc()
 
     async def stream():
+        # subscribed here, so that whatever ends the response (disconnect, shutdown) unsubscribes
+        subscriber = hub.subscribe(None if last_id is None else int(last_id))
+        metrics.event_subscribers.inc()
         try:
-            while not _shutting_down(raw_request):
-                try:
-                    event = await asyncio.wait_for(subscriber.next(), SHUTDOWN_POLL_S)
-                except asyncio.TimeoutError:
-                    continue
-                if event is None:
-                    return
+            while (event := await subscriber.next()) is not None:
                 yield event.sse()
         finally:
             hub.unsubscribe(subscriber)
@@ -169,11 +170,21 @@ async def session_events(session_id: str, raw_request: Request) -> Response:
     return EventSourceResponse(stream(), ping=EVENT_PING_S)
 
 
-def _shutting_down(raw_request: Request) -> bool:
-    """vLLM's HTTP server is stopping (``app.state.server``, set by vLLM's ``serve_http``): open streams
-    must end, or uvicorn's graceful shutdown would wait for them forever."""
-    server = getattr(raw_request.app.state, "server", None)
-    return bool(getattr(server, "should_exit", False))
+def _watch_shutdown(raw_request: Request, state: StatefulState) -> None:
+    """Once per server: when vLLM's HTTP server starts stopping (``app.state.server.should_exit``, set
+    by vLLM's ``serve_http``), end every event stream, or uvicorn's graceful shutdown would wait for
+    them forever."""
+    if any(isinstance(t, asyncio.Task) and t.get_name() == "stream-shutdown" for t in state.tasks):
+        return
+    app = raw_request.app
+
+    async def watch() -> None:
+        while not getattr(getattr(app.state, "server", None), "should_exit", False):
+            await asyncio.sleep(SHUTDOWN_POLL_S)
+        for session in state.service.store.all():
+            session.events.end_streams()
+
+    state.tasks.append(asyncio.get_running_loop().create_task(watch(), name="stream-shutdown"))
 
 
 def _own_query(session: Session, flash_query_id: str) -> FlashQuery:
@@ -183,13 +194,13 @@ def _own_query(session: Session, flash_query_id: str) -> FlashQuery:
     return query
 
 
-def _number(raw: str | None, name: str, low: float, high: float, integer: bool = False) -> Any:
+def _number(raw: str | None, name: str, pattern: re.Pattern, high: float | None = None) -> float | None:
+    """A non-negative decimal query value (digits only: no signs, exponents, '_' or huge numbers)."""
     if raw is None:
         return None
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise bad_request(f"'{name}' must be a{'n integer' if integer else ' number'}", param=name) from None
-    if not (math.isfinite(value) and low <= value <= high):
-        raise bad_request(f"'{name}' must be between {low} and {high}", param=name)
+    if not pattern.fullmatch(raw):
+        raise bad_request(f"'{name}' must be a non-negative decimal number", param=name)
+    value = float(raw)
+    if high is not None and value > high:
+        raise bad_request(f"'{name}' must be at most {high}", param=name)
     return value

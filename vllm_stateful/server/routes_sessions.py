@@ -84,7 +84,7 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
             turn_input = TurnInput(list(prompt))
         reservation = service.ledger.reserve(session.key, len(turn_input.token_ids), 1, "this session's content")
         try:
-            await service.ingest(session, turn_input, [reservation], session.version + 1)
+            await service.ingest(session, turn_input, [reservation], True, session.version + 1)
         finally:
             service.ledger.cancel(reservation)  # no-op once settled
         session.version += 1

@@ -176,6 +176,7 @@ class SessionService:
                 ensure_open(session)
             # build_input snapshots the session before its first await
             read_version = session.version if commit else session.committed_version
+            read_seq = session.commit_seq
             turn_input = await build_input(session)
             ensure_open(session)  # closed while the input was built: nothing may start
             history = session.token_ids if turn_input.history is None else turn_input.history
@@ -190,7 +191,7 @@ class SessionService:
                 **({CLASS_KEY: FLASH} if flash else {}),
             }
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-            result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version)
+            result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version, read_seq=read_seq)
             if not commit and not flash:
                 result.flash_hit = False
             if not commit and not flash and not stream and self.cached_answer is not None:
@@ -202,7 +203,8 @@ class SessionService:
                 self._query_started()
                 counted = True
             # aclosing: the engine request is aborted before the rollback below is sent
-            async with aclosing(self.kv.generate(prompt, params, result, priority, session_id)) as outputs:
+            generation = self.kv.generate(prompt, params, result, priority, session_id, background=flash)
+            async with aclosing(generation) as outputs:
                 async for delta in outputs:
                     if result.finished:
                         self._check_not_aborted(session, result)
@@ -330,7 +332,7 @@ class SessionService:
             session.pending_chat_text = pending
         session.version += 1
         result.version = session.version
-        self._committed(session, session.version)
+        self._committed(session, complete=session.acked_seq == session.ingested_seq)
         # the engine computed KV for all but the last generated token
         self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
         if reservation is not None and self.ledger is not None:
@@ -343,12 +345,18 @@ class SessionService:
     # --- prefill-only ingestion (session creation with content, appends) ---------
 
     async def ingest(
-        self, session: Session, turn_input: TurnInput, reservations: list[Reservation], version: int
+        self,
+        session: Session,
+        turn_input: TurnInput,
+        reservations: list[Reservation],
+        complete: bool,
+        version: int | None = None,
     ) -> None:
         """Prefill ``turn_input`` into the session and commit it (no visible output).
 
-        Caller holds ``session.write_lock`` and has reserved the tokens;
-        ``version`` is the session version the input completes. vLLM always
+        Caller holds ``session.write_lock`` and has reserved the tokens.
+        ``complete``: no acknowledged change is still missing from the session
+        afterwards; ``version``: the version that makes (default: the current one). vLLM always
         samples one token; it is discarded and never enters the session.
         On success the reservations are settled; on failure nothing changes.
         """
@@ -357,7 +365,7 @@ class SessionService:
             for res in reservations:
                 if self.ledger is not None:
                     self.ledger.settle(res, session.context_tokens)
-            self._committed(session, version)
+            self._committed(session, complete, version)
             return
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
@@ -377,7 +385,7 @@ class SessionService:
                 session.messages = session.messages + turn_input.messages
                 session.pending_chat_text = ""
             self.kv.apply(session, info, len(prompt))
-            self._committed(session, version)
+            self._committed(session, complete, version)
             for res in reservations:
                 if self.ledger is not None:
                     self.ledger.settle(res, len(prompt))
@@ -387,9 +395,14 @@ class SessionService:
             if not committed:
                 await survive_cancellation(self.kv.rollback(session))
 
-    def _committed(self, session: Session, version: int) -> None:
-        """``session.token_ids`` now holds every change up to ``version``: tell subscribers and flash queries."""
-        session.committed_version = max(session.committed_version, version)
+    def _committed(self, session: Session, complete: bool, version: int | None = None) -> None:
+        """``session.token_ids`` changed. With ``complete`` it holds every change acknowledged so far, up to
+        ``version`` (default: the session's version); else an append is still queued and the committed
+        version label stays where it was. Tells subscribers and flash queries."""
+        session.commit_seq += 1
+        if complete:
+            label = session.version if version is None else version
+            session.committed_version = max(session.committed_version, label)
         session.events.publish(
             "appended", {"version": session.committed_version, "context_tokens": session.context_tokens}
         )
@@ -410,7 +423,7 @@ class SessionService:
         if self.ledger is not None:
             self.ledger.forget(session.key)
         self.metrics.ingest_queued.dec(session.queued_tokens)
-        for request_id in list(session.active_request_ids):
+        for request_id in list(session.active_request_ids | session.background_request_ids):
             await self.bridge.abort(request_id)
         async with session.ingest_cond:
             session.ingest_cond.notify_all()

@@ -40,16 +40,19 @@ class SessionKV:
         result: TurnResult,
         priority: int = 0,
         session_id: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Run one engine request on ``result.session``, filling ``result`` as outputs arrive.
 
-        The request counts as work on the session while it runs; closing the
-        iterator (or cancelling its consumer) aborts it in the engine."""
+        The request counts as client use of the session while it runs (unless
+        ``background``: flash evaluations); closing the iterator (or cancelling
+        its consumer) aborts it in the engine."""
         session = result.session
         request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
         salt = self.tenancy.salt(session.tenant)
         gen = self.bridge.generate(prompt, params, request_id, salt, priority, session_id)
-        session.active_request_ids.add(request_id)
+        running = session.background_request_ids if background else session.active_request_ids
+        running.add(request_id)
         try:
             async for out in gen:
                 completion = out.outputs[0]
@@ -64,8 +67,9 @@ class SessionKV:
                 yield out
         finally:
             await survive_cancellation(gen.aclose())
-            session.active_request_ids.discard(request_id)
-            session.touch()
+            running.discard(request_id)
+            if not background:
+                session.touch()
 
     def kept_output(
         self, result: TurnResult, skip_special_tokens: bool, is_chat: bool, pending: str

@@ -33,6 +33,7 @@ class TurnResult:
     cached_tokens: int = 0
     finished: bool = False
     version: int = 0  # the version the request read, or, once committed, the one it made
+    read_seq: int = 0  # the session's commit_seq when the request read it
     flash_hit: bool | None = None  # read-only queries: answered from a flash query's cache
 
     @property

@@ -5,11 +5,15 @@ Contract:
   buffer; when a subscriber is too slow, its oldest undelivered events are
   dropped and it next receives a ``lagged`` event saying how many it missed.
   A slow client therefore costs the server at most ``buffer`` events.
-* Event ids increase across the whole process (never reused, also when a
-  session id is reused), so ``Last-Event-ID`` identifies one point of one
-  stream. A subscriber that resumes from an id still in the session's replay
-  window (``replay`` events) gets every later event first; one whose id fell
-  out of the window gets ``lagged`` and then what the window still holds.
+* Event ids are integers, unique in the process and increasing within a
+  stream: each hub (session incarnation) numbers its events consecutively
+  from its own base (``ID_STRIDE`` apart), so ``Last-Event-ID`` identifies one
+  point of one stream and the number of events a client lost is exact. A
+  subscriber that resumes from an id still in the session's replay window
+  (``replay`` events) gets every later event first; one whose id fell out of
+  the window gets ``lagged`` with the count, then what the window holds. An
+  id from another stream (an earlier incarnation) resumes from the start.
+* A subscriber to a stream that already ended gets its final event.
 * ``close(event)`` publishes a final lifecycle event (``closed``,
   ``expired``, ``failed``) and ends every stream after it.
 No vLLM import; single-threaded asyncio.
@@ -24,7 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-_next_id = itertools.count(1)
+_bases = itertools.count(1)
+ID_STRIDE = 1 << 24  # events per base: ids stay below 2**53 for 2**29 hubs (exact in JavaScript too)
 LAGGED = "lagged"
 
 
@@ -80,6 +85,9 @@ class SessionEvents:
     """One session incarnation's event hub."""
 
     def __init__(self, replay: int, buffer: int, max_subscribers: int) -> None:
+        self._base = next(_bases) * ID_STRIDE
+        self._next = self._first = self._base + 1  # the id of the next event, and of the first
+        self._final: Event | None = None
         self._replay: deque[Event] = deque(maxlen=replay)
         self._buffer = buffer
         self.max_subscribers = max_subscribers
@@ -89,7 +97,11 @@ class SessionEvents:
     def publish(self, name: str, data: dict[str, Any]) -> Event | None:
         if self.closed:
             return None
-        event = Event(next(_next_id), name, data)
+        if self._next >= self._base + ID_STRIDE:  # a long stream moves on to a fresh range (still increasing)
+            self._base = next(_bases) * ID_STRIDE
+            self._next = self._base + 1
+        event = Event(self._next, name, data)
+        self._next += 1
         self._replay.append(event)
         for sub in self.subscribers:
             sub.offer(event)
@@ -100,11 +112,15 @@ class SessionEvents:
         sub = Subscriber(self._buffer)
         if last_event_id is not None:
             held = list(self._replay)
-            if held and held[0].id > last_event_id + 1:
-                sub.missed(held[0].id - last_event_id - 1)
+            ours = self._first <= last_event_id < self._next
+            after = last_event_id if ours else self._first - 1  # another stream's id: from the start
+            if held and held[0].id > after + 1:
+                sub.missed(held[0].id - after - 1)
             for event in held:
-                if event.id > last_event_id:
+                if event.id > after:
                     sub.offer(event)
+        elif self._final is not None:
+            sub.offer(self._final)
         if self.closed:
             sub.end()
         else:
@@ -114,11 +130,16 @@ class SessionEvents:
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
 
+    def end_streams(self) -> None:
+        """End every open stream without a lifecycle event (the server is shutting down)."""
+        for sub in self.subscribers:
+            sub.end()
+
     def close(self, name: str, data: dict[str, Any]) -> None:
         """Publish the final lifecycle event and end every stream."""
         if self.closed:
             return
-        self.publish(name, data)
+        self._final = self.publish(name, data)
         self.closed = True
         for sub in self.subscribers:
             sub.end()

@@ -2,14 +2,15 @@
 change, and their cached answers (HTTP-free, no vLLM import).
 
 Contract:
-* A flash query's answer is cached per session version: ``answer.version``
-  is the committed version whose tokens it read. ``stale`` means the session
-  has moved on since (``answer.version < session.version``).
+* A flash query's answer is cached per state of the session's tokens
+  (``commit_seq``, bumped by every change); ``answer.version`` labels it
+  with the session's committed version then. ``stale`` means the session has
+  moved on since (``answer.version < session.version``).
 * ``confidence`` is the model's own certainty in its answer: the geometric
   mean of the generated tokens' probabilities, ``exp(mean logprob)``, in
   (0, 1]; 1.0 means every token was certain. None when nothing was generated.
 * ``signature`` is what a read-only query must match, besides its prompt
-  tokens and the version, to be answered from the cache: only greedy flash
+  tokens and the token state, to be answered from the cache: only greedy flash
   queries have one (a sampled answer is not *the* answer to a repeat).
 * Waiters (``?min_version=``) are woken on every new answer and when the
   query or its session goes away.
@@ -30,14 +31,18 @@ SIGNATURE_FIELDS = (
     "max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
     "skip_special_tokens", "spaces_between_special_tokens", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "logit_bias", "allowed_token_ids", "bad_words", "structured_outputs", "min_p",
+    "repetition_detection",
 )  # fmt: skip
+PLUGIN_ARGS_PREFIX = "stateful_"  # the plugin's own extra_args (tags, work class): not the client's
 
 
 def sampling_signature(params: Any) -> tuple | None:
     """What a greedy answer depends on; None for sampled (non-greedy) params."""
     if getattr(params, "temperature", 1.0) != 0.0:
         return None
-    return tuple(repr(getattr(params, name, None)) for name in SIGNATURE_FIELDS)
+    extra = getattr(params, "extra_args", None) or {}
+    client_args = sorted((k, repr(v)) for k, v in extra.items() if not str(k).startswith(PLUGIN_ARGS_PREFIX))
+    return tuple(repr(getattr(params, name, None)) for name in SIGNATURE_FIELDS) + (repr(client_args),)
 
 
 def confidence_of(cumulative_logprob: float | None, tokens: int) -> float | None:
@@ -49,6 +54,7 @@ def confidence_of(cumulative_logprob: float | None, tokens: int) -> float | None
 @dataclass(frozen=True)
 class FlashAnswer:
     version: int
+    commit_seq: int  # the session's token state it read
     text: str
     token_ids: tuple[int, ...]
     input_ids: tuple[int, ...]  # the query's own tokens at that version (for cache hits)
@@ -70,23 +76,23 @@ class FlashQuery:
     answer: FlashAnswer | None = None
     evaluations: int = 0
     error: str | None = None
-    failed_version: int | None = None  # not retried at this version
+    failed_seq: int | None = None  # not retried at this token state
     removed: bool = False
     _updated: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self, answer: FlashAnswer) -> None:
-        if self.answer is None or answer.version >= self.answer.version:
+        if self.answer is None or answer.commit_seq >= self.answer.commit_seq:
             self.answer, self.error = answer, None
         self._wake()
 
-    def fail(self, message: str, version: int) -> None:
-        self.error, self.failed_version = message, version
+    def fail(self, message: str, commit_seq: int) -> None:
+        self.error, self.failed_seq = message, commit_seq
         self._wake()
 
-    def due(self, version: int) -> bool:
-        """Needs evaluating at ``version`` (no answer that fresh, and no failure there)."""
-        fresh = self.answer is not None and self.answer.version >= version
-        return not self.removed and not fresh and self.failed_version != version
+    def due(self, commit_seq: int) -> bool:
+        """Needs evaluating at token state ``commit_seq`` (no answer that fresh, and no failure there)."""
+        fresh = self.answer is not None and self.answer.commit_seq >= commit_seq
+        return not self.removed and not fresh and self.failed_seq != commit_seq
 
     def remove(self) -> None:
         self.removed = True
@@ -111,11 +117,11 @@ class FlashQuery:
     def to_public(self, session_version: int, include_tokens: bool = False) -> dict[str, Any]:
         a = self.answer
         body: dict[str, Any] = {
+            **self.request,
             "id": self.id,
             "object": "session.flash_query",
             "name": self.name,
             "created_at": int(self.created_at),
-            **self.request,
             "answer": a.text if a else None,
             "version": a.version if a else None,
             "computed_at": a.computed_at if a else None,

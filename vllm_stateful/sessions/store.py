@@ -66,8 +66,10 @@ class Session:
     state: str = "resident"
     error: str | None = None
     turn_in_flight: bool = False
-    # Engine requests running on this session's KV (turns, queries, ingestion).
+    # Engine requests running on this session's KV: client work (turns, queries, ingestion),
+    # which counts as use, and background work (flash evaluations), which does not.
     active_request_ids: set[str] = field(default_factory=set)
+    background_request_ids: set[str] = field(default_factory=set)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Read-your-writes: appends acknowledged vs ingested, as sequence numbers.
     acked_seq: int = 0
@@ -77,9 +79,11 @@ class Session:
     # This incarnation's append queue and its drain task (owned by the Ingestor).
     pending_appends: list[Any] = field(default_factory=list)
     ingest_task: asyncio.Task | None = None
-    # The version whose data ``token_ids`` holds in full (``version`` also counts appends
-    # acknowledged but not yet ingested).
+    # The newest version whose changes ``token_ids`` holds in full (``version`` also counts appends
+    # acknowledged but not yet ingested), and a counter bumped by every change of ``token_ids``
+    # (two token states never share it, while a version label can lag behind a turn).
     committed_version: int = 0
+    commit_seq: int = 0
     # Flash queries by id (sessions/flash.py) and the session's event stream.
     flash: dict[str, Any] = field(default_factory=dict)
     events: SessionEvents = field(default_factory=lambda: SessionEvents(256, 256, 16))
