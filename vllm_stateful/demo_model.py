@@ -116,10 +116,9 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def build_demo_model(path: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a Qwen2 checkpoint of ``size`` to ``path`` and return the path.
-
-    Raises ValueError for an unknown size. Overwrites files in ``path``.
+def build_demo_model(path: str | os.PathLike, size: str = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
+    """Write a Qwen2 checkpoint of ``size`` to ``path`` (weights in ``dtype``, default the shape's) and
+    return the path. Raises ValueError for an unknown size. Overwrites files in ``path``.
     """
     if size not in SHAPES:
         raise ValueError(f"unknown demo model size {size!r}; choose from {sorted(SHAPES)}")
@@ -127,6 +126,7 @@ def build_demo_model(path: str | os.PathLike, size: str = "tiny", seed: int = 0)
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     shape = SHAPES[size]
+    dtype = dtype or shape.dtype
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(shape.vocab_size)
@@ -149,33 +149,46 @@ def build_demo_model(path: str | os.PathLike, size: str = "tiny", seed: int = 0)
         bos_token_id=eot,
         eos_token_id=im_end,
         pad_token_id=eot,
-        torch_dtype=shape.dtype,
+        torch_dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, shape.dtype))
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False).save_pretrained(
         out
     )
     (out / "stateful_demo.json").write_text(
-        json.dumps({"size": size, "seed": seed, "params": model.num_parameters()}, indent=2)
+        json.dumps({"size": size, "seed": seed, "dtype": dtype, "params": model.num_parameters()}, indent=2)
     )
     return out
 
 
-def default_model_dir(size: str = "tiny") -> Path:
+def serving_dtype(size: str) -> str:
+    """The dtype a demo model is written (and served) in: the shape's, except that a bfloat16 shape is
+    written in float32 on a CPU without native bfloat16 (see ``cpu_dtype``), where bf16 is ~5x slower."""
+    from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags, is_cpu_build
+
+    shape = SHAPES[size]
+    if shape.dtype == "bfloat16" and is_cpu_build():
+        return choose_cpu_dtype(cpu_flags())[0]
+    return shape.dtype
+
+
+def default_model_dir(size: str = "tiny", dtype: str | None = None) -> Path:
     """Where ``serve`` caches the demo model: ``$XDG_CACHE_HOME/vllm-stateful``."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "vllm-stateful" / "models" / f"qwen2-{size}-demo"
+    suffix = "" if dtype in (None, SHAPES[size].dtype) else f"-{dtype}"
+    return base / "vllm-stateful" / "models" / f"qwen2-{size}-demo{suffix}"
 
 
 def ensure_demo_model(size: str = "tiny") -> Path:
-    """Return the cached demo model directory, building it on first use."""
-    out = default_model_dir(size)
+    """Return the cached demo model directory (in ``serving_dtype(size)``), building it on first use."""
+    dtype = serving_dtype(size)
+    out = default_model_dir(size, dtype)
     if not (out / "stateful_demo.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_demo_model(tmp, size)
+        build_demo_model(tmp, size, dtype=dtype)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             import shutil

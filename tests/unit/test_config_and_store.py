@@ -108,7 +108,7 @@ def test_serve_argv_switches_plugin_on_and_keeps_user_flags(monkeypatch):
     from vllm_stateful import cli
 
     monkeypatch.setenv("VLLM_PLUGINS", "other")
-    monkeypatch.setattr(cli, "_is_cpu_build", lambda: True)
+    monkeypatch.setattr(cli, "is_cpu_build", lambda: True)
     argv = cli.serve_argv(["/m", "--block-size", "64", "--cell-budget", "2048", "--additional-config", '{"x": 1}'])
     assert argv[:3] == ["vllm", "serve", "/m"]
     assert argv[argv.index("--scheduler-cls") + 1] == "vllm_stateful.engine.scheduler.StatefulScheduler"
@@ -128,6 +128,22 @@ def test_serve_without_model_uses_the_demo_model(monkeypatch):
     assert argv[:3] == ["vllm", "serve", "/cache/tiny"]
     assert argv[argv.index("--served-model-name") + 1] == "qwen2-tiny-demo"
     assert cli.serve_argv(["--served-model-name", "mine"]).count("--served-model-name") == 1
+    monkeypatch.setattr(cli, "is_cpu_build", lambda: True)
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx512_bf16"})
+    argv = cli.serve_argv([])
+    assert argv[argv.index("--dtype") + 1] == "float32"  # the demo model's own dtype, whatever the CPU
+
+
+def test_the_small_demo_model_is_written_in_the_dtype_it_is_served_in(monkeypatch):
+    from vllm_stateful import cpu_dtype, demo_model
+
+    monkeypatch.setattr(cpu_dtype, "is_cpu_build", lambda: True)
+    monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: {"avx2"})
+    assert demo_model.serving_dtype("small") == "float32" and demo_model.serving_dtype("tiny") == "float32"
+    assert demo_model.default_model_dir("small", "float32").name == "qwen2-small-demo-float32"
+    monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert demo_model.serving_dtype("small") == "bfloat16"
+    assert demo_model.default_model_dir("small", "bfloat16").name == "qwen2-small-demo"
 
 
 @pytest.mark.parametrize("flags", [["--data-parallel-size", "2"], ["--api-server-count=3"], ["-dp", "4"]])
