@@ -71,6 +71,16 @@ class Server:
         assert body["problems"] == [], body
         return body
 
+    def fresh_session(self, sid: str, n_tokens: int, seed: int = 0) -> list[int]:
+        """Create session ``sid`` holding ``n_tokens`` seeded random token ids; returns them."""
+        import random
+
+        rng = random.Random(seed)
+        prompt = [rng.randrange(10, 3000) for _ in range(n_tokens)]
+        r = self.post("/v1/sessions", json={"id": sid, "prompt": prompt})
+        assert r.status_code == 201, r.text
+        return prompt
+
     def complete(self, sid: str, prompt, max_tokens: int = 3, commit: bool = True) -> httpx.Response:
         """A greedy completions request on session ``sid``, with the generated token ids."""
         return self.post(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import queue
-import random
 import threading
 
 import httpx
@@ -17,14 +16,6 @@ import httpx
 from tests.e2e.conftest import EVENT_REPLAY, MAX_FLASH_PER_SESSION, MAX_SUBSCRIBERS, assert_error, wait_until
 
 QUESTION = [41, 42, 43, 44]
-
-
-def _session(server, sid: str, n_tokens: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    prompt = [rng.randrange(10, 3000) for _ in range(n_tokens)]
-    r = server.post("/v1/sessions", json={"id": sid, "prompt": prompt})
-    assert r.status_code == 201, r.text
-    return prompt
 
 
 def _register(server, sid: str, **body) -> dict:
@@ -100,7 +91,7 @@ class EventReader:
 
 def test_flash_answer_equals_the_reference_at_every_version_and_serves_hits(stateful_server, reference):
     server, sid = stateful_server, "flash-eq"
-    _session(server, sid, 70, seed=1)
+    server.fresh_session(sid, 70, seed=1)
     fq = _register(server, sid, name="trend")
     assert fq["name"] == "trend" and fq["max_tokens"] == 8
     for step in range(3):
@@ -128,7 +119,7 @@ def test_flash_answer_equals_the_reference_at_every_version_and_serves_hits(stat
 
 def test_events_deliver_appended_then_the_new_flash_answer(stateful_server):
     server, sid = stateful_server, "flash-events"
-    _session(server, sid, 40, seed=2)
+    server.fresh_session(sid, 40, seed=2)
     reader = EventReader(server, sid)
     assert reader.status == 200
     fq = _register(server, sid)
@@ -151,7 +142,7 @@ def test_events_deliver_appended_then_the_new_flash_answer(stateful_server):
 
 def test_stale_answers_are_flagged_until_the_new_version_is_evaluated(stateful_server):
     server, sid = stateful_server, "flash-stale"
-    _session(server, sid, 40, seed=3)
+    server.fresh_session(sid, 40, seed=3)
     fq = _register(server, sid)
     assert _answer(server, sid, fq["id"], 1)["stale"] is False
     with server.paused():  # nothing is ingested or evaluated meanwhile
@@ -168,7 +159,7 @@ def test_stale_answers_are_flagged_until_the_new_version_is_evaluated(stateful_s
 
 def test_a_burst_of_appends_is_superseded_and_ends_at_the_newest_version(stateful_server):
     server, sid = stateful_server, "flash-burst"
-    _session(server, sid, 40, seed=4)
+    server.fresh_session(sid, 40, seed=4)
     fq = _register(server, sid)
     assert _answer(server, sid, fq["id"], 1)["evaluations"] == 1
     superseded = server.metric("vllm_stateful:flash_superseded_total")
@@ -192,7 +183,7 @@ def test_user_queries_are_never_batched_with_flash_work(stateful_server):
     import concurrent.futures
 
     server, sid = stateful_server, "flash-priority"
-    _session(server, sid, 40, seed=5)
+    server.fresh_session(sid, 40, seed=5)
     counters = server.integrity()["counters"]
     pool = concurrent.futures.ThreadPoolExecutor(1)
     with server.paused():
@@ -219,7 +210,7 @@ def test_delete_ends_streams_with_closed_and_frees_every_block(stateful_server):
     subscribers0 = server.metric("vllm_stateful:event_subscribers")
     queries0 = server.metric("vllm_stateful:flash_queries")
     sid = "flash-delete"
-    _session(server, sid, 100, seed=6)
+    server.fresh_session(sid, 100, seed=6)
     fqs = [_register(server, sid, prompt=[50 + i, 51, 52], max_tokens=16) for i in range(3)]
     readers = [EventReader(server, sid) for _ in range(2)]
     for fq in fqs:
@@ -240,7 +231,7 @@ def test_delete_ends_streams_with_closed_and_frees_every_block(stateful_server):
 
 def test_flash_routes_validate_every_field_and_stay_in_their_tenant(stateful_server):
     server, sid = stateful_server, "flash-validate"
-    _session(server, sid, 30, seed=7)
+    server.fresh_session(sid, 30, seed=7)
     path = f"/v1/sessions/{sid}/flash_queries"
     cases = [
         ({"prompt": QUESTION, "max_tokens": 0}, "invalid_request"),
@@ -298,7 +289,7 @@ def test_a_stalled_subscriber_blocks_nobody_and_a_late_resume_is_told_what_it_lo
     import socket
 
     server, sid = stateful_server, "flash-slow"
-    _session(server, sid, 30, seed=8)
+    server.fresh_session(sid, 30, seed=8)
     for i in range(MAX_FLASH_PER_SESSION):
         _register(server, sid, prompt=[60 + i, 61, 62], max_tokens=32, ignore_eos=True)
     host, port = server.root.removeprefix("http://").split(":")

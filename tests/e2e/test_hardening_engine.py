@@ -25,20 +25,12 @@ def _query(server, sid: str, prompt: list[int], n: int = 4) -> dict:
     return r.json()
 
 
-def _fresh(server, sid: str, n_tokens: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    prompt = [rng.randrange(10, 3000) for _ in range(n_tokens)]
-    r = server.post("/v1/sessions", json={"id": sid, "prompt": prompt})
-    assert r.status_code == 201, r.text
-    return prompt
-
-
 # --- 1. forged engine tags --------------------------------------------------------------------
 
 
 def test_forged_session_tags_reach_no_session_on_any_route(stateful_server):
     sid = "victim-1"
-    _fresh(stateful_server, sid, 150, seed=1)
+    stateful_server.fresh_session(sid, 150, seed=1)
     before = stateful_server.session(sid, tokens=True)
     expected = _query(stateful_server, sid, [5, 6, 7])
     baseline = stateful_server.idle()
@@ -124,7 +116,7 @@ def test_concurrent_sessions_reserve_before_work_and_get_429_with_retry_after(st
 
 def test_prefix_cache_reset_releases_sessions_which_recompute_correctly(stateful_server, reference):
     sid = "lifecycle-reset"
-    prompt = _fresh(stateful_server, sid, 200, seed=7)
+    prompt = stateful_server.fresh_session(sid, 200, seed=7)
     r = httpx.post(stateful_server.root + "/reset_prefix_cache", timeout=60)
     assert r.status_code == 200 and r.json() == {"success": True}, r.text
     cold = wait_until(lambda: (s := stateful_server.session(sid))["state"] == "cold" and s, what="session marked cold")
@@ -150,7 +142,7 @@ def test_prefix_cache_reset_releases_sessions_which_recompute_correctly(stateful
 
 def test_pause_with_cache_clear_aborts_running_session_work_cleanly(stateful_server):
     sid = "lifecycle-pause"
-    _fresh(stateful_server, sid, 100, seed=8)
+    stateful_server.fresh_session(sid, 100, seed=8)
     before = stateful_server.session(sid, tokens=True)
     turn = {"model": "tiny", "prompt": [7], "max_tokens": 50, "ignore_eos": True, "stateful": sid}
     with stateful_server.held_request("/v1/completions", turn) as held:
@@ -169,7 +161,7 @@ def test_pause_with_cache_clear_aborts_running_session_work_cleanly(stateful_ser
 
 def test_weight_reload_drops_session_kv(stateful_server, reference):
     sid = "lifecycle-weights"
-    prompt = _fresh(stateful_server, sid, 120, seed=9)
+    prompt = stateful_server.fresh_session(sid, 120, seed=9)
     r = httpx.post(stateful_server.root + "/collective_rpc", json={"method": "reload_weights"}, timeout=120)
     assert r.status_code == 200, r.text
     wait_until(lambda: stateful_server.session(sid)["state"] == "cold", what="session marked cold")
@@ -207,7 +199,7 @@ def test_pause_keeps_acknowledged_appends_which_are_ingested_after_resume(statef
 
 def test_a_turn_running_across_a_weight_update_does_not_pin_old_kv(stateful_server, reference):
     sid = "lifecycle-inflight"
-    _fresh(stateful_server, sid, 150, seed=11)
+    stateful_server.fresh_session(sid, 150, seed=11)
     turn = {"model": "tiny", "prompt": [7], "max_tokens": 300, "ignore_eos": True, "stream": True, "stateful": sid}
     try:
         with httpx.stream("POST", stateful_server.base_url + "/completions", json=turn, headers=AUTH, timeout=120) as s:
@@ -239,7 +231,7 @@ def test_a_turn_running_across_a_weight_update_does_not_pin_old_kv(stateful_serv
 def test_disconnect_storm_leaves_engine_pins_equal_to_the_api_view(stateful_server):
     baseline = stateful_server.idle()["free_blocks"]
     sid = "drift-1"
-    _fresh(stateful_server, sid, 70, seed=10)
+    stateful_server.fresh_session(sid, 70, seed=10)
     url = stateful_server.base_url + "/completions"
     for i in range(12):
         turn = {
@@ -296,7 +288,7 @@ def test_max_tokens_zero_is_a_400_and_the_engine_keeps_serving(stateful_server, 
 
 def test_abandoned_non_streaming_turns_are_aborted_and_commit_nothing(stateful_server):
     sid = "abandoned-1"
-    _fresh(stateful_server, sid, 40, seed=15)
+    stateful_server.fresh_session(sid, 40, seed=15)
     before = stateful_server.session(sid, tokens=True)
     body = {"model": "tiny", "prompt": [5], "max_tokens": 1400, "ignore_eos": True, "stateful": sid}
     with pytest.raises(httpx.TimeoutException):
@@ -322,7 +314,7 @@ def test_abandoned_non_streaming_turns_are_aborted_and_commit_nothing(stateful_s
 @pytest.mark.parametrize("stream", [False, True])
 def test_query_cut_short_by_delete_is_a_404(stateful_server, stream):
     sid = f"cut-query-{int(stream)}"
-    _fresh(stateful_server, sid, 40, seed=19)
+    stateful_server.fresh_session(sid, 40, seed=19)
     body = {
         "model": "tiny",
         "prompt": [5],

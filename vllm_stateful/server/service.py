@@ -158,6 +158,7 @@ class SessionService:
         class (only on spare capacity), and is not client use of the session.
         """
         assert self.ledger is not None
+        user_query = not commit and not flash  # a client's read-only query
         flagged = lock_held = committed = counted = False
         reservation: Reservation | None = None
         try:
@@ -192,14 +193,14 @@ class SessionService:
             }
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
             result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version, read_seq=read_seq)
-            if not commit and not flash:
+            if user_query:
                 result.flash_hit = False
-            if not commit and not flash and not stream and self.cached_answer is not None:
+            if user_query and not stream and self.cached_answer is not None:
                 if self.cached_answer(result, turn_input.token_ids, params):
                     yield result, None
                     return
             started = time.monotonic()
-            if not commit and not flash:
+            if user_query:
                 self._query_started()
                 counted = True
             # aclosing: the engine request is aborted before the rollback below is sent
@@ -212,7 +213,7 @@ class SessionService:
                             await self._commit(session, turn_input, prompt, result, params, reservation)
                             committed = True
                     yield result, delta
-            if not commit and not flash:
+            if user_query:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
             if counted:
