@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from tests.e2e.conftest import KEY_A, NUM_KV_BLOCKS
+from tests.e2e.conftest import KEY_A, NUM_KV_BLOCKS, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,11 @@ def test_burst_that_preempts_leaves_pinned_sessions_intact(stateful_server, clie
         return r.json()["usage"]["completion_tokens"]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        assert list(pool.map(stateless, burst)) == [600] * 16
+        # all 16 admitted while vLLM is paused, so they run together however fast the machine is
+        with stateful_server.paused():
+            futures = [pool.submit(stateless, prompt) for prompt in burst]
+            wait_until(lambda: stateful_server.integrity()["waiting"] == 16, what="the burst admitted")
+        assert [f.result() for f in futures] == [600] * 16
     assert _preemptions(stateful_server) > preempted_before, "the burst did not cause preemption"
     after = stateful_server.get(f"/v1/sessions/{sid}", params={"include_tokens": "true"}).json()
     assert after["token_ids"] == before["token_ids"] and after["pinned_blocks"] == before["pinned_blocks"]
