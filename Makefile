@@ -65,5 +65,10 @@ bench-sessions: setup
 bench-probe: setup
 	$(BIN)/python benchmarks/ingest_probe.py
 
+# BENCH_ARGS: flags for the script, e.g. BENCH_ARGS=--quick (tiny model, N=2,4)
+.PHONY: bench-multi-tenant
+bench-multi-tenant: setup
+	$(BIN)/python benchmarks/multi_tenant.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -18,7 +18,7 @@ import random
 import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 DEFAULT_SYMBOLS: dict[str, float] = {"BTC": 64123.55, "ETH": 3150.20, "SOL": 145.22, "NVDA": 121.45, "GOLD": 2331.40}
 QUESTION_TEMPLATES = (
@@ -142,6 +142,19 @@ def write_csv(rows: Iterable[QueryRow], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+    return path
+
+
+def write_dataclass_csv(rows: Iterable[Any], path: str | Path, cls: type) -> Path:
+    """Rows of dataclass ``cls``, one CSV line each, columns in field order; None is an empty cell.
+    (The generic form of ``write_csv``, for other benchmarks' row types.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[x.name for x in fields(cls)])
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})

@@ -47,6 +47,11 @@ class StatefulConfig:
     tenant_header: when set, the tenant is also read from this header (set it
         only behind a gateway that sets and strips it); see ``sessions/tenants.py``.
     debug_routes: serve ``GET /v1/stateful/debug/integrity`` (off by default).
+    ingest_share_tokens: ingestion tokens per engine step while session queries
+        or other foreground work run: ingestion's minimum share, and the most a
+        foreground step carries (see ``engine/work_classes.py``).
+    max_ingest_hold_steps: consecutive steps ingestion may be held back while
+        foreground requests wait to be admitted (then it gets its share).
     """
 
     cell_budget: int | None = None
@@ -68,6 +73,8 @@ class StatefulConfig:
     ingest_wait_timeout_s: float = 120.0
     tenant_header: str | None = None
     debug_routes: bool = False
+    ingest_share_tokens: int = 64
+    max_ingest_hold_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
@@ -86,6 +93,7 @@ class StatefulConfig:
             "event_buffer",
             "max_ingest_queue_tokens",
             "max_sessions",
+            "ingest_share_tokens",
         ):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"stateful.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -103,6 +111,10 @@ class StatefulConfig:
             raise ValueError("stateful.ingest_wait_timeout_s must be positive")
         if self.tenant_header is not None and (not isinstance(self.tenant_header, str) or not self.tenant_header):
             raise ValueError("stateful.tenant_header must be a header name or null")
+        if not _positive_int(self.max_ingest_hold_steps) and self.max_ingest_hold_steps != 0:
+            raise ValueError("stateful.max_ingest_hold_steps must be an integer in [0, 1000]")
+        if self.max_ingest_hold_steps > 1000:
+            raise ValueError("stateful.max_ingest_hold_steps must be an integer in [0, 1000]")
         if not isinstance(self.debug_routes, bool):
             raise ValueError("stateful.debug_routes must be true or false")
 

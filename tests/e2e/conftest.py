@@ -38,6 +38,10 @@ MAX_SUBSCRIBERS = 4
 EVENT_BUFFER = 8
 EVENT_REPLAY = 16
 MAX_FLASH_PER_SESSION = 4
+# Prefill chunks of 256 tokens (vLLM's step budget), so long prompts take several steps, and
+# ingestion's share next to foreground steps.
+CHUNK_TOKENS = 256
+INGEST_SHARE = 32
 CHAT_TEMPLATE = Path(__file__).with_name("strict_chatml.jinja")
 
 
@@ -188,6 +192,7 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "event_buffer": EVENT_BUFFER,
         "event_replay": EVENT_REPLAY,
         "max_flash_queries_per_session": MAX_FLASH_PER_SESSION,
+        "ingest_share_tokens": INGEST_SHARE,
     }
     cmd = [
         sys.executable, "-m", "vllm_stateful.cli", "serve", tiny_model_path,
@@ -200,6 +205,7 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "--max-ingest-queue-tokens", str(INGEST_QUEUE_TOKENS),
         "--num-gpu-blocks-override", str(NUM_KV_BLOCKS),
         "--block-size", str(BLOCK_SIZE),
+        "--max-num-batched-tokens", str(CHUNK_TOKENS),
         "--api-key", KEY_A, KEY_B,
         "--enable-prompt-tokens-details",
         "--chat-template", str(CHAT_TEMPLATE),

@@ -79,3 +79,54 @@ def test_room_is_what_can_still_be_reserved():
     assert ledger.room("s") == 22  # the rest of its block
     ledger.settle(r, 10)
     assert ledger.room("s") == 22
+
+
+def test_blocks_with_the_same_content_in_one_tenant_are_charged_once():
+    ledger = _ledger(budget_tokens=32 * 13, quota=2000)
+    shared = list(range(96))  # three full blocks, e.g. a system prompt
+    sessions = {}
+    for n in range(10):  # ten sessions of 106 tokens: 40 blocks as copies, 3 + 10 physical
+        prompt = shared + [1000 + n] * 10
+        res = ledger.reserve(f"s{n}", len(prompt), known=prompt, scope="tenant-a")
+        sessions[f"s{n}"] = (res, prompt)
+    assert ledger.charged_blocks() == 13 and ledger.check_integrity() == []
+    _refused(lambda: ledger.reserve("x", 1), 429, "cell_budget_exceeded")
+    for res, prompt in sessions.values():  # committed: the same blocks, now from the session's tokens
+        ledger.settle(res, len(prompt), prompt)
+    assert ledger.charged_blocks() == 13 and ledger.shared_blocks("s0") == 3 and ledger.charged_blocks("s0") == 4
+    # closing in any order moves the shared blocks' charge to the survivors
+    for n, key in enumerate(["s3", "s0", "s9", "s5", "s1", "s2", "s8", "s4", "s6"]):
+        ledger.forget(key)
+        assert ledger.charged_blocks() == 3 + 10 - (n + 1) and ledger.check_integrity() == []
+    assert ledger.shared_blocks("s7") == 0  # the last holder: its blocks are its own again
+    ledger.forget("s7")
+    assert ledger.charged_blocks() == 0 and ledger.check_integrity() == []
+
+
+def test_sharing_is_per_tenant_and_per_content():
+    ledger = _ledger(budget_tokens=32 * 100, quota=2000)
+    shared = list(range(64))
+    ledger.reserve("a", 64, known=shared, scope="t1")
+    assert ledger.reserve("b", 64, known=shared, scope="t1") and ledger.charged_blocks() == 2
+    ledger.reserve("c", 64, known=shared, scope="t2")  # another tenant: its own copy (own cache salt)
+    assert ledger.charged_blocks() == 4
+    ledger.reserve("d", 64, known=[7] + shared[1:], scope="t1")  # first block differs: so do both keys
+    assert ledger.charged_blocks() == 6
+    # a commit that is not the reserved prompt: keys follow the committed tokens
+    r = ledger.reserve("e", 70, known=shared + [1] * 6, scope="t1")
+    assert ledger.charged_blocks() == 7
+    ledger.settle(r, 70, [9] * 70)
+    assert ledger.charged_blocks() == 9 and ledger.check_integrity() == []
+
+
+def test_a_turn_extends_the_keys_of_the_committed_history():
+    ledger = _ledger(budget_tokens=32 * 100, quota=2000)
+    history = list(range(40))
+    ledger.settle(ledger.reserve("a", 40, known=history, scope="t"), 40, history)
+    assert len(ledger.block_keys("a")) == 1
+    prompt = history + list(range(100, 130))  # 70 tokens: a second full block becomes known
+    turn = ledger.reserve("a", 30 + 16, known=prompt, scope="t")  # + 16 to generate
+    assert ledger.charged_blocks() == 3  # cdiv(86, 32)
+    ledger.settle(turn, 80, prompt + [5] * 10)
+    assert len(ledger.block_keys("a")) == 2 and ledger.charged_blocks() == 3
+    assert ledger.check_integrity() == []

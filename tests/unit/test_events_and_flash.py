@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import Counter
 from types import SimpleNamespace
 
-from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, FlashHold, is_flash
 from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.flash import FlashAnswer, FlashQuery, confidence_of, sampling_signature
 
@@ -115,26 +113,3 @@ def test_only_greedy_params_have_a_cache_signature():
     tagged = SimpleNamespace(**vars(greedy), extra_args={"stateful_session": "k", "stateful_class": "flash"})
     assert sampling_signature(tagged) == sampling_signature(greedy)
     assert sampling_signature(SimpleNamespace(**vars(greedy), extra_args={"x": 1})) != sampling_signature(greedy)
-
-
-def test_flash_requests_are_held_while_foreground_work_exists():
-    counters: Counter = Counter()
-    hold = FlashHold(counters)
-    flash = lambda r: r.startswith("f")  # noqa: E731
-    assert is_flash({CLASS_KEY: FLASH}) and not is_flash({CLASS_KEY: "other"}) and not is_flash(None)
-    # only flash work: nothing held
-    assert hold.split(["f1"], ["f2"], flash) == ([], [])
-    hold.after_step(0, ["f1", "f2"], {"f1", "f2"})
-    # foreground running or waiting: every flash request is held
-    assert hold.split(["f1", "u1"], ["f2", "u2"], flash) == (["f1"], ["f2"])
-    assert hold.split(["f1"], ["f2"], flash, foreground=["u3"]) == (["f1"], ["f2"])  # e.g. vLLM's KV-load queue
-    hold.after_step(2, ["u1", "u2"], {"f1", "f2"})
-    assert counters == {"flash_held_steps": 1}
-    # a holding step that scheduled nothing: the next step does not hold (no deadlock) ...
-    assert hold.split(["f1"], ["u2"], flash) == (["f1"], [])
-    hold.after_step(1, [], {"f1"})
-    assert hold.split(["f1"], ["u2"], flash) == ([], [])
-    hold.after_step(0, ["f1", "u2"], {"f1"})
-    assert counters["flash_shared_steps"] == 1
-    # ... and holds again once that step made progress
-    assert hold.split(["f1"], ["u2"], flash) == (["f1"], [])

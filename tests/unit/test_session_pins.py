@@ -13,6 +13,7 @@ pytestmark = pytest.mark.unit
 class Block:
     block_id: int
     ref_cnt: int = 0
+    block_hash: object = None  # vLLM's content hash of a full block
 
 
 class FakePool:
@@ -86,3 +87,27 @@ def test_release_all():
     pins.pin("b", [1, 2], pool.blocks[:1])
     assert pool.blocks[0].ref_cnt == 2
     assert pins.release_all() == 3 and pool.free() == 8
+
+
+def test_identical_content_is_pinned_in_one_block():
+    pool = FakePool(12)
+    pins = SessionPins(pool, block_size=4)
+    for i, b in enumerate(pool.blocks[:8]):
+        b.block_hash = ("h", i % 4)  # blocks 4-7 are duplicates of 0-3 (computed twice)
+    baseline = pool.free()
+    pins.pin("a", list(range(14)), pool.blocks[0:4])
+    # b's request computed the same content in other blocks; its pin takes a's blocks instead
+    pins.pin("b", list(range(14)), pool.blocks[4:8])
+    assert pins.block_ids("b") == [0, 1, 2, 3] and pins.num_pinned_blocks() == 4
+    assert [b.ref_cnt for b in pool.blocks[:8]] == [2, 2, 2, 2, 0, 0, 0, 0]
+    assert pins.check_integrity() == []
+    assert pins.fragmentation() == pytest.approx(2 / 16)  # 14 tokens in 4 blocks of 4
+    pins.release("a")
+    pins.pin("c", list(range(8)), pool.blocks[4:6])  # still pinned by b: c shares them
+    assert pins.block_ids("c") == [0, 1] and pins.check_integrity() == []
+    pins.release("b")
+    pins.release("c")
+    assert pool.free() == baseline and pins.fragmentation() == 0.0
+    # once nobody pins the content, a new pin keeps its own blocks
+    pins.pin("d", list(range(4)), pool.blocks[4:5])
+    assert pins.block_ids("d") == [4] and pins.check_integrity() == []

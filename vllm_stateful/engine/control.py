@@ -6,8 +6,9 @@ incarnation's key. Ops:
 
 * ``handshake`` {secret} -- set the tag secret (once: a second API server
   attaching to the same engine is refused, see ``engine/support.py``).
-* ``info`` -- pool and pin totals, counters, and ``kv_epoch`` (bumped every
-  time all pins are dropped), which the API server polls to notice drops.
+* ``info`` -- pool and pin totals, fragmentation, queue depth per work class,
+  counters, and ``kv_epoch`` (bumped every time all pins are dropped), which
+  the API server polls to notice drops.
 * ``sync`` {key, keep_tokens} -- trim the session's pin to its first
   ``keep_tokens`` tokens (the API server's committed history that the engine
   computed); returns the pin's tokens and blocks. Requests of the session
@@ -15,7 +16,8 @@ incarnation's key. Ops:
 * ``release`` {key} -- drop the session's pins for good; returns the freed blocks.
 * ``pins`` -- key -> [tokens, blocks] for every pinned session.
 * ``integrity`` {digests} -- ref-count and shape checks, optionally with a
-  digest of each session's pinned tokens (O(tokens): for tests and operators).
+  digest of each session's pinned tokens and its block ids (O(tokens): for
+  tests and operators), and the waits of the last admitted foreground requests.
 * ``drop_all`` {reason} -- release every pin (weight updates; see plugin).
 """
 
@@ -133,9 +135,12 @@ class SessionControl:
             "num_blocks": pool.num_gpu_blocks,
             "free_blocks": pool.get_num_free_blocks(),
             "pinned_blocks": self.pins.num_pinned_blocks(),
+            "fragmentation": self.pins.fragmentation(),
             "sessions": len(self.pins.session_ids()),
             "max_model_len": self.scheduler.max_model_len,
             "kv_epoch": self.kv_epoch,
+            "depth": self.scheduler.class_depths(),
+            "token_budget": self.scheduler.max_num_scheduled_tokens,
             **self.counters,
         }
 
@@ -159,7 +164,7 @@ class SessionControl:
             key: {
                 "tokens": p.num_tokens,
                 "blocks": len(p.blocks),
-                **({"digest": token_digest(p.token_ids)} if digests else {}),
+                **({"digest": token_digest(p.token_ids), "block_ids": self.pins.block_ids(key)} if digests else {}),
             }
             for key in self.pins.session_ids()
             if (p := self.pins.get(key)) is not None
@@ -173,6 +178,7 @@ class SessionControl:
             "waiting": len(self.scheduler.waiting),
             "kv_epoch": self.kv_epoch,
             "counters": dict(self.counters),
+            "waits": list(self.scheduler.step_policy.waits),
         }
 
     def op_drop_all(self, reason: str) -> dict[str, int]:

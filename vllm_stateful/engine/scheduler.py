@@ -17,9 +17,15 @@ overrides, each around ``super()``:
   release or before a KV drop (``SessionControl.may_pin``): nothing the API
   server rolled back or closed can re-appear in the engine, and no KV from
   before a weight update is pinned.
-* ``schedule`` -- flash evaluations (background re-answers of flash
-  queries) are held out of the step while foreground work exists
-  (``work_classes.FlashHold``), then put back; vLLM schedules the rest.
+* ``schedule`` -- work classes (``work_classes``): the step's queues are
+  ordered by class (session turns and queries, plain traffic, ingestion,
+  flash), lower classes are held out of the step or given a smaller token
+  budget as ``StepPolicy`` decides, vLLM's own ``schedule()`` runs on the
+  rest, and everything is put back.
+* ``_get_local_prefix_cache_hit`` also asks vLLM's prefix cache and keeps the
+  longer hit, so a session request reuses blocks other sessions computed
+  (a shared system prompt is computed once); pinning keeps one block per
+  content (``SessionPins.pin``).
 * ``reset_prefix_cache`` -- every cache reset vLLM performs (``/reset_prefix_cache``,
   ``pause(clear_cache)``, ``sleep`` level >= 1, releasing KV memory) first
   releases all pinned sessions, which become ``cold`` (their tokens stay in
@@ -34,29 +40,38 @@ the engine-core thread between steps.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.control import SessionControl
 from vllm_stateful.engine.request_tags import SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
-from vllm_stateful.engine.work_classes import FlashHold, is_flash
+from vllm_stateful.engine.work_classes import ShareConfig, StepPolicy, WorkClass, marked_class
 
 logger = init_logger(__name__)
 
 # Finished statuses whose KV is complete and which the API server may commit.
 PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
 STAMP_ATTR = "_vllm_stateful_stamp"
-FLASH_ATTR = "_vllm_stateful_flash"
+CLASS_ATTR = "_vllm_stateful_class"
 
 
-def _flash(request: Request) -> bool:
-    return getattr(request, FLASH_ATTR, False)
+def work_class(request: Request) -> WorkClass:
+    return getattr(request, CLASS_ATTR, WorkClass.PLAIN)
+
+
+def step_demand(request: Request) -> int:
+    """Tokens a running request asks for in the next step (vLLM's own formula, before caps)."""
+    return max(0, request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens)
 
 
 class StatefulSchedulerMixin:
@@ -83,7 +98,11 @@ class StatefulSchedulerMixin:
             self.kv_cache_manager.block_pool, self.kv_cache_manager.coordinator.single_type_managers[0].block_size
         )
         self.session_control = SessionControl(self)
-        self.flash_hold = FlashHold(self.session_control.counters)
+        config = StatefulConfig.from_additional_config(self.vllm_config.additional_config)
+        self.step_policy = StepPolicy(
+            ShareConfig(config.ingest_share_tokens, config.max_ingest_hold_steps), self.session_control.counters
+        )
+        self._last_step_start: float | None = None
         logger.info(
             "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
             "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
@@ -97,46 +116,106 @@ class StatefulSchedulerMixin:
         if tag is not None:
             setattr(request, STAMP_ATTR, self.session_control.stamp(tag.key))
         params = request.sampling_params
-        setattr(request, FLASH_ATTR, is_flash(params.extra_args if params else None))
+        klass = marked_class(params.extra_args if params else None, tag is not None)
+        setattr(request, CLASS_ATTR, klass)
         super().add_request(request)
+        self.step_policy.arrived(request.request_id, klass)
 
     def schedule(self, *args: Any, **kwargs: Any):
-        held_running, held_waiting = self.flash_hold.split(
-            self.running, self.waiting, _flash, foreground=self.kv_holding_waiting
+        if self._pause_state == PauseState.PAUSED_ALL:  # vLLM schedules nothing: not a step of the policy
+            self._last_step_start = None
+            return super().schedule(*args, **kwargs)
+        started = time.perf_counter()
+        counters = self.session_control.counters
+        if self._last_step_start is not None:
+            counters["step_s"] += started - self._last_step_start
+        plan = self.step_policy.plan(
+            self.running,
+            self.waiting,
+            work_class,
+            step_demand,
+            self.max_num_scheduled_tokens,
+            other_waiting=self.kv_holding_waiting,
         )
+        held_running, held_waiting = plan.held_running, plan.held_waiting
         # held running requests keep their model-runner slots: vLLM may admit only into the rest
         slots = len(held_running)
         if held_running:
-            self.running = [r for r in self.running if not _flash(r)]
+            held_ids = {id(r) for r in held_running}
+            self.running = [r for r in self.running if id(r) not in held_ids]
             self.max_num_running_reqs -= slots
             self.max_num_active_reqs -= slots
         if held_waiting:
             self.waiting.remove_requests(held_waiting)
+        self.running.sort(key=work_class)  # stable: by class, then vLLM's order
+        self._order_waiting()
+        full_budget = self.max_num_scheduled_tokens
+        if plan.token_budget is not None:
+            self.max_num_scheduled_tokens = plan.token_budget
         try:
             output = super().schedule(*args, **kwargs)
         finally:
+            self.max_num_scheduled_tokens = full_budget
             if held_running:
                 self.max_num_running_reqs += slots
                 self.max_num_active_reqs += slots
                 self.running.extend(held_running)
             if held_waiting:
-                self.waiting.prepend_requests(reversed(held_waiting))  # FCFS: back at the head, in order
-        flash_ids = {r.request_id for r in self.running if _flash(r)}
-        self.flash_hold.after_step(len(held_running) + len(held_waiting), output.num_scheduled_tokens, flash_ids)
+                self.waiting.prepend_requests(reversed(held_waiting))  # back at the head, in order
+        try:
+            self.step_policy.after_step(plan, output.num_scheduled_tokens, self._class_of_id)
+        except Exception:
+            self.session_control.fault("step accounting", "-")
+        now = time.perf_counter()
+        counters["schedule_s"] += now - started
+        counters["steps"] += 1
+        # a step's wall time runs from one schedule() to the next while work is scheduled
+        self._last_step_start = started if output.num_scheduled_tokens else None
         return output
+
+    def _order_waiting(self) -> None:
+        """FCFS waiting queue in class order (stable). A priority queue keeps vLLM's order:
+        the clients' explicit priorities win there."""
+        if self.policy != SchedulingPolicy.FCFS or len(self.waiting) < 2:
+            return
+        queued = list(self.waiting)
+        ordered = sorted(queued, key=work_class)
+        if any(a is not b for a, b in zip(queued, ordered)):
+            self.waiting.remove_requests(queued)
+            for request in ordered:
+                self.waiting.add_request(request)
+
+    def class_depths(self) -> dict[str, int]:
+        """Requests per queue and work class, e.g. ``{"waiting_ingest": 2}``."""
+        depth: dict[str, int] = {}
+        for queue, requests in (("running", self.running), ("waiting", self.waiting)):
+            for request in requests:
+                name = f"{queue}_{work_class(request).label}"
+                depth[name] = depth.get(name, 0) + 1
+        return depth
+
+    def _class_of_id(self, request_id: str) -> WorkClass:
+        request = self.requests.get(request_id)
+        return WorkClass.PLAIN if request is None else work_class(request)
 
     def _get_local_prefix_cache_hit(self, request: Request):
         tag = self._session_tag(request)
-        if tag is not None:
-            try:
-                hit = self.session_pins.hit(tag.key, request.all_token_ids)
-                if hit is not None:
-                    blocks = self.kv_cache_manager.create_kv_cache_blocks((list(hit.blocks),))
-                    self.session_control.counters["reused_tokens"] += hit.num_tokens
-                    return blocks, hit.num_tokens, 0, False
-            except Exception:
-                self.session_control.fault("hit", request.request_id)
-        return super()._get_local_prefix_cache_hit(request)
+        cached = super()._get_local_prefix_cache_hit(request)
+        if tag is None:
+            return cached
+        try:
+            hit = self.session_pins.hit(tag.key, request.all_token_ids)
+            own = 0 if hit is None else hit.num_tokens
+            if hit is not None and own >= cached[1]:
+                blocks = self.kv_cache_manager.create_kv_cache_blocks((list(hit.blocks),))
+                self.session_control.counters["reused_tokens"] += own
+                return blocks, own, 0, False
+            # blocks other requests computed (a shared prefix, another session's identical content)
+            self.session_control.counters["reused_tokens"] += min(own, cached[1])
+            self.session_control.counters["shared_prefix_tokens"] += cached[1] - own
+        except Exception:
+            self.session_control.fault("hit", request.request_id)
+        return cached
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         tag = self._session_tag(request)
@@ -146,6 +225,7 @@ class StatefulSchedulerMixin:
                     self._pin_finished_request(tag.key, request)
             except Exception:
                 self.session_control.fault("pin", request.request_id)
+        self.step_policy.forget(request.request_id)
         return super()._free_request(request, delay_free_blocks)
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:

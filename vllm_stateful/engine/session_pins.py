@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +83,8 @@ class SessionPins:
         self._pool = pool
         self.block_size = block_size
         self._sessions: dict[str, PinnedSession] = {}
+        # block hash -> [pinned block, session references]: one pinned block per content
+        self._by_hash: dict[Any, list[Any]] = {}
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -111,17 +114,21 @@ class SessionPins:
         """Make ``blocks`` (covering ``token_ids``) the session's KV.
 
         Takes a reference on the new blocks before dropping the old ones, so
-        blocks shared by both never pass through the free queue.
+        blocks shared by both never pass through the free queue. A block whose
+        content (vLLM's block hash) another session already pins is replaced by
+        that pinned block: each content is pinned in one physical block, so
+        sessions with a common prefix share it (the budget charges it once).
         """
         needed = cdiv(len(token_ids), self.block_size)
         if len(blocks) < needed:
             raise ValueError(f"{len(blocks)} blocks cannot hold {len(token_ids)} tokens")
-        new_blocks = list(blocks[:needed])
+        new_blocks = [self._canonical(b) for b in blocks[:needed]]
         self._pool.touch(new_blocks)
+        self._index(new_blocks, +1)
         old = self._sessions.get(session_id)
         self._sessions[session_id] = PinnedSession(session_id, list(token_ids), new_blocks)
         if old is not None:
-            self._pool.free_blocks(reversed(old.blocks))
+            self._drop(old.blocks)
 
     def truncate(self, session_id: str, num_tokens: int) -> int:
         """Keep only the first ``num_tokens`` tokens; returns blocks released."""
@@ -132,7 +139,7 @@ class SessionPins:
         dropped = pinned.blocks[keep:]
         pinned.blocks = pinned.blocks[:keep]
         pinned.token_ids = pinned.token_ids[: max(num_tokens, 0)]
-        self._pool.free_blocks(reversed(dropped))
+        self._drop(dropped)
         return len(dropped)
 
     def release(self, session_id: str) -> int:
@@ -140,7 +147,7 @@ class SessionPins:
         pinned = self._sessions.pop(session_id, None)
         if pinned is None:
             return 0
-        self._pool.free_blocks(reversed(pinned.blocks))
+        self._drop(pinned.blocks)
         return len(pinned.blocks)
 
     def release_all(self) -> int:
@@ -153,6 +160,42 @@ class SessionPins:
     def num_pinned_blocks(self) -> int:
         """Distinct blocks held by at least one session."""
         return len({id(b) for p in self._sessions.values() for b in p.blocks})
+
+    def block_ids(self, session_id: str) -> list[int]:
+        pinned = self._sessions.get(session_id)
+        return [] if pinned is None else [b.block_id for b in pinned.blocks]
+
+    def fragmentation(self) -> float:
+        """Token slots allocated but unused in pinned blocks (partial last blocks) over all
+        pinned slots; 0.0 when nothing is pinned."""
+        slots: dict[int, int] = {}  # distinct block -> slots used in it
+        for p in self._sessions.values():
+            for i, b in enumerate(p.blocks):
+                used = min(self.block_size, p.num_tokens - i * self.block_size)
+                slots[id(b)] = max(slots.get(id(b), 0), used)
+        if not slots:
+            return 0.0
+        return 1.0 - sum(slots.values()) / (len(slots) * self.block_size)
+
+    def _canonical(self, block: Any) -> Any:
+        entry = self._by_hash.get(getattr(block, "block_hash", None))
+        return block if entry is None else entry[0]
+
+    def _index(self, blocks: Iterable[Any], delta: int) -> None:
+        for b in blocks:
+            h = getattr(b, "block_hash", None)
+            if h is None:
+                continue
+            entry = self._by_hash.setdefault(h, [b, 0])
+            if entry[0] is not b:
+                continue  # pinned before this content was indexed (not canonical); not indexed
+            entry[1] += delta
+            if entry[1] <= 0:
+                del self._by_hash[h]
+
+    def _drop(self, blocks: Sequence[Any]) -> None:
+        self._index(blocks, -1)
+        self._pool.free_blocks(reversed(blocks))
 
     def references(self) -> dict[int, int]:
         """block_id -> number of session references on it."""
@@ -171,6 +214,15 @@ class SessionPins:
             if len(p.blocks) != cdiv(p.num_tokens, self.block_size):
                 problems.append(f"session {p.session_id}: {len(p.blocks)} blocks for {p.num_tokens} tokens")
         by_id = {b.block_id: b for p in self._sessions.values() for b in p.blocks}
+        held = Counter(id(b) for p in self._sessions.values() for b in p.blocks)
+        for block, count in self._by_hash.values():
+            if count != held[id(block)]:
+                problems.append(f"block {block.block_id}: indexed with {count} session refs, held by another number")
+        hashed: dict[Any, set[int]] = {}
+        for b in by_id.values():
+            if getattr(b, "block_hash", None) is not None:
+                hashed.setdefault(b.block_hash, set()).add(b.block_id)
+        problems += [f"blocks {sorted(ids)} pin the same content" for ids in hashed.values() if len(ids) > 1]
         for block_id, refs in self.references().items():
             ref_cnt = getattr(by_id[block_id], "ref_cnt", refs)
             if ref_cnt < refs:

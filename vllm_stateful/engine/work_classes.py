@@ -1,68 +1,226 @@
-"""Which requests the engine may schedule in a step, by work class.
+"""Which requests the engine may schedule in a step, and how much, by work class.
 
-The plugin marks its background work in ``SamplingParams.extra_args``
-(``CLASS_KEY``); every other request is foreground work (user turns and
-queries, ingestion, plain vLLM traffic). Contract of ``FlashHold``:
+Every request belongs to one class (``WorkClass``), ranked:
 
-* Flash evaluations (re-answering registered flash queries) run on spare
-  capacity only: in a step where any foreground request is running or
-  waiting, flash requests are held out of vLLM's queues, so they neither take
-  token budget nor share the batch. A foreground request therefore waits for
-  flash work at most for the engine step already in progress.
-* Held running requests keep their KV blocks and model-runner slots: while
-  they are held, vLLM admits new requests only into the remaining slots. They
-  cannot be preempted while held; if the KV pool runs out, vLLM preempts a
-  foreground request instead (the cell budget's headroom makes this rare).
-* Starvation guard: if a step that held flash work scheduled nothing at all
-  (foreground requests could not be admitted, e.g. no free blocks while flash
-  requests hold some), the next step does not hold, so the engine always
-  makes progress.
-* The class is a hint, not a privilege: a client that marks its own request
-  as flash only lowers its own priority, so the key needs no signature.
-No vLLM import.
+  QUERY  -- a session's turn or read-only query (a request with a verified
+            session tag, see ``request_tags``; a client cannot forge it)
+  PLAIN  -- non-session traffic (stock vLLM requests on the same server)
+  INGEST -- prefill-only ingestion: session content and appends
+  FLASH  -- background re-answers of flash queries
+
+INGEST and FLASH are marked by the plugin in ``SamplingParams.extra_args``
+(``CLASS_KEY``). Those marks only lower a request's rank, so they need no
+signature: a client that marks its own request only slows itself down.
+
+Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
+``schedule()``, which then runs unchanged on what is left):
+
+* Order: running and waiting requests are visited by rank, then in vLLM's
+  order (a stable sort). vLLM gives token budget in that order and preempts
+  from the end, so flash and ingestion are also the first preempted.
+* Foreground (QUERY or PLAIN) waiting to be admitted: ingestion is held out
+  of the step (running and waiting), so the foreground request is admitted in
+  the next step; a request that arrives while an ingestion chunk runs waits
+  for that chunk only.
+* Foreground running (e.g. decoding) while ingestion runs: the step's token
+  budget is cut to the foreground's own demand plus ``ingest_share_tokens``,
+  so each foreground step carries at most that many ingestion tokens.
+* No foreground: ingestion gets vLLM's whole token budget (prefill speed).
+* Starvation bound: ingestion is held at most ``max_ingest_hold_steps``
+  consecutive steps; the next step gives it ``ingest_share_tokens`` (the
+  foreground still waiting is then admitted a step later). So ingestion
+  with work to do receives at least ``ingest_share_tokens`` in every
+  ``max_ingest_hold_steps + 1`` consecutive steps.
+* Flash runs on spare capacity: held whenever any other request exists.
+* Progress: if a step that held anything scheduled nothing (e.g. the held
+  requests hold the free KV blocks), the next step holds nothing.
+* Held running requests keep their KV blocks and model-runner slots; the
+  scheduler lowers vLLM's running-request limits by their number.
+
+``StepPolicy.after_step`` records the outcome (per-class tokens, waits of
+newly admitted requests in steps and seconds, held steps) in ``counters``.
+No vLLM import: the scheduler passes its requests and callables; the
+step-table tests pass plain objects.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 CLASS_KEY = "stateful_class"
 FLASH = "flash"
+INGEST = "ingest"
+
+
+class WorkClass(IntEnum):
+    QUERY = 0
+    PLAIN = 1
+    INGEST = 2
+    FLASH = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+FOREGROUND = (WorkClass.QUERY, WorkClass.PLAIN)
+
+
+def marked_class(extra_args: dict[str, Any] | None, has_session_tag: bool) -> WorkClass:
+    """A request's class from the plugin's mark and whether its session tag verified."""
+    mark = extra_args.get(CLASS_KEY) if extra_args else None
+    if mark == FLASH:
+        return WorkClass.FLASH
+    if mark == INGEST:
+        return WorkClass.INGEST
+    return WorkClass.QUERY if has_session_tag else WorkClass.PLAIN
 
 
 def is_flash(extra_args: dict[str, Any] | None) -> bool:
-    return bool(extra_args) and extra_args.get(CLASS_KEY) == FLASH
+    return marked_class(extra_args, False) == WorkClass.FLASH
 
 
-class FlashHold:
-    """Per-step decision: hold flash requests back while foreground work exists."""
+@dataclass(frozen=True)
+class ShareConfig:
+    """ingest_share_tokens: ingestion tokens per step while foreground work runs (its minimum share).
+    max_ingest_hold_steps: consecutive steps ingestion may be held for foreground admissions."""
 
-    def __init__(self, counters: Counter[str]) -> None:
+    ingest_share_tokens: int = 64
+    max_ingest_hold_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ingest_share_tokens < 1 or self.max_ingest_hold_steps < 0:
+            raise ValueError("ingest_share_tokens must be >= 1 and max_ingest_hold_steps >= 0")
+
+
+@dataclass
+class StepPlan:
+    """What one step holds back and the token budget vLLM may use (None: unchanged)."""
+
+    held_running: list[Any] = field(default_factory=list)
+    held_waiting: list[Any] = field(default_factory=list)
+    token_budget: int | None = None
+    held_classes: frozenset[WorkClass] = frozenset()
+
+
+@dataclass
+class _Arrival:
+    klass: WorkClass
+    at_step: int
+    at_time: float
+    ingest_running: bool  # an ingestion was running when the request arrived
+    ingest_tokens: int = 0  # ingestion tokens scheduled while it waited
+
+
+class StepPolicy:
+    """Per-step class policy (see module docstring)."""
+
+    WAIT_RECORDS = 64
+
+    def __init__(self, config: ShareConfig, counters: Counter[str], clock: Callable[[], float] = time.monotonic):
+        self.config = config
         self.counters = counters
+        self.clock = clock
+        self.step = 0
+        self._ingest_held_streak = 0
         self._starved = False
+        self._arrivals: dict[str, _Arrival] = {}
+        self._ingest_running = False
+        # the last admissions of foreground requests: what they waited for (tests, operators)
+        self.waits: deque[dict[str, Any]] = deque(maxlen=self.WAIT_RECORDS)
 
-    def split(
-        self, running: Iterable[Any], waiting: Iterable[Any], flash: Any, foreground: Iterable[Any] = ()
-    ) -> tuple[list[Any], list[Any]]:
-        """The flash requests to hold out of ``running`` and ``waiting`` this step
-        (``flash(request) -> bool``); empty lists when nothing is held. Requests in
-        ``foreground`` (other queues vLLM admits from) count as foreground work too."""
+    def arrived(self, request_id: str, klass: WorkClass) -> None:
+        """A request entered vLLM's waiting queue."""
+        self._arrivals[request_id] = _Arrival(klass, self.step, self.clock(), self._ingest_running)
+
+    def forget(self, request_id: str) -> None:
+        self._arrivals.pop(request_id, None)
+
+    def plan(
+        self,
+        running: Iterable[Any],
+        waiting: Iterable[Any],
+        klass: Callable[[Any], WorkClass],
+        demand: Callable[[Any], int],
+        token_budget: int,
+        other_waiting: Iterable[Any] = (),
+    ) -> StepPlan:
+        """The step's holds and budget. ``demand(request)``: tokens a running request
+        wants this step; ``other_waiting``: queues vLLM admits from besides ``waiting``."""
         running, waiting = list(running), list(waiting)
-        others = any(not flash(r) for r in running) or any(not flash(r) for r in waiting)
-        foreground = others or any(not flash(r) for r in foreground)
-        if not foreground or self._starved:
-            return [], []
-        return [r for r in running if flash(r)], [r for r in waiting if flash(r)]
+        run_cls = [klass(r) for r in running]
+        wait_cls = [klass(r) for r in waiting] + [klass(r) for r in other_waiting]
+        fg_waiting = any(c in FOREGROUND for c in wait_cls)
+        fg_running = any(c in FOREGROUND for c in run_cls)
+        ingest = WorkClass.INGEST in run_cls or WorkClass.INGEST in wait_cls
+        non_flash = any(c != WorkClass.FLASH for c in run_cls + wait_cls)
+        held: set[WorkClass] = set()
+        budget = None
+        if self._starved:
+            return StepPlan()
+        if non_flash:
+            held.add(WorkClass.FLASH)
+        if ingest and fg_waiting and self._ingest_held_streak < self.config.max_ingest_hold_steps:
+            held.add(WorkClass.INGEST)
+        elif ingest and (fg_running or fg_waiting):
+            fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
+            budget = min(token_budget, max(1, fg_demand + self.config.ingest_share_tokens))
+        return StepPlan(
+            held_running=[r for r, c in zip(running, run_cls) if c in held],
+            held_waiting=[r for r, c in zip(waiting, wait_cls) if c in held],
+            token_budget=budget,
+            held_classes=frozenset(held) if any(c in held for c in run_cls + wait_cls) else frozenset(),
+        )
 
-    def after_step(self, held: int, scheduled_ids: Iterable[str], flash_ids: set[str]) -> None:
-        """Record the step: ``held`` requests held back, ``scheduled_ids`` what it scheduled."""
-        scheduled = set(scheduled_ids)
-        if held:
-            self.counters["flash_held_steps"] += 1
-            self._starved = not scheduled
+    def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:
+        """Record the step: ``scheduled`` maps request id -> tokens it got."""
+        self.step += 1
+        now = self.clock()
+        by_class: Counter[WorkClass] = Counter()
+        for request_id, tokens in scheduled.items():
+            by_class[klass_of(request_id)] += tokens
+        for c, tokens in by_class.items():
+            self.counters[f"tokens_{c.label}"] += tokens
+        ingest_tokens = by_class[WorkClass.INGEST]
+        for request_id, arrival in list(self._arrivals.items()):
+            if request_id in scheduled:
+                del self._arrivals[request_id]
+                self._admitted(request_id, arrival, now)
+            else:
+                arrival.ingest_tokens += ingest_tokens
+        self._ingest_running = ingest_tokens > 0
+        if WorkClass.INGEST in plan.held_classes:
+            self._ingest_held_streak += 1
+            self.counters["ingest_held_steps"] += 1
         else:
-            self._starved = False
-            if scheduled & flash_ids and scheduled - flash_ids:
-                self.counters["flash_shared_steps"] += 1
+            self._ingest_held_streak = 0
+            if plan.token_budget is not None:
+                self.counters["ingest_share_steps"] += 1
+                self.counters["tokens_ingest_beside_foreground"] += ingest_tokens
+        if WorkClass.FLASH in plan.held_classes:
+            self.counters["flash_held_steps"] += 1
+        elif by_class[WorkClass.FLASH] and len(by_class) > 1:
+            self.counters["flash_shared_steps"] += 1
+        self._starved = bool(plan.held_classes) and not scheduled
+
+    def _admitted(self, request_id: str, arrival: _Arrival, now: float) -> None:
+        label = arrival.klass.label
+        waited = now - arrival.at_time
+        self.counters[f"wait_s_{label}"] += waited
+        self.counters[f"wait_n_{label}"] += 1
+        if arrival.klass in FOREGROUND:
+            self.waits.append(
+                {
+                    "request_id": request_id,
+                    "class": label,
+                    "steps": self.step - arrival.at_step - 1,
+                    "seconds": round(waited, 6),
+                    "ingest_running_at_arrival": arrival.ingest_running,
+                    "ingest_tokens_while_waiting": arrival.ingest_tokens,
+                }
+            )

@@ -16,8 +16,10 @@ Contract:
   and the drain task survives to report it; nothing fails silently.
 * Read-your-writes: ``Session.acked_seq``/``ingested_seq`` let a later request
   wait (bounded) for exactly the appends acknowledged before it.
-* Ingestion yields to read-only queries that are generating (at most
-  ``QUERY_YIELD_MAX_S`` per batch).
+* Priority is the engine's: ingestion requests carry the ingestion work
+  class, so the scheduler runs session queries and turns first and gives
+  ingestion a minimum share (``engine/work_classes.py``); nothing here waits
+  for other sessions' queries.
 
 One-way boundary: the ingestor asks the service for one operation
 (``SessionService.ingest``); the service never calls back.
@@ -38,8 +40,6 @@ from vllm_stateful.sessions.store import Session, SessionError
 
 logger = logging.getLogger(__name__)
 
-# Longest an ingest batch waits for in-flight queries before it runs anyway.
-QUERY_YIELD_MAX_S = 2.0
 # A batch the engine aborted (pause, cache reset) is retried after this backoff (doubling).
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
 RETRYABLE = ("engine_aborted", "engine_unavailable")
@@ -78,7 +78,9 @@ class Ingestor:
         estimate = await self._estimate(session, text, token_ids, messages)
         ensure_open(session)  # it may have closed while we tokenized
         self._check_queue(session, estimate)
-        reservation = service.ledger.reserve(session.key, estimate, context_extra=1, what="this append")
+        reservation = service.ledger.reserve(
+            session.key, estimate, context_extra=1, what="this append", scope=session.tenant
+        )
         session.acked_seq += 1
         session.version += 1
         session.queued_tokens += estimate
@@ -136,7 +138,6 @@ class Ingestor:
         while session.pending_appends and session.is_open:
             if backoff:
                 await asyncio.sleep(backoff)
-            await self.service.yield_to_queries(QUERY_YIELD_MAX_S)
             async with session.write_lock:
                 if not session.is_open:
                     break  # closed or failed while we waited; waiters were woken

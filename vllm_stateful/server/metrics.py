@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
+CLASS_LABELS = ("query", "plain", "ingest", "flash")  # engine/work_classes.WorkClass, lower-cased
+
 
 class SessionMetrics:
     _instance: "SessionMetrics | None" = None
@@ -79,10 +81,39 @@ class SessionMetrics:
         )
         self.event_subscribers = Gauge(p + "event_subscribers", "Open /events streams", registry=REGISTRY)
 
+        # the engine's scheduler (engine/work_classes.py), refreshed from its ``info`` every second
+        self.free_blocks = Gauge(p + "free_blocks", "KV blocks free in the engine's pool", registry=REGISTRY)
+        self.fragmentation = Gauge(
+            p + "fragmentation", "Unused token slots in pinned blocks / all pinned slots", registry=REGISTRY
+        )
+        self.queue_depth = Gauge(
+            p + "class_queue_depth", "Engine requests per queue and work class", ["queue", "class"], registry=REGISTRY
+        )
+        self.class_wait = Gauge(
+            p + "class_wait_seconds_sum", "Seconds requests waited for admission, by work class", ["class"],
+            registry=REGISTRY,
+        )  # fmt: skip
+        self.class_wait_count = Gauge(
+            p + "class_wait_count", "Requests admitted, by work class", ["class"], registry=REGISTRY
+        )
+        self.class_tokens = Gauge(
+            p + "class_scheduled_tokens", "Tokens scheduled, by work class", ["class"], registry=REGISTRY
+        )
+        self.grouped_saved = Gauge(
+            p + "grouped_prefill_tokens_saved",
+            "Session prompt tokens served from blocks other requests computed (shared prefixes)",
+            registry=REGISTRY,
+        )
+        self.scheduler_seconds = Gauge(
+            p + "scheduler_seconds", "Seconds the engine spent in schedule()", registry=REGISTRY
+        )
+        self.step_seconds = Gauge(
+            p + "step_seconds", "Wall seconds of engine steps that scheduled work", registry=REGISTRY
+        )
+
     def refresh(self, service) -> None:
         store = service.store
         self.sessions.set(len(store))
-        self.pinned_blocks.set(store.pinned_blocks())
         self.cold_sessions.set(sum(1 for s in store.all() if s.state == "cold"))
         if service.ledger is not None:
             self.charged_blocks.set(service.ledger.charged_blocks())
@@ -90,5 +121,18 @@ class SessionMetrics:
 
     def engine_counters(self, info: dict) -> None:
         for name, value in info.items():
-            if name in ("forged_tags", "faults") or name.startswith(("dropped_", "flash_")):
+            if name in ("forged_tags", "faults") or name.startswith(("dropped_", "flash_", "ingest_")):
                 self.engine.labels(event=name).set(value)
+        self.pinned_blocks.set(info.get("pinned_blocks", 0))
+        self.free_blocks.set(info.get("free_blocks", 0))
+        self.fragmentation.set(info.get("fragmentation", 0.0))
+        depth = info.get("depth", {})
+        for label in CLASS_LABELS:
+            for queue in ("running", "waiting"):
+                self.queue_depth.labels(queue=queue, **{"class": label}).set(depth.get(f"{queue}_{label}", 0))
+            self.class_wait.labels(**{"class": label}).set(info.get(f"wait_s_{label}", 0.0))
+            self.class_wait_count.labels(**{"class": label}).set(info.get(f"wait_n_{label}", 0))
+            self.class_tokens.labels(**{"class": label}).set(info.get(f"tokens_{label}", 0))
+        self.grouped_saved.set(info.get("shared_prefix_tokens", 0))
+        self.scheduler_seconds.set(info.get("schedule_s", 0.0))
+        self.step_seconds.set(info.get("step_s", 0.0))

@@ -4,6 +4,7 @@ the caller does not own is a 404, exactly like an id nobody owns."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -69,7 +70,7 @@ async def create_session(raw_request: Request) -> Response:
         await service.close(session, reason="failed")
         raise
     service.metrics.refresh(service)
-    return JSONResponse(session.to_public(), status_code=201)
+    return JSONResponse(service.describe(session), status_code=201)
 
 
 async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Response:
@@ -82,7 +83,9 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
             turn_input = await service.text_input(session, prompt)
         else:
             turn_input = TurnInput(list(prompt))
-        reservation = service.ledger.reserve(session.key, len(turn_input.token_ids), 1, "this session's content")
+        reservation = service.ledger.reserve(
+            session.key, len(turn_input.token_ids), 1, "this session's content", turn_input.token_ids, session.tenant
+        )
         try:
             await service.ingest(session, turn_input, [reservation], True, session.version + 1)
         finally:
@@ -96,7 +99,8 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
 async def list_sessions(raw_request: Request) -> Response:
     state = stateful_state(raw_request)
     tenant = state.tenancy.tenant_of(raw_request.headers)
-    return JSONResponse({"object": "list", "data": [s.to_public() for s in state.service.store.of_tenant(tenant)]})
+    sessions = state.service.store.of_tenant(tenant)
+    return JSONResponse({"object": "list", "data": [state.service.describe(s) for s in sessions]})
 
 
 @router.get("/v1/sessions/{session_id}")
@@ -105,7 +109,7 @@ async def get_session(session_id: str, raw_request: Request) -> Response:
     """``?include_tokens=true`` adds the session's token history (``token_ids``); owner only, like every route."""
     state = stateful_state(raw_request)
     session = own_session(state, raw_request, session_id)
-    body = session.to_public()
+    body = state.service.describe(session)
     if raw_request.query_params.get("include_tokens", "").lower() in ("1", "true"):
         body["token_ids"] = list(session.token_ids)
     return JSONResponse(body)
@@ -138,7 +142,7 @@ async def append(session_id: str, raw_request: Request) -> Response:
         if err.code != "session_backlog":
             raise
         return JSONResponse({**accepted, "ingested": False}, status_code=202)  # acknowledged, still queued
-    return JSONResponse(session.to_public(), status_code=200)
+    return JSONResponse(state.service.describe(session), status_code=200)
 
 
 async def _wait_ingested(state: StatefulState, session: Session, seq: int) -> Response:
@@ -182,6 +186,7 @@ async def integrity(raw_request: Request) -> Response:
             problems.append(f"{name(s)}: engine pins {pin['tokens']} tokens that are not its committed history")
         elif pin["blocks"] != s.pinned_blocks and not s.busy:
             problems.append(f"{name(s)}: engine pins {pin['blocks']} blocks, API view {s.pinned_blocks}")
+    problems += _sharing_problems(state, engine["sessions"], by_key, name)
     for s in sessions:
         if s.key not in engine["sessions"] and s.pinned_blocks and not s.busy:
             problems.append(f"{name(s)}: API view {s.pinned_blocks} pinned blocks, engine none")
@@ -197,6 +202,27 @@ async def integrity(raw_request: Request) -> Response:
         "sessions": sorted(s.id for s in own.values() if s.key in engine["sessions"]),
         "api_sessions": {s.id: s.pinned_blocks for s in own.values()},
         "charged_blocks": state.service.ledger.charged_blocks(),
+        "fragmentation": engine.get("fragmentation"),
+        "waits": engine["waits"],
         "budget_blocks": state.service.ledger.budget.budget_blocks,
     }
     return JSONResponse(body)
+
+
+def _sharing_problems(state: StatefulState, pins: dict[str, Any], by_key: dict[str, Session], name) -> list[str]:
+    """The ledger charges a block content once per tenant: the engine must pin it in one block."""
+    ledger = state.service.ledger
+    assert ledger is not None
+    bs = ledger.budget.block_size
+    first: dict[tuple[str, bytes], int] = {}
+    problems = []
+    for key, pin in pins.items():
+        s = by_key.get(key)
+        if s is None or s.busy:
+            continue
+        full = pin["tokens"] // bs
+        for i, (digest, block_id) in enumerate(zip(ledger.block_keys(key)[:full], pin["block_ids"])):
+            seen = first.setdefault((s.tenant, digest), block_id)
+            if seen != block_id:
+                problems.append(f"{name(s)}: block {i} is charged once but pinned in blocks {seen} and {block_id}")
+    return problems

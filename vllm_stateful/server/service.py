@@ -32,7 +32,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
-from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH
+from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, INGEST
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.metrics import SessionMetrics
 from vllm_stateful.server.session_kv import SessionKV, survive_cancellation
@@ -70,11 +70,6 @@ class SessionService:
         self.on_commit: Callable[[Session], None] | None = None
         self.on_close: Callable[[Session], None] | None = None
         self.cached_answer: Callable[[TurnResult, list[int], SamplingParams], bool] | None = None
-        # Background ingestion yields to read-only queries (bounded), so a query's
-        # decode steps are not batched with ingest prefills.
-        self._queries_in_flight = 0
-        self._queries_idle = asyncio.Event()
-        self._queries_idle.set()
 
     async def start(self) -> None:
         """Attach to the engine (hand it the tag secret) and size the budget; raises if unsupported."""
@@ -92,6 +87,12 @@ class SessionService:
     @property
     def ready(self) -> bool:
         return self.ledger is not None
+
+    def describe(self, session: Session) -> dict[str, Any]:
+        """The session object of the API, with ``shared_blocks``: how many of its pinned blocks
+        other sessions of its tenant hold too (charged once to the budget)."""
+        shared = 0 if self.ledger is None else self.ledger.shared_blocks(session.key)
+        return {**session.to_public(), "shared_blocks": min(shared, session.pinned_blocks)}
 
     # --- input -----------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class SessionService:
         """
         assert self.ledger is not None
         user_query = not commit and not flash  # a client's read-only query
-        flagged = lock_held = committed = counted = False
+        flagged = lock_held = committed = False
         reservation: Reservation | None = None
         try:
             ensure_open(session)
@@ -184,7 +185,9 @@ class SessionService:
             prompt = history + turn_input.token_ids
             run_max = self._run_max(session, len(prompt), len(turn_input.token_ids), max_tokens, commit)
             if commit:
-                reservation = self.ledger.reserve(session.key, len(turn_input.token_ids) + run_max)
+                reservation = self.ledger.reserve(
+                    session.key, len(turn_input.token_ids) + run_max, known=prompt, scope=session.tenant
+                )
             params = make_params(run_max)
             params.extra_args = {
                 **(params.extra_args or {}),
@@ -200,9 +203,6 @@ class SessionService:
                     yield result, None
                     return
             started = time.monotonic()
-            if user_query:
-                self._query_started()
-                counted = True
             # aclosing: the engine request is aborted before the rollback below is sent
             generation = self.kv.generate(prompt, params, result, priority, session_id, background=flash)
             async with aclosing(generation) as outputs:
@@ -216,8 +216,6 @@ class SessionService:
             if user_query:
                 self.metrics.query_latency.observe(time.monotonic() - started)
         finally:
-            if counted:
-                self._query_finished()
             if reservation is not None and not committed:
                 self.ledger.cancel(reservation)
             await survive_cancellation(self._end_turn(session, flagged, lock_held, committed, created, not flash))
@@ -261,23 +259,6 @@ class SessionService:
             await asyncio.wait_for(session.write_lock.acquire(), self.config.ingest_wait_timeout_s)
         except asyncio.TimeoutError:
             raise _busy_timeout(session) from None
-
-    def _query_started(self) -> None:
-        self._queries_in_flight += 1
-        self._queries_idle.clear()
-
-    def _query_finished(self) -> None:
-        self._queries_in_flight -= 1
-        if self._queries_in_flight == 0:
-            self._queries_idle.set()
-
-    async def yield_to_queries(self, max_wait_s: float) -> None:
-        """Wait until no read-only query is generating, or ``max_wait_s`` passed
-        (so continuous queries cannot starve ingestion)."""
-        try:
-            await asyncio.wait_for(self._queries_idle.wait(), max_wait_s)
-        except asyncio.TimeoutError:
-            pass
 
     async def wait_ingested(self, session: Session, seq: int) -> None:
         """Read-your-writes: wait (bounded) until appends up to ``seq`` are ingested.
@@ -337,7 +318,7 @@ class SessionService:
         # the engine computed KV for all but the last generated token
         self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
         if reservation is not None and self.ledger is not None:
-            self.ledger.settle(reservation, len(history))
+            self.ledger.settle(reservation, len(history), history)
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
@@ -365,12 +346,13 @@ class SessionService:
         if not turn_input.token_ids:
             for res in reservations:
                 if self.ledger is not None:
-                    self.ledger.settle(res, session.context_tokens)
+                    self.ledger.settle(res, session.context_tokens, session.token_ids)
             self._committed(session, complete, version)
             return
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        params.extra_args = make_extra_args(self.tenancy.secret, session.key, True)
+        # the engine's ingestion class: after queries and plain traffic, with a minimum share
+        params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), CLASS_KEY: INGEST}
         params.output_kind = RequestOutputKind.FINAL_ONLY
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
@@ -389,7 +371,7 @@ class SessionService:
             self._committed(session, complete, version)
             for res in reservations:
                 if self.ledger is not None:
-                    self.ledger.settle(res, len(prompt))
+                    self.ledger.settle(res, len(prompt), prompt)
             committed = True
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:

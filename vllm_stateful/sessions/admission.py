@@ -5,10 +5,19 @@ A "cell" is one KV token slot; sessions pin whole blocks, so budgets are
 enforced in blocks. Every piece of work that can grow a session (a committing
 turn, an acknowledged append) *reserves* its tokens before it starts; the
 reservation is settled into the session's committed tokens when the work
-commits, or cancelled when it fails. A session is charged for
-``cdiv(committed + reserved, block_size)`` blocks, and admission checks the
-sum of all charges, so concurrent requests cannot overshoot the budget
-together, and acknowledged work never fails a budget check later.
+commits, or cancelled when it fails. Admission checks the total charge, so
+concurrent requests cannot overshoot the budget together, and acknowledged
+work never fails a budget check later.
+
+Charged by physical cells: a session occupies ``cdiv(committed + reserved,
+block_size)`` blocks. Its *full* blocks of known content (committed tokens,
+and the prompt of a reserved turn or session fill) are keyed by a chain
+digest of their tokens, scoped by tenant -- the identity vLLM's prefix cache
+gives a block (tenants have their own cache salt). The engine pins one block
+per content (``SessionPins``), so a keyed block that several sessions hold is
+charged once; the others (partial last blocks, reserved growth of unknown
+content) are charged to their session. When a session closes, a shared block
+stays charged as long as any survivor holds it.
 
 Refusals are ``SessionError``: 429 (quota, budget, with Retry-After) or 413
 (model context). No vLLM import.
@@ -16,6 +25,10 @@ Refusals are ``SessionError``: 429 (quota, budget, with Retry-After) or 413
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm_stateful.engine.session_pins import cdiv
@@ -82,29 +95,47 @@ class Budget:
         )
 
 
+def chain_keys(token_ids: Sequence[int], block_size: int, known: Sequence[bytes] = ()) -> list[bytes]:
+    """Digests of every full block of ``token_ids``; digest i covers blocks 0..i (like vLLM's block
+    hashes). ``known``: digests already computed for a prefix of the same tokens (reused)."""
+    keys = list(known)
+    prev = keys[-1] if keys else b""
+    for i in range(len(keys), len(token_ids) // block_size):
+        block = array("q", token_ids[i * block_size : (i + 1) * block_size]).tobytes()
+        prev = hashlib.blake2b(prev + block, digest_size=16).digest()
+        keys.append(prev)
+    return keys
+
+
 @dataclass
 class Reservation:
-    """Tokens one piece of work may add to a session, held until settled or cancelled."""
+    """Tokens one piece of work may add to a session, held until settled or cancelled.
+    ``keys``: digests of the full blocks of its known content beyond the committed ones."""
 
     key: str
     tokens: int
     open: bool = True
+    keys: list[bytes] = field(default_factory=list)
 
 
 @dataclass
 class _Account:
+    scope: str
     committed: int = 0
     reserved: int = 0
     reservations: list[Reservation] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # the committed full blocks
+    basis: Sequence[int] = ()  # the committed tokens ``keys`` were computed from
 
 
 class CellLedger:
-    """Committed and reserved tokens per session (keyed by incarnation key)."""
+    """Committed and reserved tokens per session (keyed by incarnation key), charged by physical block."""
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self._accounts: dict[str, _Account] = {}
-        self._charged_blocks = 0
+        self._refs: Counter[tuple[str, bytes]] = Counter()  # (scope, digest) -> sessions holding it
+        self._private = 0  # blocks charged to one session each
 
     # --- reading ---------------------------------------------------------------
 
@@ -114,39 +145,155 @@ class CellLedger:
         return 0 if acct is None else acct.committed + acct.reserved
 
     def charged_blocks(self, key: str | None = None) -> int:
-        """Blocks charged to one session, or to all of them."""
+        """Blocks charged in all (shared ones once), or the blocks one session occupies."""
         if key is None:
-            return self._charged_blocks
+            return len(self._refs) + self._private
         return cdiv(self.held_tokens(key), self.budget.block_size)
 
+    def shared_blocks(self, key: str) -> int:
+        """Blocks of one session that another session holds too (charged once for all)."""
+        acct = self._accounts.get(key)
+        if acct is None:
+            return 0
+        return sum(1 for k in self._keys_of(acct) if self._refs[(acct.scope, k)] > 1)
+
+    def block_keys(self, key: str) -> list[bytes]:
+        """Digests of the session's committed full blocks (see ``chain_keys``)."""
+        acct = self._accounts.get(key)
+        return [] if acct is None else list(acct.keys)
+
     def room(self, key: str) -> int:
-        """Most tokens ``key`` could still reserve under its quota and the budget."""
+        """Most tokens ``key`` could still reserve under its quota and the budget (growth of
+        unknown content: charged to the session alone)."""
         held = self.held_tokens(key)
         quota_room = self.budget.session_quota_tokens - held
-        free_blocks = self.budget.budget_blocks - self._charged_blocks
-        own = self.charged_blocks(key)
-        budget_room = (own + free_blocks) * self.budget.block_size - held
+        free_blocks = self.budget.budget_blocks - self.charged_blocks()
+        acct = self._accounts.get(key)
+        own_partial = 0 if acct is None else self._footprint(acct) * self.budget.block_size - held
+        budget_room = free_blocks * self.budget.block_size + own_partial
         return max(0, min(quota_room, budget_room, self.budget.max_model_len - held))
 
     # --- changing ---------------------------------------------------------------
 
-    def reserve(self, key: str, tokens: int, context_extra: int = 0, what: str = "this request") -> Reservation:
+    def reserve(
+        self,
+        key: str,
+        tokens: int,
+        context_extra: int = 0,
+        what: str = "this request",
+        known: Sequence[int] | None = None,
+        scope: str = "",
+    ) -> Reservation:
         """Reserve ``tokens`` for ``key``, or raise 413 / 429 and change nothing.
 
         ``context_extra``: tokens the work needs in the model's context beyond
         what it keeps (e.g. the one token an ingestion prefill samples).
+        ``known``: the session's tokens after this work's prompt (committed
+        history + new input), when known: its full blocks are charged once if
+        another session of ``scope`` (the tenant) holds the same content.
         """
         tokens = max(0, int(tokens))
-        growth = self.check(key, tokens, context_extra, what)
-        acct = self._accounts.setdefault(key, _Account())
-        res = Reservation(key, tokens)
-        acct.reserved += tokens
-        acct.reservations.append(res)
-        self._charged_blocks += growth
+        res = Reservation(key, tokens, keys=self._new_keys(key, known))
+        self._check(key, tokens, context_extra, what, res.keys, scope)
+        acct = self._accounts.setdefault(key, _Account(scope))
+        self._update(acct, lambda: self._open(acct, res))
         return res
 
     def check(self, key: str, tokens: int, context_extra: int = 0, what: str = "this request") -> int:
         """Raise 413 / 429 as ``reserve`` would, without reserving; returns the blocks it would add."""
+        return self._check(key, tokens, context_extra, what, [], "")
+
+    def settle(self, res: Reservation, committed_tokens: int, token_ids: Sequence[int] | None = None) -> None:
+        """End ``res``; the session now holds ``committed_tokens`` committed tokens (``token_ids``:
+        those tokens, so its full blocks can be shared; the caller must not mutate the list)."""
+        self._close(res)
+        self.set_committed(res.key, committed_tokens, token_ids)
+
+    def cancel(self, res: Reservation) -> None:
+        """End ``res`` without committing anything (idempotent)."""
+        self._close(res)
+
+    def set_committed(self, key: str, committed_tokens: int, token_ids: Sequence[int] | None = None) -> None:
+        acct = self._accounts.get(key)
+        if acct is None:
+            return
+        committed = max(0, committed_tokens)
+        tokens = token_ids if token_ids is not None and len(token_ids) == committed else ()
+        keys = self._rekey(acct, tokens)
+
+        def change() -> None:
+            acct.committed = committed
+            self._swap_keys(acct, acct.keys, keys)
+            acct.keys, acct.basis = keys, tokens
+
+        self._update(acct, change)
+
+    def forget(self, key: str) -> None:
+        """The session is gone: drop its account and every reservation on it."""
+        acct = self._accounts.get(key)
+        if acct is None:
+            return
+        for res in acct.reservations:
+            res.open = False
+
+        def drop() -> None:
+            self._swap_keys(acct, self._keys_of(acct), [])
+            acct.committed = acct.reserved = 0
+            acct.keys, acct.reservations = [], []
+
+        self._update(acct, drop)
+        del self._accounts[key]
+
+    def check_integrity(self) -> list[str]:
+        """Problems found: the running totals equal a recount over the sessions."""
+        refs: Counter[tuple[str, bytes]] = Counter()
+        private = 0
+        problems = []
+        for key, acct in self._accounts.items():
+            keys = self._keys_of(acct)
+            refs.update((acct.scope, k) for k in keys)
+            private += self._footprint(acct) - len(keys)
+            if len(keys) > self._footprint(acct):
+                problems.append(f"session {key}: {len(keys)} keyed blocks in a footprint of {self._footprint(acct)}")
+            if acct.reserved != sum(r.tokens for r in acct.reservations):
+                problems.append(f"session {key}: reserved {acct.reserved} != its open reservations")
+        if refs != +self._refs or private != self._private:
+            problems.append(
+                f"ledger total {self.charged_blocks()} != {len(refs) + private} recounted "
+                f"(shared {len(self._refs)} vs {len(refs)}, private {self._private} vs {private})"
+            )
+        return problems
+
+    # --- internals ---------------------------------------------------------------
+
+    def _footprint(self, acct: _Account) -> int:
+        return cdiv(acct.committed + acct.reserved, self.budget.block_size)
+
+    @staticmethod
+    def _keys_of(acct: _Account) -> list[bytes]:
+        return acct.keys + [k for r in acct.reservations for k in r.keys]
+
+    def _new_keys(self, key: str, known: Sequence[int] | None) -> list[bytes]:
+        """Keys of ``known``'s full blocks beyond the session's committed keys; none when the
+        session has other open reservations (their content is not known: charged privately)."""
+        acct = self._accounts.get(key)
+        if known is None or (acct is not None and acct.reservations):
+            return []
+        base = [] if acct is None else self._rekey(acct, known[: len(acct.keys) * self.budget.block_size])
+        if acct is not None and base != acct.keys:
+            return []  # the prompt does not extend the committed history
+        return chain_keys(known, self.budget.block_size, base)[len(base) :]
+
+    def _rekey(self, acct: _Account, tokens: Sequence[int]) -> list[bytes]:
+        """Keys of ``tokens``, reusing the account's keys over the prefix it shares with its basis."""
+        bs = self.budget.block_size
+        reuse = 0
+        n = min(len(acct.keys), len(tokens) // bs)
+        if n and list(tokens[: n * bs]) == list(acct.basis[: n * bs]):
+            reuse = n
+        return chain_keys(tokens, bs, acct.keys[:reuse])
+
+    def _check(self, key: str, tokens: int, context_extra: int, what: str, new_keys: list[bytes], scope: str) -> int:
         held_before = self.held_tokens(key)
         held_after = held_before + tokens
         if held_after + context_extra > self.budget.max_model_len:
@@ -165,49 +312,25 @@ class CellLedger:
                 retry_after=RETRY_AFTER_S,
             )
         bs = self.budget.block_size
-        growth = cdiv(held_after, bs) - cdiv(held_before, bs)
-        if growth > 0 and self._charged_blocks + growth > self.budget.budget_blocks:
+        acct = self._accounts.get(key)
+        scope = acct.scope if acct is not None else scope
+        new_shared = sum(1 for k in new_keys if (scope, k) not in self._refs)
+        growth = cdiv(held_after, bs) - cdiv(held_before, bs) - len(new_keys) + new_shared
+        charged = self.charged_blocks()
+        if growth > 0 and charged + growth > self.budget.budget_blocks:
             raise SessionError(
                 429,
-                f"cell budget exhausted: {self._charged_blocks} of {self.budget.budget_blocks} blocks pinned or "
+                f"cell budget exhausted: {charged} of {self.budget.budget_blocks} blocks pinned or "
                 f"reserved, {what} needs {growth} more; close sessions or let idle ones expire",
                 "cell_budget_exceeded",
                 retry_after=RETRY_AFTER_S,
             )
         return growth
 
-    def settle(self, res: Reservation, committed_tokens: int) -> None:
-        """End ``res``; the session now holds ``committed_tokens`` committed tokens."""
-        self._close(res)
-        self.set_committed(res.key, committed_tokens)
-
-    def cancel(self, res: Reservation) -> None:
-        """End ``res`` without committing anything (idempotent)."""
-        self._close(res)
-
-    def set_committed(self, key: str, committed_tokens: int) -> None:
-        acct = self._accounts.get(key)
-        if acct is None:
-            return
-        self._recharge(key, lambda: setattr(acct, "committed", max(0, committed_tokens)))
-
-    def forget(self, key: str) -> None:
-        """The session is gone: drop its account and every reservation on it."""
-        acct = self._accounts.pop(key, None)
-        if acct is None:
-            return
-        for res in acct.reservations:
-            res.open = False
-        self._charged_blocks -= cdiv(acct.committed + acct.reserved, self.budget.block_size)
-
-    def check_integrity(self) -> list[str]:
-        """Problems found: the running total equals the sum of per-session charges."""
-        total = sum(cdiv(a.committed + a.reserved, self.budget.block_size) for a in self._accounts.values())
-        problems = [] if total == self._charged_blocks else [f"ledger total {self._charged_blocks} != {total}"]
-        for key, acct in self._accounts.items():
-            if acct.reserved != sum(r.tokens for r in acct.reservations):
-                problems.append(f"session {key}: reserved {acct.reserved} != its open reservations")
-        return problems
+    def _open(self, acct: _Account, res: Reservation) -> None:
+        acct.reserved += res.tokens
+        acct.reservations.append(res)
+        self._swap_keys(acct, [], res.keys)
 
     def _close(self, res: Reservation) -> None:
         if not res.open:
@@ -220,10 +343,21 @@ class CellLedger:
         def drop() -> None:
             acct.reserved -= res.tokens
             acct.reservations.remove(res)
+            self._swap_keys(acct, res.keys, [])
 
-        self._recharge(res.key, drop)
+        self._update(acct, drop)
 
-    def _recharge(self, key: str, change) -> None:
-        before = self.charged_blocks(key)
+    def _swap_keys(self, acct: _Account, old: Sequence[bytes], new: Sequence[bytes]) -> None:
+        for k in new:
+            self._refs[(acct.scope, k)] += 1
+        for k in old:
+            ref = (acct.scope, k)
+            self._refs[ref] -= 1
+            if self._refs[ref] <= 0:
+                del self._refs[ref]
+
+    def _update(self, acct: _Account, change) -> None:
+        """Apply ``change`` to ``acct``, keeping the private-block total in step."""
+        before = self._footprint(acct) - len(self._keys_of(acct))
         change()
-        self._charged_blocks += self.charged_blocks(key) - before
+        self._private += self._footprint(acct) - len(self._keys_of(acct)) - before

@@ -1,0 +1,164 @@
+"""The multi-tenant scheduler on the real engine: shared prefixes computed and charged once,
+queries ahead of ingestion, ingestion's minimum share (engine/work_classes.py)."""
+
+import concurrent.futures
+import random
+import threading
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import BLOCK_SIZE, CHUNK_TOKENS, INGEST_SHARE, wait_until
+
+pytestmark = pytest.mark.e2e
+
+N_SESSIONS = 20
+SYSTEM_TOKENS = 1000
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _prefill_computed(server) -> float:
+    return server.metric("vllm:request_prefill_kv_computed_tokens_sum")
+
+
+def test_sessions_sharing_a_system_prompt_prefill_it_once_and_are_charged_once(stateful_server, reference):
+    server = stateful_server
+    rng = random.Random(7)
+    system = [rng.randrange(10, 3000) for _ in range(SYSTEM_TOKENS)]
+    prompts = {f"shared-{n}": system + [rng.randrange(10, 3000) for _ in range(8)] for n in range(N_SESSIONS)}
+    before = server.idle()
+    computed_before = _prefill_computed(server)
+    free_budget = before["budget_blocks"] - before["charged_blocks"]
+    copies = N_SESSIONS * _cdiv(SYSTEM_TOKENS + 8, BLOCK_SIZE)
+    shared_full = SYSTEM_TOKENS // BLOCK_SIZE  # 31 full blocks of the system prompt
+    physical = shared_full + N_SESSIONS  # + one private tail block per session
+    assert physical <= free_budget < copies, "the budget must hold the physical cells but not 20 copies"
+
+    def create(sid: str) -> httpx.Response:
+        return server.post("/v1/sessions", json={"id": sid, "prompt": prompts[sid]})
+
+    with concurrent.futures.ThreadPoolExecutor(N_SESSIONS) as pool:
+        with server.paused():  # all 20 admitted and reserved at once, before any of them computes
+            futures = [pool.submit(create, sid) for sid in prompts]
+            wait_until(
+                lambda: any(f.done() for f in futures) or server.integrity()["waiting"] == N_SESSIONS,
+                what="20 sessions queued in the engine",
+            )
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [201] * N_SESSIONS, [r.text for r in responses if r.status_code != 201]
+
+    after = server.idle()
+    # the engine's own counter: the shared prefix was computed once, not per session
+    computed = _prefill_computed(server) - computed_before
+    tails = (N_SESSIONS - 1) * (SYSTEM_TOKENS + 8 - shared_full * BLOCK_SIZE)
+    assert computed <= SYSTEM_TOKENS + 8 + tails, computed
+    assert after["counters"]["shared_prefix_tokens"] - before["counters"].get("shared_prefix_tokens", 0) >= (
+        (N_SESSIONS - 1) * shared_full * BLOCK_SIZE
+    )
+    # charged by physical cells, and the engine pins exactly those
+    assert after["pinned_blocks"] - before["pinned_blocks"] == physical
+    assert after["charged_blocks"] - before["charged_blocks"] == physical
+    for sid in prompts:
+        s = server.session(sid)
+        assert (s["pinned_blocks"], s["shared_blocks"]) == (shared_full + 1, shared_full), s
+
+    # sharing blocks changes no answer: a follow-up equals a stock engine without prefix caching
+    sid = "shared-3"
+    r = server.complete(sid, [11, 12, 13], max_tokens=4)
+    body = r.json()
+    assert body["session"]["recomputed_tokens"] == 0, body["session"]
+    tokens = body["choices"][0]["token_ids"]
+    assert tokens == reference.greedy(prompts[sid] + [11, 12, 13], 4)
+
+    # closing in any order: the shared blocks' charge moves to the survivors, exactly
+    order = list(prompts)
+    random.Random(3).shuffle(order)
+    baseline_charged, baseline_pinned = before["charged_blocks"], before["pinned_blocks"]
+    for n, sid in enumerate(order):
+        assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+        now = server.idle()  # the integrity check: ledger, pins and block pool agree
+        extra_charged = now["charged_blocks"] - baseline_charged
+        extra_pinned = now["pinned_blocks"] - baseline_pinned
+        assert extra_charged == extra_pinned, (n, now)
+        left = N_SESSIONS - n - 1
+        assert extra_pinned >= (shared_full + left if left else 0)
+    assert (now["charged_blocks"], now["pinned_blocks"]) == (baseline_charged, baseline_pinned)
+    assert now["free_blocks"] == before["free_blocks"]  # nothing leaked in the block pool
+
+
+def _ingesting(server) -> int:
+    info = server.get("/v1/stateful/debug/integrity").json()
+    return info["counters"].get("tokens_ingest", 0)
+
+
+def test_a_query_arriving_during_a_long_ingestion_waits_at_most_one_chunk(stateful_server):
+    server = stateful_server
+    server.fresh_session("sched-q", 64, seed=1)
+    rng = random.Random(5)
+    for attempt in range(5):
+        server.idle()
+        start_tokens = _ingesting(server)
+        prompt = [rng.randrange(10, 3000) for _ in range(1400)]  # several chunks of CHUNK_TOKENS
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        created = pool.submit(server.post, "/v1/sessions", json={"id": f"sched-long-{attempt}", "prompt": prompt})
+        while _ingesting(server) == start_tokens:  # tight: the ingestion takes a few steps only
+            assert not created.done(), created.result().text
+        with server.paused():  # frozen mid-ingestion: the query arrives while it still runs
+            depth = server.get("/v1/stateful/debug/integrity").json()
+            if depth["running"] == 0:
+                pool.shutdown(wait=True)
+                continue  # the machine finished the ingestion before the pause landed: try again
+            query = pool.submit(server.complete, "sched-q", [21, 22], 2, False)
+            wait_until(lambda: server.get("/v1/stateful/debug/integrity").json()["waiting"] > 0, what="query queued")
+        assert query.result().status_code == 200 and created.result().status_code == 201
+        pool.shutdown(wait=True)
+        waits = [w for w in server.idle()["waits"] if w["class"] == "query"]
+        wait = waits[-1]
+        assert wait["ingest_running_at_arrival"], wait
+        # admitted in the first step after it arrived: no ingestion chunk ran ahead of it
+        assert wait["steps"] == 0 and wait["ingest_tokens_while_waiting"] == 0, wait
+        return
+    raise AssertionError("the ingestion never overlapped the query (5 attempts)")
+
+
+def test_ingestion_under_continuous_queries_still_advances_at_its_share(stateful_server):
+    server = stateful_server
+    server.fresh_session("sched-busy", 64, seed=2)
+    stop = threading.Event()
+    answered = []
+
+    def ask() -> None:
+        while not stop.is_set():
+            r = server.complete("sched-busy", [31, 32, 33], 24, False)
+            answered.append(r.status_code)
+
+    before = server.idle()["counters"]
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(answered) >= 3, what="queries flowing")
+        prompt = [random.Random(9).randrange(10, 3000) for _ in range(1200)]
+        r = server.post("/v1/sessions", json={"id": "sched-ingest", "prompt": prompt})
+        queries_during = len(answered)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert r.status_code == 201, r.text
+    assert set(answered) == {200}
+    after = server.idle()["counters"]
+
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    # it advanced beside the queries, in steps carrying its share (<= INGEST_SHARE tokens) ...
+    assert delta("ingest_share_steps") > 0 and queries_during >= 3
+    assert 0 < delta("tokens_ingest_beside_foreground") <= INGEST_SHARE * delta("ingest_share_steps")
+    assert delta("tokens_ingest") >= 1200 - BLOCK_SIZE
+    # ... and was never held for more than one step in a row (max_ingest_hold_steps = 1)
+    assert delta("ingest_held_steps") <= delta("ingest_share_steps") + 1
+    assert INGEST_SHARE < CHUNK_TOKENS

@@ -1,0 +1,176 @@
+"""Work classes per engine step (pure: ``StepPolicy`` driven by a small model of vLLM's step).
+
+``Engine`` below does what vLLM's ``schedule()`` does with a token budget, reduced to what the
+policy changes: running requests in order get their demand while budget lasts, then waiting
+requests are admitted in order. The scheduler around it applies the plan exactly as
+``StatefulScheduler.schedule`` does (hold, sort by class, cut the budget). The tables are the
+contract: tokens each request gets per step.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from vllm_stateful.engine.work_classes import (
+    CLASS_KEY,
+    FLASH,
+    INGEST,
+    ShareConfig,
+    StepPolicy,
+    WorkClass,
+    is_flash,
+    marked_class,
+)
+
+pytestmark = pytest.mark.unit
+
+Q, P, ING, F = WorkClass.QUERY, WorkClass.PLAIN, WorkClass.INGEST, WorkClass.FLASH
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    klass: WorkClass
+    prompt: int  # tokens to prefill
+    decode: int = 0  # tokens to generate after the prefill
+    done: int = 0
+
+    @property
+    def demand(self) -> int:
+        return self.prompt - self.done if self.done < self.prompt else 1
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.prompt + self.decode
+
+
+class Engine:
+    def __init__(self, budget: int, share: int = 64, hold: int = 1) -> None:
+        self.budget = budget
+        self.counters: Counter = Counter()
+        self.policy = StepPolicy(ShareConfig(share, hold), self.counters, clock=lambda: 0.0)
+        self.running: list[Req] = []
+        self.waiting: list[Req] = []
+        self.by_id: dict[str, Req] = {}
+
+    def add(self, *reqs: Req) -> None:
+        for r in reqs:
+            self.waiting.append(r)
+            self.by_id[r.rid] = r
+            self.policy.arrived(r.rid, r.klass)
+
+    def step(self) -> dict[str, int]:
+        plan = self.policy.plan(self.running, self.waiting, lambda r: r.klass, lambda r: r.demand, self.budget)
+        held = {id(r) for r in plan.held_running + plan.held_waiting}
+        running = sorted((r for r in self.running if id(r) not in held), key=lambda r: r.klass)
+        waiting = sorted((r for r in self.waiting if id(r) not in held), key=lambda r: r.klass)
+        budget = self.budget if plan.token_budget is None else plan.token_budget
+        got: dict[str, int] = {}
+        for r in running + waiting:  # vLLM: running first, then admissions
+            n = min(r.demand, budget)
+            if n <= 0:
+                break
+            got[r.rid] = n
+            budget -= n
+            if r in self.waiting:
+                self.waiting.remove(r)
+                self.running.append(r)
+        self.policy.after_step(plan, got, lambda rid: self.by_id[rid].klass)
+        for rid, n in got.items():
+            self.by_id[rid].done += n
+        self.running = [r for r in self.running if not r.finished]
+        return got
+
+
+def test_classes_come_from_the_plugins_marks_and_the_verified_tag():
+    assert marked_class({CLASS_KEY: FLASH}, True) == F and is_flash({CLASS_KEY: FLASH})
+    assert marked_class({CLASS_KEY: INGEST}, True) == ING
+    assert marked_class(None, True) == Q and marked_class({"x": 1}, True) == Q
+    # a client cannot raise its own rank: without a verified session tag it is plain traffic
+    assert marked_class({CLASS_KEY: "query"}, False) == P and marked_class(None, False) == P
+    assert not is_flash(None) and not is_flash({CLASS_KEY: "other"})
+
+
+def test_a_query_arriving_during_a_long_ingestion_waits_one_chunk_then_shares_the_steps():
+    e = Engine(budget=512, share=64)
+    ingest = Req("i", ING, prompt=2000)
+    e.add(ingest)
+    assert e.step() == {"i": 512}  # no foreground: the whole budget (prefill speed)
+    e.add(Req("q", Q, prompt=20, decode=3))  # arrives while the chunk above runs
+    table = [
+        {"q": 20},  # ingestion held: the query is admitted in the very next step
+        {"q": 1, "i": 64},  # query decoding: ingestion gets its share, the step stays small
+        {"q": 1, "i": 64},
+        {"q": 1, "i": 64},
+        {"i": 512},  # query done: the whole budget again
+        {"i": 512},
+        {"i": 272},
+    ]
+    assert [e.step() for _ in table] == table
+    assert ingest.finished
+    (wait,) = e.policy.waits
+    assert wait["steps"] == 0 and wait["ingest_running_at_arrival"] and wait["ingest_tokens_while_waiting"] == 0
+    assert e.counters["ingest_held_steps"] == 1 and e.counters["ingest_share_steps"] == 3
+    assert e.counters["tokens_ingest_beside_foreground"] == 3 * 64
+    assert e.counters["tokens_ingest"] == 2000 and e.counters["tokens_query"] == 23
+
+
+def test_under_continuous_queries_ingestion_still_gets_its_share_every_other_step():
+    e = Engine(budget=512, share=64, hold=1)
+    e.add(Req("i", ING, prompt=5000))
+    e.step()
+    steps = []
+    for n in range(12):  # a new query arrives before every step
+        e.add(Req(f"q{n}", Q, prompt=8, decode=1))
+        steps.append(e.step())
+    ingest = [s.get("i", 0) for s in steps]
+    assert ingest == [0, 64] * 6  # held for one admission, then its share: the starvation bound
+    # every query is admitted within one step of arriving, the guard step included
+    assert max(w["steps"] for w in e.policy.waits) <= 1
+    assert all(w["ingest_tokens_while_waiting"] <= 64 for w in e.policy.waits)
+
+
+def test_a_longer_hold_bound_trades_ingestion_share_for_admission_latency():
+    e = Engine(budget=512, share=32, hold=3)
+    e.add(Req("i", ING, prompt=5000))
+    e.step()
+    ingest = []
+    for n in range(8):
+        e.add(Req(f"q{n}", Q, prompt=8, decode=1))
+        ingest.append(e.step().get("i", 0))
+    assert ingest == [0, 0, 0, 32] * 2
+
+
+def test_queries_before_plain_traffic_before_ingestion_before_flash():
+    e = Engine(budget=30)
+    e.add(Req("f", F, 10), Req("i", ING, 10), Req("p", P, 10, decode=1), Req("q", Q, 10, decode=1))
+    # waiting in arrival order f, i, p, q; ingestion and flash held while foreground waits
+    assert e.step() == {"q": 10, "p": 10}
+    assert e.step() == {"q": 1, "p": 1, "i": 10}  # foreground decoding: ingestion's share (<= 64)
+    assert e.step() == {"f": 10}  # flash only on spare capacity: nothing else left
+
+
+def test_flash_is_held_while_anything_else_exists_but_never_deadlocks():
+    e = Engine(budget=100)
+    e.add(Req("f", F, prompt=10, decode=5))
+    assert e.step() == {"f": 10}  # alone: runs
+    e.add(Req("q", Q, prompt=10, decode=1))
+    assert e.step() == {"q": 10}  # held for foreground work
+    assert e.counters["flash_held_steps"] == 1
+    assert e.step() == {"q": 1}
+    assert e.step() == {"f": 1}
+    # a step that held flash work and scheduled nothing: the next step holds nothing
+    policy = StepPolicy(ShareConfig(), Counter(), clock=lambda: 0.0)
+    f, q = Req("f", F, 5), Req("q", Q, 5)
+    plan = policy.plan([f], [q], lambda r: r.klass, lambda r: r.demand, 100)
+    assert plan.held_running == [f]
+    policy.after_step(plan, {}, lambda rid: F)  # e.g. q could not get KV blocks
+    assert policy.plan([f], [q], lambda r: r.klass, lambda r: r.demand, 100).held_running == []
+
+
+def test_share_config_is_validated():
+    with pytest.raises(ValueError):
+        ShareConfig(ingest_share_tokens=0)
+    with pytest.raises(ValueError):
+        ShareConfig(max_ingest_hold_steps=-1)
