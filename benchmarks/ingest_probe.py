@@ -3,7 +3,10 @@
 Separates the two costs that a streaming run mixes: how long appending N tokens takes
 (`wait: true`, so the time includes the prefill), and how long a read-only question takes once the
 data is in. Grows one session to each target context, then measures appends of several sizes and a
-query with 1 and with `--max-tokens` generated tokens. Writes CSV + summary.md to --out-dir.
+query with 1 and with `--max-tokens` generated tokens. Then, across sessions: the latency of an
+append (`wait: true`) on one session while another session is idle, and while `--query-threads`
+clients keep asking that other session read-only questions (the engine's work classes decide what
+this costs; before them, ingestion waited up to 2 s for any query). Writes CSV + summary.md to --out-dir.
 
     python benchmarks/ingest_probe.py [--model small] [--contexts 1000,3000,6000]
 """
@@ -13,10 +16,12 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import threading
 import time
 from pathlib import Path
 
 import httpx
+from flash_benchmark import machine_info
 from servers import detect_device, launched_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +76,41 @@ def probe(base: str, contexts: list[int], append_sizes: list[int], query_tokens:
     return rows
 
 
+def cross_session(base: str, append_tokens: int, threads: int, max_tokens: int, repeats: int = 5) -> list[dict]:
+    """Append latency on session B, with session A idle, then with A under continuous queries."""
+    rng = random.Random(1)
+    client = httpx.Client(timeout=600)
+    for sid in ("probe-a", "probe-b"):
+        client.post(f"{base}/sessions", json={"id": sid, "prompt": [rng.randrange(100, 3000) for _ in range(500)]})
+    query = {"model": "bench", "prompt": [5, 6, 7], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    query |= {"stateful": "probe-a", "stateful_commit": False}
+    stop = threading.Event()
+
+    def ask() -> None:
+        with httpx.Client(timeout=600) as c:
+            while not stop.is_set():
+                c.post(f"{base}/completions", json=query).raise_for_status()
+
+    rows = []
+    for label, load in (("other session idle", 0), (f"other session queried ({threads} clients)", threads)):
+        workers = [threading.Thread(target=ask) for _ in range(load)]
+        for w in workers:
+            w.start()
+        time.sleep(1.0 if load else 0.0)
+        for _ in range(repeats):
+            ids = [rng.randrange(100, 3000) for _ in range(append_tokens)]
+            secs, _ = timed(client, f"{base}/sessions/probe-b/append", {"token_ids": ids, "wait": True})
+            rows.append({"context_tokens": 0, "op": f"append {append_tokens}, {label}", "tokens": append_tokens,
+                         "seconds": secs})  # fmt: skip
+        stop.set()
+        for w in workers:
+            w.join()
+        stop.clear()
+    for sid in ("probe-a", "probe-b"):
+        client.delete(f"{base}/sessions/{sid}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="tiny | small | a model directory")
@@ -78,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append-sizes", default="17,70,300")
     p.add_argument("--query-tokens", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--query-threads", type=int, default=3, help="clients querying the other session")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "ingest_probe")
     args = p.parse_args(argv)
     from vllm_stateful.demo_model import ensure_demo_model
@@ -94,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             args.query_tokens,
             args.max_tokens,
         )
+        rows += cross_session(base, 70, args.query_threads, args.max_tokens)
     with open(args.out_dir / "ingest_probe.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["context_tokens", "op", "tokens", "seconds"])
         w.writeheader()
@@ -105,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/ingest_probe.py " + " ".join(argv or [])
     (args.out_dir / "summary.md").write_text(
         f"# Ingest and query cost vs context\n\nCommand: `{cmd.strip()}`; "
-        f"model `{args.model}`\n\n" + "\n".join(lines) + "\n"
+        f"model `{args.model}`; machine: {machine_info()}\n\n" + "\n".join(lines) + "\n"
     )
     print("\n".join(lines))
     return 0

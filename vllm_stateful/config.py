@@ -111,10 +111,8 @@ class StatefulConfig:
             raise ValueError("stateful.ingest_wait_timeout_s must be positive")
         if self.tenant_header is not None and (not isinstance(self.tenant_header, str) or not self.tenant_header):
             raise ValueError("stateful.tenant_header must be a header name or null")
-        if not _positive_int(self.max_ingest_hold_steps) and self.max_ingest_hold_steps != 0:
-            raise ValueError("stateful.max_ingest_hold_steps must be an integer in [0, 1000]")
-        if self.max_ingest_hold_steps > 1000:
-            raise ValueError("stateful.max_ingest_hold_steps must be an integer in [0, 1000]")
+        if not _positive_int(self.max_ingest_hold_steps) or self.max_ingest_hold_steps > 1000:
+            raise ValueError("stateful.max_ingest_hold_steps must be an integer in [1, 1000]")
         if not isinstance(self.debug_routes, bool):
             raise ValueError("stateful.debug_routes must be true or false")
 

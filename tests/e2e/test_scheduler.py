@@ -162,3 +162,26 @@ def test_ingestion_under_continuous_queries_still_advances_at_its_share(stateful
     # ... and was never held for more than one step in a row (max_ingest_hold_steps = 1)
     assert delta("ingest_held_steps") <= delta("ingest_share_steps") + 1
     assert INGEST_SHARE < CHUNK_TOKENS
+
+
+def test_ingestion_a_query_waits_for_runs_in_the_query_class(stateful_server):
+    server = stateful_server
+    sid = "sched-inherit"
+    server.fresh_session(sid, 64, seed=4)
+    before = server.idle()["counters"]
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    turn = {"model": "tiny", "prompt": [50], "max_tokens": 8, "ignore_eos": True, "stateful": sid}
+    with server.held_request("/v1/completions", turn) as held:  # the turn holds the session
+        r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": list(range(100, 400))})
+        assert r.status_code == 202, r.text  # queued behind the turn: not in the engine yet
+        # read-your-writes: this query waits for the append
+        query = pool.submit(server.complete, sid, [41, 42], 2, False)
+        wait_until(lambda: server.integrity()["ingest_waiters"].get(sid), what="query waiting for the append")
+    assert held.result().status_code == 200
+    body = query.result().json()
+    pool.shutdown(wait=True)
+    assert body["session"]["context_tokens"] >= 64 + 300 and body["session"]["recomputed_tokens"] == 0
+    after = server.idle()["counters"]
+    # the append's prefill ran in the query class (the query waited for it), not as background ingestion
+    assert after.get("tokens_ingest", 0) == before.get("tokens_ingest", 0)
+    assert after["tokens_query"] - before["tokens_query"] >= 300

@@ -130,3 +130,28 @@ def test_a_turn_extends_the_keys_of_the_committed_history():
     ledger.settle(turn, 80, prompt + [5] * 10)
     assert len(ledger.block_keys("a")) == 2 and ledger.charged_blocks() == 3
     assert ledger.check_integrity() == []
+
+
+def test_only_blocks_the_engine_pins_in_full_are_shared():
+    # a turn's last sampled token is not pinned: the block it starts is a private partial block in
+    # the engine, so it must not be charged once for several sessions
+    ledger = _ledger(budget_tokens=32 * 100, quota=2000)
+    history = list(range(64))  # two full blocks of tokens, the engine pins 63 of them
+    for key in ("a", "b", "c"):
+        ledger.settle(ledger.reserve(key, 64, known=history[:40], scope="t"), 64, history, pinned_tokens=63)
+    assert ledger.charged_blocks() == 1 + 3 and ledger.check_integrity() == []
+    assert ledger.shared_blocks("a") == 1
+
+
+def test_overlapping_reservations_and_commits_count_a_content_once_per_session():
+    ledger = _ledger(budget_tokens=32 * 100, quota=4000)
+    prompt = list(range(128))
+    turn = ledger.reserve("a", 128, known=prompt, scope="t")  # keys for 4 blocks, still open
+    ledger.settle(ledger.reserve("a", 128), 128, prompt)  # an append over the same positions settles first
+    # 256 tokens held (128 committed + the turn's 128): 8 blocks, the 4 keyed ones counted once
+    assert ledger.charged_blocks() == 8 and ledger.check_integrity() == []
+    ledger.cancel(turn)
+    assert ledger.charged_blocks() == 4 and ledger.check_integrity() == []
+    # a reservation whose known content runs past what it reserves never drives a total negative
+    ledger.reserve("b", 0, known=list(range(500, 756)), scope="t")
+    assert ledger.charged_blocks() >= 4 and ledger.check_integrity() == []

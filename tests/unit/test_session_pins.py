@@ -111,3 +111,16 @@ def test_identical_content_is_pinned_in_one_block():
     # once nobody pins the content, a new pin keeps its own blocks
     pins.pin("d", list(range(4)), pool.blocks[4:5])
     assert pins.block_ids("d") == [4] and pins.check_integrity() == []
+
+
+def test_a_pinned_block_whose_hash_vllm_reset_no_longer_stands_for_the_content():
+    pool = FakePool(8)
+    pins = SessionPins(pool, block_size=4)
+    pool.blocks[0].block_hash = pool.blocks[4].block_hash = "h0"
+    pins.pin("a", list(range(4)), pool.blocks[0:1])
+    pool.blocks[0].block_hash = None  # vLLM evicted it as invalid while pinned
+    pins.pin("b", list(range(4)), pool.blocks[4:5])
+    assert pins.block_ids("b") == [4]  # its own block, not the stale one
+    pins.release("a")
+    pins.release("b")
+    assert pool.free() == 8 and pins.check_integrity() == [] and pins._by_hash == {} and pins._hash_of == {}

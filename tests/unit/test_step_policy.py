@@ -131,6 +131,39 @@ def test_under_continuous_queries_ingestion_still_gets_its_share_every_other_ste
     assert all(w["ingest_tokens_while_waiting"] <= 64 for w in e.policy.waits)
 
 
+def test_waiting_ingestion_is_admitted_under_continuous_plain_traffic():
+    e = Engine(budget=512, share=64)
+    e.add(Req("long", P, prompt=4, decode=1000))  # a long generation: foreground running throughout
+    e.step()
+    e.add(Req("i", ING, prompt=5000))  # never ran yet: it must still be admitted and advance
+    got = []
+    for n in range(10):
+        e.add(Req(f"p{n}", P, prompt=100))  # a new plain prompt before every step
+        got.append(e.step())
+    assert [s.get("i", 0) for s in got] == [0, 64] * 5
+    # a share step holds the foreground admissions for that step only: each waits <= 1 step
+    assert all(w["steps"] <= 1 for w in e.policy.waits)
+    assert sum(1 for w in e.policy.waits if w["request_id"].startswith("p")) >= 5
+
+
+def test_foreground_that_cannot_be_admitted_holds_nothing_back():
+    policy = StepPolicy(ShareConfig(), Counter(), clock=lambda: 0.0)
+    ingest, query = Req("i", ING, 1000), Req("q", Q, 10)
+
+    def plan(**kw):
+        return policy.plan([ingest], [query], lambda r: r.klass, lambda r: r.demand, 512, **kw)
+
+    assert plan().held_running == [ingest]  # an admission step
+    # blocked (e.g. waiting for a grammar or remote KV) or no running slot free: nothing to make room for
+    assert plan(admittable=lambda r: False).held_running == [] and plan(admittable=lambda r: False).token_budget is None
+    assert plan(free_slots=False).held_running == []
+    # KV blocks low: running requests are not held (vLLM must be able to preempt them); waiting ones still are
+    assert plan(may_hold_running=False).held_running == []
+    queued = Req("i2", ING, 100)
+    low = policy.plan([], [query, queued], lambda r: r.klass, lambda r: r.demand, 512, may_hold_running=False)
+    assert low.held_waiting == [queued]
+
+
 def test_a_longer_hold_bound_trades_ingestion_share_for_admission_latency():
     e = Engine(budget=512, share=32, hold=3)
     e.add(Req("i", ING, prompt=5000))
@@ -173,4 +206,4 @@ def test_share_config_is_validated():
     with pytest.raises(ValueError):
         ShareConfig(ingest_share_tokens=0)
     with pytest.raises(ValueError):
-        ShareConfig(max_ingest_hold_steps=-1)
+        ShareConfig(max_ingest_hold_steps=0)  # a share step holds admissions: at least one admission step

@@ -41,6 +41,7 @@ the engine-core thread between steps.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from vllm.logger import init_logger
@@ -63,6 +64,7 @@ logger = init_logger(__name__)
 PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
 STAMP_ATTR = "_vllm_stateful_stamp"
 CLASS_ATTR = "_vllm_stateful_class"
+LOOKUP_ATTR = "_vllm_stateful_lookup"
 
 
 def work_class(request: Request) -> WorkClass:
@@ -136,6 +138,9 @@ class StatefulSchedulerMixin:
             step_demand,
             self.max_num_scheduled_tokens,
             other_waiting=self.kv_holding_waiting,
+            admittable=self._admittable,
+            free_slots=len(self.running) < self.max_num_running_reqs,
+            may_hold_running=self._kv_room_to_hold(),
         )
         held_running, held_waiting = plan.held_running, plan.held_waiting
         # held running requests keep their model-runner slots: vLLM may admit only into the rest
@@ -185,6 +190,17 @@ class StatefulSchedulerMixin:
             for request in ordered:
                 self.waiting.add_request(request)
 
+    def _admittable(self, request: Request) -> bool:
+        """vLLM could admit this waiting request now (it is not waiting on something else)."""
+        return not self._is_blocked_waiting_status(request.status) and request not in self.deferred_waiting
+
+    def _kv_room_to_hold(self) -> bool:
+        """Enough free blocks for a full step of the others plus one block each: only then may running
+        requests be held out of vLLM's reach (it cannot preempt a held request)."""
+        bs = self.session_pins.block_size
+        need = -(-self.max_num_scheduled_tokens // bs) + len(self.running)
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() >= need
+
     def class_depths(self) -> dict[str, int]:
         """Requests per queue and work class, e.g. ``{"waiting_ingest": 2}``."""
         depth: dict[str, int] = {}
@@ -206,13 +222,17 @@ class StatefulSchedulerMixin:
         try:
             hit = self.session_pins.hit(tag.key, request.all_token_ids)
             own = 0 if hit is None else hit.num_tokens
+            # counted once per admission attempt (a request vLLM cannot admit yet is looked up again)
+            count = getattr(request, LOOKUP_ATTR, None) != request.num_preemptions
+            setattr(request, LOOKUP_ATTR, request.num_preemptions)
+            counters = self.session_control.counters if count else Counter()
             if hit is not None and own >= cached[1]:
                 blocks = self.kv_cache_manager.create_kv_cache_blocks((list(hit.blocks),))
-                self.session_control.counters["reused_tokens"] += own
+                counters["reused_tokens"] += own
                 return blocks, own, 0, False
             # blocks other requests computed (a shared prefix, another session's identical content)
-            self.session_control.counters["reused_tokens"] += min(own, cached[1])
-            self.session_control.counters["shared_prefix_tokens"] += cached[1] - own
+            counters["reused_tokens"] += own
+            counters["shared_prefix_tokens"] += cached[1] - own
         except Exception:
             self.session_control.fault("hit", request.request_id)
         return cached

@@ -83,8 +83,10 @@ class SessionPins:
         self._pool = pool
         self.block_size = block_size
         self._sessions: dict[str, PinnedSession] = {}
-        # block hash -> [pinned block, session references]: one pinned block per content
+        # block hash -> [pinned block, session references]: one pinned block per content;
+        # id(block) -> the hash it was indexed under (vLLM may reset a block's hash, see _canonical)
         self._by_hash: dict[Any, list[Any]] = {}
+        self._hash_of: dict[int, Any] = {}
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -178,20 +180,28 @@ class SessionPins:
         return 1.0 - sum(slots.values()) / (len(slots) * self.block_size)
 
     def _canonical(self, block: Any) -> Any:
-        entry = self._by_hash.get(getattr(block, "block_hash", None))
-        return block if entry is None else entry[0]
+        h = getattr(block, "block_hash", None)
+        entry = self._by_hash.get(h) if h is not None else None
+        # a pinned block whose hash vLLM reset (evicted as invalid) no longer stands for this content
+        if entry is None or getattr(entry[0], "block_hash", None) != h:
+            return block
+        return entry[0]
 
     def _index(self, blocks: Iterable[Any], delta: int) -> None:
         for b in blocks:
-            h = getattr(b, "block_hash", None)
+            h = self._hash_of.get(id(b)) if delta < 0 else getattr(b, "block_hash", None)
             if h is None:
                 continue
-            entry = self._by_hash.setdefault(h, [b, 0])
-            if entry[0] is not b:
-                continue  # pinned before this content was indexed (not canonical); not indexed
+            entry = self._by_hash.get(h)
+            if entry is None and delta > 0:
+                entry = self._by_hash[h] = [b, 0]
+                self._hash_of[id(b)] = h
+            if entry is None or entry[0] is not b:
+                continue  # another block stands for this content (its hash was reset): not indexed
             entry[1] += delta
             if entry[1] <= 0:
                 del self._by_hash[h]
+                del self._hash_of[id(b)]
 
     def _drop(self, blocks: Sequence[Any]) -> None:
         self._index(blocks, -1)

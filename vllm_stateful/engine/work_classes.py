@@ -18,24 +18,31 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
 * Order: running and waiting requests are visited by rank, then in vLLM's
   order (a stable sort). vLLM gives token budget in that order and preempts
   from the end, so flash and ingestion are also the first preempted.
-* Foreground (QUERY or PLAIN) waiting to be admitted: ingestion is held out
-  of the step (running and waiting), so the foreground request is admitted in
-  the next step; a request that arrives while an ingestion chunk runs waits
-  for that chunk only.
-* Foreground running (e.g. decoding) while ingestion runs: the step's token
-  budget is cut to the foreground's own demand plus ``ingest_share_tokens``,
-  so each foreground step carries at most that many ingestion tokens.
+* Admission step -- foreground (QUERY or PLAIN) can be admitted (it waits,
+  is not blocked on something else, and a running slot is free): ingestion
+  is held out of the step (running and waiting), so the foreground request
+  is admitted in the next step; a request that arrives while an ingestion
+  chunk runs waits for that chunk only.
+* Share step -- foreground runs (e.g. decoding) beside ingestion, or the
+  admission steps used up ``max_ingest_hold_steps`` in a row: the step's
+  token budget is cut to the running foreground's demand plus
+  ``ingest_share_tokens``, and foreground still waiting for admission is
+  held for this one step, so ingestion (running or waiting) gets its share.
 * No foreground: ingestion gets vLLM's whole token budget (prefill speed).
-* Starvation bound: ingestion is held at most ``max_ingest_hold_steps``
-  consecutive steps; the next step gives it ``ingest_share_tokens`` (the
-  foreground still waiting is then admitted a step later). So ingestion
-  with work to do receives at least ``ingest_share_tokens`` in every
-  ``max_ingest_hold_steps + 1`` consecutive steps.
+* Bounds, both ways: ingestion with work to do receives at least
+  ``ingest_share_tokens`` in every ``max_ingest_hold_steps + 1`` steps, and a
+  foreground request waits at most one share step before its admission step.
+* Priority inheritance: an ingestion batch sent while a turn or query of its
+  session waits for it (read-your-writes) carries no ingestion mark: it runs
+  in the query class. A batch already in the engine keeps its class.
 * Flash runs on spare capacity: held whenever any other request exists.
 * Progress: if a step that held anything scheduled nothing (e.g. the held
   requests hold the free KV blocks), the next step holds nothing.
 * Held running requests keep their KV blocks and model-runner slots; the
-  scheduler lowers vLLM's running-request limits by their number.
+  scheduler lowers vLLM's running-request limits by their number. vLLM cannot
+  preempt a held request, so when KV blocks run low (``may_hold_running``
+  false) running requests are not held: vLLM then preempts from the end of
+  the class order, i.e. flash and ingestion first.
 
 ``StepPolicy.after_step`` records the outcome (per-class tokens, waits of
 newly admitted requests in steps and seconds, held steps) in ``counters``.
@@ -94,8 +101,8 @@ class ShareConfig:
     max_ingest_hold_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.ingest_share_tokens < 1 or self.max_ingest_hold_steps < 0:
-            raise ValueError("ingest_share_tokens must be >= 1 and max_ingest_hold_steps >= 0")
+        if self.ingest_share_tokens < 1 or self.max_ingest_hold_steps < 1:
+            raise ValueError("ingest_share_tokens and max_ingest_hold_steps must be >= 1")
 
 
 @dataclass
@@ -149,32 +156,43 @@ class StepPolicy:
         demand: Callable[[Any], int],
         token_budget: int,
         other_waiting: Iterable[Any] = (),
+        admittable: Callable[[Any], bool] = lambda r: True,
+        free_slots: bool = True,
+        may_hold_running: bool = True,
     ) -> StepPlan:
-        """The step's holds and budget. ``demand(request)``: tokens a running request
-        wants this step; ``other_waiting``: queues vLLM admits from besides ``waiting``."""
-        running, waiting = list(running), list(waiting)
+        """The step's holds and budget. ``demand(request)``: tokens a running request wants this
+        step; ``other_waiting``: queues vLLM admits from besides ``waiting`` (they only keep flash
+        back); ``admittable(request)``: a waiting request vLLM could admit now (not blocked on a
+        grammar, remote KV or streaming input); ``free_slots``: a running slot is free;
+        ``may_hold_running``: enough free KV blocks to keep held running requests out of reach."""
+        running, waiting, other_waiting = list(running), list(waiting), list(other_waiting)
         run_cls = [klass(r) for r in running]
-        wait_cls = [klass(r) for r in waiting] + [klass(r) for r in other_waiting]
-        fg_waiting = any(c in FOREGROUND for c in wait_cls)
+        wait_cls = [klass(r) for r in waiting]
+        fg_waiting = free_slots and any(c in FOREGROUND and admittable(r) for r, c in zip(waiting, wait_cls))
         fg_running = any(c in FOREGROUND for c in run_cls)
         ingest = WorkClass.INGEST in run_cls or WorkClass.INGEST in wait_cls
-        non_flash = any(c != WorkClass.FLASH for c in run_cls + wait_cls)
+        others = run_cls + wait_cls + [klass(r) for r in other_waiting]
         held: set[WorkClass] = set()
         budget = None
         if self._starved:
             return StepPlan()
-        if non_flash:
+        if any(c != WorkClass.FLASH for c in others):
             held.add(WorkClass.FLASH)
         if ingest and fg_waiting and self._ingest_held_streak < self.config.max_ingest_hold_steps:
-            held.add(WorkClass.INGEST)
-        elif ingest and (fg_running or fg_waiting):
+            held.add(WorkClass.INGEST)  # admission step
+        elif ingest and (fg_running or fg_waiting):  # share step
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + self.config.ingest_share_tokens))
+            held_fg_waiting = [r for r, c in zip(waiting, wait_cls) if c in FOREGROUND]
+        held_running = [r for r, c in zip(running, run_cls) if c in held] if may_hold_running else []
+        held_waiting = [r for r, c in zip(waiting, wait_cls) if c in held]
+        if budget is not None:
+            held_waiting += held_fg_waiting
         return StepPlan(
-            held_running=[r for r, c in zip(running, run_cls) if c in held],
-            held_waiting=[r for r, c in zip(waiting, wait_cls) if c in held],
+            held_running=held_running,
+            held_waiting=held_waiting,
             token_budget=budget,
-            held_classes=frozenset(held) if any(c in held for c in run_cls + wait_cls) else frozenset(),
+            held_classes=frozenset(klass(r) for r in held_running + held_waiting),
         )
 
     def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:

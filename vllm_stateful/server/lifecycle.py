@@ -66,7 +66,7 @@ class Maintenance:
             tokens, blocks = pins.get(session.key, (0, 0))
             # kv_tokens keeps what the session should reuse, so the next request reports
             # what it had to recompute honestly
-            session.pinned_blocks = blocks
+            session.pinned_blocks, session.pinned_tokens = blocks, tokens
             if session.state == "resident" and session.token_ids and not tokens:
                 session.state = "cold"
         if not skipped:

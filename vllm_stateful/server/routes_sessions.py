@@ -146,7 +146,7 @@ async def append(session_id: str, raw_request: Request) -> Response:
 
 
 async def _wait_ingested(state: StatefulState, session: Session, seq: int) -> Response:
-    await state.service.wait_ingested(session, seq)
+    await state.service.wait_ingested(session, seq, inherit=False)  # the append's own class
     return Response()
 
 
@@ -201,6 +201,7 @@ async def integrity(raw_request: Request) -> Response:
         "counters": engine["counters"],
         "sessions": sorted(s.id for s in own.values() if s.key in engine["sessions"]),
         "api_sessions": {s.id: s.pinned_blocks for s in own.values()},
+        "ingest_waiters": {s.id: s.ingest_waiters for s in own.values() if s.ingest_waiters},
         "charged_blocks": state.service.ledger.charged_blocks(),
         "fragmentation": engine.get("fragmentation"),
         "waits": engine["waits"],

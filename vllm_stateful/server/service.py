@@ -260,22 +260,27 @@ class SessionService:
         except asyncio.TimeoutError:
             raise _busy_timeout(session) from None
 
-    async def wait_ingested(self, session: Session, seq: int) -> None:
+    async def wait_ingested(self, session: Session, seq: int, inherit: bool = True) -> None:
         """Read-your-writes: wait (bounded) until appends up to ``seq`` are ingested.
 
-        Raises 404 if the session closes meanwhile, 409 if ingestion failed,
-        503 with Retry-After past ``ingest_wait_timeout_s``.
+        ``inherit``: the waiter is a turn or query: ingestion batches of the session sent to the
+        engine while it waits run in its class (an append's own ``wait`` keeps the ingestion class).
+        Raises 404 if the session closes meanwhile, 409 if ingestion failed, 503 with Retry-After
+        past ``ingest_wait_timeout_s``.
         """
 
         def done() -> bool:
             return session.ingested_seq >= seq or not session.is_open
 
         if not done():
+            session.ingest_waiters += int(inherit)
             try:
                 async with session.ingest_cond:
                     await asyncio.wait_for(session.ingest_cond.wait_for(done), self.config.ingest_wait_timeout_s)
             except asyncio.TimeoutError:
                 raise _busy_timeout(session) from None
+            finally:
+                session.ingest_waiters -= int(inherit)
         ensure_open(session)
 
     async def _end_turn(
@@ -318,7 +323,7 @@ class SessionService:
         # the engine computed KV for all but the last generated token
         self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
         if reservation is not None and self.ledger is not None:
-            self.ledger.settle(reservation, len(history), history)
+            self.ledger.settle(reservation, len(history), history, session.pinned_tokens)
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
@@ -346,13 +351,15 @@ class SessionService:
         if not turn_input.token_ids:
             for res in reservations:
                 if self.ledger is not None:
-                    self.ledger.settle(res, session.context_tokens, session.token_ids)
+                    self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
             self._committed(session, complete, version)
             return
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        # the engine's ingestion class: after queries and plain traffic, with a minimum share
-        params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), CLASS_KEY: INGEST}
+        # the engine's ingestion class (after queries and plain traffic, with a minimum share),
+        # unless a request is waiting for this data: then its class (priority inheritance)
+        ingest_class = {} if session.ingest_waiters else {CLASS_KEY: INGEST}
+        params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), **ingest_class}
         params.output_kind = RequestOutputKind.FINAL_ONLY
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
@@ -371,7 +378,7 @@ class SessionService:
             self._committed(session, complete, version)
             for res in reservations:
                 if self.ledger is not None:
-                    self.ledger.settle(res, len(prompt), prompt)
+                    self.ledger.settle(res, len(prompt), prompt, session.pinned_tokens)
             committed = True
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:

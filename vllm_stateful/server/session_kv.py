@@ -110,6 +110,7 @@ class SessionKV:
         next request reports the re-prefill in ``recomputed_tokens``."""
         session.kv_tokens = expected_tokens
         session.pinned_blocks = info["pinned_blocks"]
+        session.pinned_tokens = info["pinned_tokens"]
         session.sync_seq += 1
         if info["pinned_tokens"]:
             session.state = "resident"
@@ -124,6 +125,7 @@ class SessionKV:
         try:
             info = await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids))
             session.pinned_blocks = info["pinned_blocks"]
+            session.pinned_tokens = info["pinned_tokens"]
             session.sync_seq += 1
             if not info["pinned_tokens"] and session.token_ids and session.state == "resident":
                 session.state = "cold"

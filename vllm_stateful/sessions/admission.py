@@ -10,14 +10,15 @@ concurrent requests cannot overshoot the budget together, and acknowledged
 work never fails a budget check later.
 
 Charged by physical cells: a session occupies ``cdiv(committed + reserved,
-block_size)`` blocks. Its *full* blocks of known content (committed tokens,
-and the prompt of a reserved turn or session fill) are keyed by a chain
-digest of their tokens, scoped by tenant -- the identity vLLM's prefix cache
-gives a block (tenants have their own cache salt). The engine pins one block
-per content (``SessionPins``), so a keyed block that several sessions hold is
-charged once; the others (partial last blocks, reserved growth of unknown
-content) are charged to their session. When a session closes, a shared block
-stays charged as long as any survivor holds it.
+block_size)`` blocks. Its full blocks of known content -- committed tokens
+that the engine pins in full blocks, and the prompt of a reserved turn or
+session fill -- are keyed by a chain digest of their tokens, scoped by tenant:
+the identity vLLM's prefix cache gives a block (tenants have their own cache
+salt). The engine pins one block per content (``SessionPins``), so a key
+several sessions hold is charged once; the rest of a session's footprint
+(partial last blocks, the block of a turn's last token, reserved growth of
+unknown content) is charged to that session alone. When a session closes, a
+shared block stays charged as long as any survivor holds it.
 
 Refusals are ``SessionError``: 429 (quota, budget, with Retry-After) or 413
 (model context). No vLLM import.
@@ -203,27 +204,36 @@ class CellLedger:
         """Raise 413 / 429 as ``reserve`` would, without reserving; returns the blocks it would add."""
         return self._check(key, tokens, context_extra, what, [], "")
 
-    def settle(self, res: Reservation, committed_tokens: int, token_ids: Sequence[int] | None = None) -> None:
-        """End ``res``; the session now holds ``committed_tokens`` committed tokens (``token_ids``:
-        those tokens, so its full blocks can be shared; the caller must not mutate the list)."""
+    def settle(
+        self,
+        res: Reservation,
+        committed_tokens: int,
+        token_ids: Sequence[int] | None = None,
+        pinned_tokens: int | None = None,
+    ) -> None:
+        """End ``res``; the session now holds ``committed_tokens`` committed tokens. ``token_ids``:
+        those tokens (the caller must not mutate the list) and ``pinned_tokens``: how many of them
+        the engine pins (default all): full blocks among those are shared by content."""
         self._close(res)
-        self.set_committed(res.key, committed_tokens, token_ids)
+        self.set_committed(res.key, committed_tokens, token_ids, pinned_tokens)
 
     def cancel(self, res: Reservation) -> None:
         """End ``res`` without committing anything (idempotent)."""
         self._close(res)
 
-    def set_committed(self, key: str, committed_tokens: int, token_ids: Sequence[int] | None = None) -> None:
+    def set_committed(
+        self, key: str, committed_tokens: int, token_ids: Sequence[int] | None = None, pinned_tokens: int | None = None
+    ) -> None:
         acct = self._accounts.get(key)
         if acct is None:
             return
         committed = max(0, committed_tokens)
         tokens = token_ids if token_ids is not None and len(token_ids) == committed else ()
-        keys = self._rekey(acct, tokens)
+        keyed = len(tokens) if pinned_tokens is None else max(0, min(pinned_tokens, len(tokens)))
+        keys = self._rekey(acct, tokens)[: keyed // self.budget.block_size]
 
         def change() -> None:
             acct.committed = committed
-            self._swap_keys(acct, acct.keys, keys)
             acct.keys, acct.basis = keys, tokens
 
         self._update(acct, change)
@@ -237,7 +247,6 @@ class CellLedger:
             res.open = False
 
         def drop() -> None:
-            self._swap_keys(acct, self._keys_of(acct), [])
             acct.committed = acct.reserved = 0
             acct.keys, acct.reservations = [], []
 
@@ -252,9 +261,7 @@ class CellLedger:
         for key, acct in self._accounts.items():
             keys = self._keys_of(acct)
             refs.update((acct.scope, k) for k in keys)
-            private += self._footprint(acct) - len(keys)
-            if len(keys) > self._footprint(acct):
-                problems.append(f"session {key}: {len(keys)} keyed blocks in a footprint of {self._footprint(acct)}")
+            private += self._private_of(acct)
             if acct.reserved != sum(r.tokens for r in acct.reservations):
                 problems.append(f"session {key}: reserved {acct.reserved} != its open reservations")
         if refs != +self._refs or private != self._private:
@@ -269,9 +276,13 @@ class CellLedger:
     def _footprint(self, acct: _Account) -> int:
         return cdiv(acct.committed + acct.reserved, self.budget.block_size)
 
+    def _private_of(self, acct: _Account) -> int:
+        return max(0, self._footprint(acct) - len(self._keys_of(acct)))
+
     @staticmethod
-    def _keys_of(acct: _Account) -> list[bytes]:
-        return acct.keys + [k for r in acct.reservations for k in r.keys]
+    def _keys_of(acct: _Account) -> set[bytes]:
+        """Every content key the session holds (committed and reserved; a content counts once)."""
+        return set(acct.keys).union(*(r.keys for r in acct.reservations))
 
     def _new_keys(self, key: str, known: Sequence[int] | None) -> list[bytes]:
         """Keys of ``known``'s full blocks beyond the session's committed keys; none when the
@@ -314,8 +325,12 @@ class CellLedger:
         bs = self.budget.block_size
         acct = self._accounts.get(key)
         scope = acct.scope if acct is not None else scope
-        new_shared = sum(1 for k in new_keys if (scope, k) not in self._refs)
-        growth = cdiv(held_after, bs) - cdiv(held_before, bs) - len(new_keys) + new_shared
+        held_keys = set() if acct is None else self._keys_of(acct)
+        added = set(new_keys) - held_keys
+        new_shared = sum(1 for k in added if (scope, k) not in self._refs)
+        private_before = max(0, cdiv(held_before, bs) - len(held_keys))
+        private_after = max(0, cdiv(held_after, bs) - len(held_keys) - len(added))
+        growth = private_after - private_before + new_shared
         charged = self.charged_blocks()
         if growth > 0 and charged + growth > self.budget.budget_blocks:
             raise SessionError(
@@ -330,7 +345,6 @@ class CellLedger:
     def _open(self, acct: _Account, res: Reservation) -> None:
         acct.reserved += res.tokens
         acct.reservations.append(res)
-        self._swap_keys(acct, [], res.keys)
 
     def _close(self, res: Reservation) -> None:
         if not res.open:
@@ -343,21 +357,19 @@ class CellLedger:
         def drop() -> None:
             acct.reserved -= res.tokens
             acct.reservations.remove(res)
-            self._swap_keys(acct, res.keys, [])
 
         self._update(acct, drop)
 
-    def _swap_keys(self, acct: _Account, old: Sequence[bytes], new: Sequence[bytes]) -> None:
-        for k in new:
+    def _update(self, acct: _Account, change) -> None:
+        """Apply ``change`` to ``acct``, keeping the key references and the private total in step."""
+        keys_before, private_before = self._keys_of(acct), self._private_of(acct)
+        change()
+        keys_after = self._keys_of(acct)
+        for k in keys_after - keys_before:
             self._refs[(acct.scope, k)] += 1
-        for k in old:
+        for k in keys_before - keys_after:
             ref = (acct.scope, k)
             self._refs[ref] -= 1
             if self._refs[ref] <= 0:
                 del self._refs[ref]
-
-    def _update(self, acct: _Account, change) -> None:
-        """Apply ``change`` to ``acct``, keeping the private-block total in step."""
-        before = self._footprint(acct) - len(self._keys_of(acct))
-        change()
-        self._private += self._footprint(acct) - len(self._keys_of(acct)) - before
+        self._private += self._private_of(acct) - private_before

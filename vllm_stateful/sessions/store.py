@@ -58,6 +58,7 @@ class Session:
     # should reuse; pinned_blocks: blocks it holds now, 0 once the engine dropped them).
     kv_tokens: int = 0
     pinned_blocks: int = 0
+    pinned_tokens: int = 0  # of token_ids, the leading ones the engine pins (as of the last sync)
     sync_seq: int = 0
     # resident: KV pinned in the engine; cold: only tokens kept (KV dropped by an
     # engine lifecycle operation such as a prefix-cache reset or a weight update),
@@ -69,6 +70,8 @@ class Session:
     # Engine requests running on this session's KV: client work (turns, queries, ingestion),
     # which counts as use, and background work (flash evaluations), which does not.
     active_request_ids: set[str] = field(default_factory=set)
+    # requests waiting for this session's appends (read-your-writes): its ingestion runs at their class
+    ingest_waiters: int = 0
     background_request_ids: set[str] = field(default_factory=set)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Read-your-writes: appends acknowledged vs ingested, as sequence numbers.
