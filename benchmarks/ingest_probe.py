@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         f"| {r['context_tokens']} | {r['op']} | {r['seconds']:.3f} | {r['tokens'] / r['seconds']:.0f} |" for r in rows
     ]
-    cmd = "python benchmarks/ingest_probe.py " + " ".join(argv or [])
+    cmd = "python benchmarks/ingest_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (args.out_dir / "summary.md").write_text(
         f"# Ingest and query cost vs context\n\nCommand: `{cmd.strip()}`; "
         f"model `{args.model}`; machine: {machine_info()}\n\n" + "\n".join(lines) + "\n"
