@@ -63,9 +63,7 @@ def test_store_lifecycle_and_expiry():
             store.get("t1", "missing")
         assert e.value.status == 404
         assert store.get("t1", "s1") is s and len(store) == 1
-        s.pinned_blocks = 3
-        store.create("t1", "s2", ttl_s=0).pinned_blocks = 2
-        assert store.pinned_blocks() == 5
+        store.create("t1", "s2", ttl_s=0)
         assert [x.id for x in store.expired(now=s.last_used_at + 11)] == ["s1"]  # ttl 0 never expires
         s.turn_in_flight = True
         assert store.expired(now=s.last_used_at + 11) == []

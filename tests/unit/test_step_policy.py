@@ -19,7 +19,6 @@ from vllm_stateful.engine.work_classes import (
     ShareConfig,
     StepPolicy,
     WorkClass,
-    is_flash,
     marked_class,
 )
 
@@ -84,12 +83,12 @@ class Engine:
 
 
 def test_classes_come_from_the_plugins_marks_and_the_verified_tag():
-    assert marked_class({CLASS_KEY: FLASH}, True) == F and is_flash({CLASS_KEY: FLASH})
+    assert marked_class({CLASS_KEY: FLASH}, True) == F and marked_class({CLASS_KEY: FLASH}, False) == F
     assert marked_class({CLASS_KEY: INGEST}, True) == ING
     assert marked_class(None, True) == Q and marked_class({"x": 1}, True) == Q
     # a client cannot raise its own rank: without a verified session tag it is plain traffic
     assert marked_class({CLASS_KEY: "query"}, False) == P and marked_class(None, False) == P
-    assert not is_flash(None) and not is_flash({CLASS_KEY: "other"})
+    assert marked_class({CLASS_KEY: "other"}, False) == P
 
 
 def test_a_query_arriving_during_a_long_ingestion_waits_one_chunk_then_shares_the_steps():

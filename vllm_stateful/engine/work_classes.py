@@ -88,10 +88,6 @@ def marked_class(extra_args: dict[str, Any] | None, has_session_tag: bool) -> Wo
     return WorkClass.QUERY if has_session_tag else WorkClass.PLAIN
 
 
-def is_flash(extra_args: dict[str, Any] | None) -> bool:
-    return marked_class(extra_args, False) == WorkClass.FLASH
-
-
 @dataclass(frozen=True)
 class ShareConfig:
     """ingest_share_tokens: ingestion tokens per step while foreground work runs (its minimum share).

@@ -207,6 +207,3 @@ class SessionStore:
     def expired(self, now: float | None = None) -> list[Session]:
         now = time.time() if now is None else now
         return [s for s in self._sessions.values() if s.expired(now)]
-
-    def pinned_blocks(self) -> int:
-        return sum(s.pinned_blocks for s in self._sessions.values())
