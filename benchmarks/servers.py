@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -111,6 +112,9 @@ def serve_argv(
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
     elif kind == "stateful":
         head = [sys.executable, "-m", "vllm_stateful.cli", "serve", model_path]
+        if not any(a == "--state-dir" or a.startswith("--state-dir=") for a in args):
+            # a fresh state dir per server: sessions of an earlier run must not be restored into this one
+            args = [*args, "--state-dir", tempfile.mkdtemp(prefix="vllm-stateful-bench-state-")]
     else:
         raise ValueError(f"server kind must be vllm or stateful, got {kind!r}")
     return [*head, "--served-model-name", served_name, "--host", host, "--port", str(port), *args]

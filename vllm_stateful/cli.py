@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 
 from vllm_stateful import SCHEDULER_CLS
-from vllm_stateful.config import ADMISSION_MODES
+from vllm_stateful.config import ADMISSION_MODES, RESTORE_MODES
 from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags, is_cpu_build
 
 PLUGIN_NAME = "stateful"
@@ -25,7 +25,17 @@ PLUGIN_NAME = "stateful"
 PLUGIN_FLAGS = {
     "--cell-budget": ("cell_budget", int, "KV token slots all sessions may pin (default: 90%% of the KV cache)"),
     "--session-quota": ("session_quota", int, "most tokens one session may hold (default: max_model_len)"),
-    "--admission": ("admission", str, "over-budget policy: reject = 429 + Retry-After (default); offload: not yet"),
+    "--admission": (
+        "admission",
+        str,
+        "over budget: reject = 429 + Retry-After (default); offload = spill idle sessions' KV",
+    ),
+    "--state-dir": (
+        "state_dir",
+        str,
+        "durable session state (SQLite); default: under ~/.cache/vllm-stateful; 'off' disables",
+    ),
+    "--restore": ("restore", str, "restored sessions' KV: lazy = re-prefilled on first use (default); eager"),
     "--default-ttl-s": ("default_ttl_s", float, "idle seconds before a session expires; 0 = never (default 3600)"),
     "--max-ingest-queue-tokens": ("max_ingest_queue_tokens", int, "per-session append queue bound (default 8192)"),
     "--max-sessions": ("max_sessions", int, "live sessions in all (default 4096)"),
@@ -46,7 +56,8 @@ def plugin_parser() -> argparse.ArgumentParser:
         description="Plugin options (merged into --additional-config '{\"stateful\": {...}}'):",
     )
     for flag, (_, typ, help_text) in PLUGIN_FLAGS.items():
-        parser.add_argument(flag, type=typ, help=help_text, choices=ADMISSION_MODES if flag == "--admission" else None)
+        choices = {"--admission": ADMISSION_MODES, "--restore": RESTORE_MODES}.get(flag)
+        parser.add_argument(flag, type=typ, help=help_text, choices=choices)
     return parser
 
 

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 ADMISSION_MODES = ("reject", "offload")
+RESTORE_MODES = ("lazy", "eager")
+STATE_DIR_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,16 @@ class StatefulConfig:
         Counted in whole blocks.
     session_quota: most tokens one session may hold; ``None`` means max_model_len.
     admission: what happens over budget. ``reject`` answers 429 with
-        Retry-After; ``offload`` (spill to CPU) is reserved and refused for now.
+        Retry-After; ``offload`` makes the least recently used idle sessions
+        leave the KV pool (``offloaded`` or ``cold``) until the request fits, and
+        answers 429 only when nothing idle is left to spill.
+    state_dir: where durable session state lives (SQLite); ``None`` means
+        ``$XDG_CACHE_HOME/vllm-stateful/state/<model tag>``, ``":memory:"``
+        keeps it in memory (nothing survives), ``"off"`` disables it.
+    restore: how restored sessions get their KV back after a restart:
+        ``lazy`` (re-prefilled on first use) or ``eager`` (in the background,
+        at ingestion priority, most recently used first).
+    rewind_window: versions behind the newest a session can be rewound to.
     default_ttl_s: idle seconds before a session expires; 0 disables expiry
         (an operator's choice: clients cannot ask for "never").
     min_ttl_s / max_ttl_s: bounds on a client's ``ttl_s``.
@@ -75,12 +86,17 @@ class StatefulConfig:
     debug_routes: bool = False
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
+    state_dir: str | None = None
+    restore: str = "lazy"
+    rewind_window: int = 64
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"stateful.admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
-        if self.admission == "offload":
-            raise ValueError("stateful.admission='offload' (spill to CPU) is not implemented yet; use 'reject'")
+        if self.restore not in RESTORE_MODES:
+            raise ValueError(f"stateful.restore must be one of {RESTORE_MODES}, got {self.restore!r}")
+        if self.state_dir is not None and (not isinstance(self.state_dir, str) or not self.state_dir):
+            raise ValueError("stateful.state_dir must be a directory path, ':memory:', 'off' or null")
         for name in ("cell_budget", "session_quota", "max_sessions_per_tenant"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
@@ -94,6 +110,7 @@ class StatefulConfig:
             "max_ingest_queue_tokens",
             "max_sessions",
             "ingest_share_tokens",
+            "rewind_window",
         ):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"stateful.{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -193,6 +193,8 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "event_replay": EVENT_REPLAY,
         "max_flash_queries_per_session": MAX_FLASH_PER_SESSION,
         "ingest_share_tokens": INGEST_SHARE,
+        # every commit of every test is written to SQLite (durability on, as by default)
+        "state_dir": str(tmp_path_factory.mktemp("state")),
     }
     cmd = [
         sys.executable, "-m", "vllm_stateful.cli", "serve", tiny_model_path,
@@ -211,29 +213,41 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "--chat-template", str(CHAT_TEMPLATE),
         "--additional-config", json.dumps({"stateful": plugin}),
     ]  # fmt: skip
-    with open(log, "w") as out:
-        # its own process group: teardown stops the engine and worker processes too
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = launch(cmd, env, log)
     root = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(root + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server not ready:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_ready(proc, root, log)
         yield Server(root + "/v1", root, "tiny", tiny_model_path, log)
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
+def launch(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Start a server in its own process group (so stopping it stops the engine and workers)."""
+    with open(log, "a") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, root: str, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(root + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"server not ready:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def free_port() -> int:
+    return _free_port()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
     import signal
 
     for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):

@@ -24,7 +24,9 @@ def test_config_defaults_and_parsing():
     [
         {"cel_budget": 1},
         {"admission": "evict"},
-        {"admission": "offload"},
+        {"restore": "later"},
+        {"rewind_window": 0},
+        {"state_dir": ""},
         {"cell_budget": -1},
         {"cell_budget": True},
         {"default_ttl_s": -1},

@@ -14,6 +14,9 @@ incarnation's key. Ops:
   computed); returns the pin's tokens and blocks. Requests of the session
   admitted before the sync can no longer pin (``may_pin``).
 * ``release`` {key} -- drop the session's pins for good; returns the freed blocks.
+* ``fork`` {key, new_key} -- pin the session's blocks for a new session too: one
+  more reference on each, no block allocated or copied (the partial last block
+  is copied on write when either session grows, as for every pinned block).
 * ``pins`` -- key -> [tokens, blocks] for every pinned session.
 * ``integrity`` {digests} -- ref-count and shape checks, optionally with a
   digest of each session's pinned tokens and its block ids (O(tokens): for
@@ -155,6 +158,14 @@ class SessionControl:
         while len(self._released) > _RELEASED_KEYS_KEPT:
             self._released.popitem(last=False)
         return {"freed_blocks": self.pins.release(key)}
+
+    def op_fork(self, key: str, new_key: str) -> dict[str, int]:
+        if new_key in self._released or self.pins.get(new_key) is not None:
+            raise ValueError("fork target key is taken")
+        pinned = self.pins.get(key)
+        if pinned is not None and pinned.token_ids:
+            self.pins.pin(new_key, pinned.token_ids, pinned.blocks)
+        return self._pin_info(new_key)
 
     def op_pins(self) -> dict[str, list[int]]:
         return {key: [tokens, blocks] for key, (tokens, blocks) in self.pins.summary().items()}

@@ -62,6 +62,10 @@ class EngineBridge:
         self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-stateful-tok")
         self._closing: ReplyClosing | None = None
+        # vLLM writes computed blocks through to a KV offloading tier (--kv-offloading-size or a
+        # KV connector): a session spilled from the pool loads its full blocks back from there.
+        vllm_config = getattr(engine_client, "vllm_config", None)
+        self.has_offload_tier = getattr(vllm_config, "kv_transfer_config", None) is not None
 
     async def call(self, op: str, **args: Any) -> Any:
         """Run a session op on the engine-core thread (see ``engine/control.py``)."""

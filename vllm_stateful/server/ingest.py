@@ -42,12 +42,14 @@ logger = logging.getLogger(__name__)
 
 # A batch the engine aborted (pause, cache reset) is retried after this backoff (doubling).
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
-RETRYABLE = ("engine_aborted", "engine_unavailable")
+# cell_budget_exceeded: a spilled session is charged again for its history when ingestion resumes
+RETRYABLE = ("engine_aborted", "engine_unavailable", "cell_budget_exceeded")
 
 
 @dataclass
 class AppendItem:
     seq: int
+    version: int  # the session version acknowledged for it
     acked_at: float
     reservation: Reservation
     text: str | None = None
@@ -58,6 +60,14 @@ class AppendItem:
     def reserved_tokens(self) -> int:
         return self.reservation.tokens
 
+    def body(self) -> dict[str, Any]:
+        """The append as saved in the state dir (re-queued from it after a restart)."""
+        if self.messages is not None:
+            return {"version": self.version, "messages": self.messages}
+        if self.text is not None:
+            return {"version": self.version, "text": self.text}
+        return {"version": self.version, "token_ids": list(self.token_ids or [])}
+
 
 class Ingestor:
     def __init__(self, service: SessionService) -> None:
@@ -66,7 +76,8 @@ class Ingestor:
     async def append(
         self, session: Session, text: str | None, token_ids: list[int] | None, messages: list[dict[str, Any]] | None
     ) -> AppendItem:
-        """Acknowledge one append (version+1) and schedule its ingestion; refusals change nothing."""
+        """Acknowledge one append (version+1, saved to the state dir) and schedule its ingestion;
+        refusals change nothing."""
         service, bridge = self.service, self.service.bridge
         assert service.ledger is not None
         ensure_open(session)
@@ -78,19 +89,41 @@ class Ingestor:
         estimate = await self._estimate(session, text, token_ids, messages)
         ensure_open(session)  # it may have closed while we tokenized
         self._check_queue(session, estimate)
-        reservation = service.ledger.reserve(
-            session.key, estimate, context_extra=1, what="this append", scope=session.tenant
-        )
+        reservation = await service.admit(session, estimate, context_extra=1, what="this append")
+        if not session.is_open:  # closed while others were spilled to make room
+            service.ledger.cancel(reservation)
+            ensure_open(session)
+        item = self._enqueue(session, reservation, text, token_ids, messages)
+        session.touch()
+        await service.durable.append(session, item.seq, item.body())
+        return item
+
+    def _enqueue(
+        self, session: Session, reservation: Reservation, text, token_ids, messages, version: int | None = None
+    ) -> AppendItem:
+        """Queue one append: a new version, or ``version`` (an append acknowledged before a restart)."""
         session.acked_seq += 1
-        session.version += 1
-        session.queued_tokens += estimate
-        item = AppendItem(session.acked_seq, time.monotonic(), reservation, text, token_ids, messages)
+        if version is None:
+            session.version += 1
+        session.queued_tokens += reservation.tokens
+        label = session.version if version is None else version
+        item = AppendItem(session.acked_seq, label, time.monotonic(), reservation, text, token_ids, messages)
         session.pending_appends.append(item)
         if session.ingest_task is None or session.ingest_task.done():
             session.ingest_task = asyncio.get_running_loop().create_task(self._drain(session))
-        service.metrics.ingest_queued.inc(estimate)
-        session.touch()
+        self.service.metrics.ingest_queued.inc(reservation.tokens)
         return item
+
+    async def requeue(self, session: Session, bodies: list[dict[str, Any]]) -> None:
+        """Queue appends acknowledged before a restart (saved, not yet ingested) again, in order.
+        They were admitted then, so they are reserved without checks; versions are kept."""
+        ledger = self.service.ledger
+        assert ledger is not None
+        for body in bodies:
+            text, token_ids, messages = body.get("text"), body.get("token_ids"), body.get("messages")
+            estimate = await self._estimate(session, text, token_ids, messages)
+            reservation = ledger.reserve(session.key, estimate, what="a restored append", force=True)
+            self._enqueue(session, reservation, text, token_ids, messages, int(body.get("version", session.version)))
 
     def _check_queue(self, session: Session, tokens: int) -> None:
         limit = self.service.config.max_ingest_queue_tokens
@@ -155,7 +188,8 @@ class Ingestor:
             turn_input = await service.bridge.off_loop(self._coalesce, previous, pending, empty, batch)
             service.metrics.ingest_batches.inc()
             complete = session.acked_seq == batch[-1].seq  # nothing acknowledged after this batch
-            await service.ingest(session, turn_input, [i.reservation for i in batch], complete)
+            reservations = [i.reservation for i in batch]
+            await service.ingest(session, turn_input, reservations, complete, ingested_seq=batch[-1].seq)
             ingested = True
         except asyncio.CancelledError:
             self._finish(session, batch, ingested=False)
@@ -196,6 +230,7 @@ class Ingestor:
         ids: list[int] = []
         new_messages: list[dict[str, Any]] = []
         chat = bool(pending)
+        boundaries = []
         for item in batch:
             first = empty and not ids
             if item.messages is not None:
@@ -209,4 +244,5 @@ class Ingestor:
             else:
                 ids += (bridge.encode(pending, first) if pending else []) + list(item.token_ids or [])
             pending = ""
-        return TurnInput(ids, new_messages, is_chat=chat)
+            boundaries.append((item.version, len(ids), len(new_messages)))
+        return TurnInput(ids, new_messages, is_chat=chat, boundaries=boundaries)

@@ -6,6 +6,8 @@ vLLM's ``/metrics`` route exposes.
 
 from __future__ import annotations
 
+from collections import Counter as Counter_
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 CLASS_LABELS = ("query", "plain", "ingest", "flash")  # engine/work_classes.WorkClass, lower-cased
@@ -50,6 +52,13 @@ class SessionMetrics:
             p + "background_errors", "Errors in background tasks (they keep running)", ["task"], registry=REGISTRY
         )
         self.cold_sessions = Gauge(p + "cold_sessions", "Sessions whose KV the engine dropped", registry=REGISTRY)
+        self.session_states = Gauge(p + "session_states", "Live sessions by state", ["state"], registry=REGISTRY)
+        self.spilled = Counter(
+            p + "spilled_sessions", "Idle sessions spilled out of the KV pool (admission: offload)", registry=REGISTRY
+        )
+        self.restored = Counter(p + "restored_sessions", "Sessions restored from the state dir", registry=REGISTRY)
+        self.forks = Counter(p + "forks", "Sessions forked", registry=REGISTRY)
+        self.rewinds = Counter(p + "rewinds", "Sessions rewound", registry=REGISTRY)
         self.charged_blocks = Gauge(
             p + "charged_blocks", "Blocks charged to sessions (pinned or reserved)", registry=REGISTRY
         )
@@ -115,6 +124,9 @@ class SessionMetrics:
         store = service.store
         self.sessions.set(len(store))
         self.cold_sessions.set(sum(1 for s in store.all() if s.state == "cold"))
+        by_state = Counter_(s.state for s in store.all())
+        for state in ("resident", "offloaded", "cold", "failed"):
+            self.session_states.labels(state=state).set(by_state.get(state, 0))
         if service.ledger is not None:
             self.charged_blocks.set(service.ledger.charged_blocks())
             self.budget_blocks.set(service.ledger.budget.budget_blocks)

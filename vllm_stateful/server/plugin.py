@@ -30,6 +30,7 @@ class StatefulEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         from vllm_stateful.server.routes_flash import router as flash_router
+        from vllm_stateful.server.routes_lifecycle import router as lifecycle_router
         from vllm_stateful.server.routes_openai import CHAT_PATH, COMPLETIONS_PATH
         from vllm_stateful.server.routes_openai import router as openai_router
         from vllm_stateful.server.routes_sessions import router as sessions_router
@@ -45,6 +46,7 @@ class StatefulEndpointPlugin:
         app.include_router(openai_router)
         app.include_router(sessions_router)
         app.include_router(flash_router)
+        app.include_router(lifecycle_router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
@@ -56,11 +58,15 @@ class StatefulEndpointPlugin:
         from vllm_stateful.config import StatefulConfig
         from vllm_stateful.engine.support import unsupported_reason
         from vllm_stateful.server.bridge import EngineBridge
+        from vllm_stateful.server.durability import Durability
         from vllm_stateful.server.flash_runner import FlashRunner
         from vllm_stateful.server.ingest import Ingestor
         from vllm_stateful.server.lifecycle import Maintenance
         from vllm_stateful.server.metrics import SessionMetrics
+        from vllm_stateful.server.restore import restore_sessions
+        from vllm_stateful.server.routes_flash import restore_flash_query
         from vllm_stateful.server.service import SessionService
+        from vllm_stateful.server.session_ops import SessionOps
         from vllm_stateful.server.state import StatefulState
         from vllm_stateful.sessions.tenants import Tenancy
 
@@ -69,10 +75,12 @@ class StatefulEndpointPlugin:
         if reason:
             raise RuntimeError(f"vllm-stateful: {reason}")
         api_keys = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
-        tenancy = Tenancy.from_settings(api_keys, config.tenant_header)
         names = getattr(args, "served_model_name", None) or [args.model]
         bridge = EngineBridge(engine_client, names, *_chat_template(args))
+        durable = open_state_dir(config, args.model, bridge.tokenizer)
+        tenancy = Tenancy.from_settings(api_keys, config.tenant_header, durable_secret(durable))
         service = SessionService(bridge, config, SessionMetrics(), tenancy)
+        service.durable = Durability(durable)
         stateful = StatefulState(
             config=config,
             tenancy=tenancy,
@@ -80,19 +88,66 @@ class StatefulEndpointPlugin:
             service=service,
             ingestor=Ingestor(service),
             flash=FlashRunner(service),
+            ops=SessionOps(service),
             core_endpoints=getattr(state, "stateful_core_endpoints", {}),
             chat_request_cls=ChatCompletionRequest,
             completion_request_cls=CompletionRequest,
         )
         state.stateful = stateful
         await service.start()
+        restored, rebuild = await restore_sessions(
+            service,
+            stateful.ingestor,
+            lambda session, fid, saved: restore_flash_query(stateful, session, fid, saved),
+            config.restore,
+        )
+        stateful.tasks += [t for t in (rebuild,) if t is not None]
         stateful.tasks.append(asyncio.get_running_loop().create_task(Maintenance(service).run()))
         logger.info(
-            "vllm-stateful sessions ready: %s, budget %s, %s",
+            "vllm-stateful sessions ready: %s, budget %s, %s, state dir %s (%d sessions restored)",
             config.to_dict(),
             service.budget,
             f"{len(api_keys)} API-key tenants" if api_keys else "single tenant",
+            durable.path if durable is not None else "off",
+            restored,
         )
+
+
+def open_state_dir(config: Any, model: str, tokenizer: Any) -> Any:
+    """The durable store for ``config.state_dir`` (None when ``"off"``). Its identity is the
+    tokenizer's vocabulary: token ids saved under one vocabulary are refused under another."""
+    import hashlib
+    import json
+
+    from vllm_stateful.config import STATE_DIR_OFF
+    from vllm_stateful.sessions.durable import DurableStore, default_state_dir
+
+    if config.state_dir == STATE_DIR_OFF:
+        return None
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    identity = {"vocabulary": hashlib.sha256(vocab).hexdigest()[:32]}
+    path = config.state_dir or default_state_dir(f"{model}\0{identity['vocabulary']}")
+    return DurableStore(path, identity)
+
+
+def durable_secret(durable: Any) -> bytes | None:
+    """The tag and cache-salt secret kept in the state dir (created once, mode 0600)."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    if durable is None or durable.path == ":memory:":
+        return None
+    path = Path(durable.path) / "secret"
+    if not path.exists() or path.stat().st_size != 32:
+        tmp = path.with_suffix(".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return path.read_bytes()
 
 
 def _unsupported_frontend(args: Namespace, unsupported_reason) -> str | None:

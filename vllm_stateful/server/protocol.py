@@ -100,3 +100,37 @@ class AppendRequest(_Strict):
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
         return self
+
+
+class ForkRequest(_Strict):
+    id: str | None = None
+    ttl_s: StrictFloat | None = Field(default=None, gt=0)
+
+    _finite = field_validator("ttl_s")(CreateSessionRequest._finite.__func__)  # type: ignore[attr-defined]
+
+
+class RewindRequest(_Strict):
+    version: StrictInt = Field(ge=0)
+
+
+class ExportedCheckpoint(_Strict):
+    version: StrictInt = Field(ge=0)
+    n_tokens: StrictInt = Field(ge=0)
+    n_messages: StrictInt = Field(ge=0)
+    pending_chat_text: str = ""
+
+
+class ImportRequest(BaseModel):
+    """A session export (``GET /v1/sessions/{id}/export``); unknown fields are ignored, so exports
+    of newer servers with extra fields import. Its ``id`` is the new session's id."""
+
+    format: str
+    id: str
+    version: StrictInt = Field(ge=0)
+    token_ids: list[StrictInt]
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    pending_chat_text: str = ""
+    model: str | None = None
+    digest: str | None = None
+    ttl_s: StrictFloat | StrictInt | None = None
+    checkpoints: list[ExportedCheckpoint] = Field(default_factory=list)

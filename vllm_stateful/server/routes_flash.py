@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
+from vllm_stateful.server.durability import flash_body
 from vllm_stateful.server.errors import bad_request
 from vllm_stateful.server.http import guarded, validated
 from vllm_stateful.server.routes_openai import chat_builder, make_params, prompt_builder, refuse_unsupported
@@ -51,7 +52,19 @@ async def register_flash_query(session_id: str, raw_request: Request) -> Respons
     state = stateful_state(raw_request)
     session = own_session(state, raw_request, session_id)
     body = await session_body(state, raw_request, "prompt")
+    query = flash_query_of(state, body)
+    ensure_open(session)
+    await _check_fits(state, session, query.build_input, query.max_tokens)
+    state.flash.register(session, query)
+    await state.service.durable.flash(session, query.id, flash_body(query))
+    return JSONResponse(query.to_public(session.version), status_code=201)
+
+
+def flash_query_of(state: StatefulState, body: dict, query_id: str | None = None) -> FlashQuery:
+    """A flash query from its registration body (a client's, or one saved in the state dir)."""
+    body = dict(body)
     name = body.pop("name", None)
+    created_at = body.pop("created_at", None)
     if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 128):
         raise bad_request("'name' must be a string of 1-128 characters", param="name")
     chat = "messages" in body
@@ -72,8 +85,6 @@ async def register_flash_query(session_id: str, raw_request: Request) -> Respons
         raise SessionError(404, f"the model '{parsed.model}' does not exist", "model_not_found", param="model")
     build = chat_builder(state, request) if chat else prompt_builder(state, parsed.prompt)
     params = make_params(parsed, state, max_tokens)
-    ensure_open(session)
-    await _check_fits(state, session, build, max_tokens)
     query = FlashQuery(
         name=name,
         request=body,
@@ -82,8 +93,14 @@ async def register_flash_query(session_id: str, raw_request: Request) -> Respons
         build_input=build,
         make_params=lambda n: make_params(parsed, state, n),
     )
-    state.flash.register(session, query)
-    return JSONResponse(query.to_public(session.version), status_code=201)
+    if query_id is not None:
+        query.id, query.created_at = query_id, float(created_at or query.created_at)
+    return query
+
+
+def restore_flash_query(state: StatefulState, session: Session, query_id: str, saved: dict) -> None:
+    """Register a flash query saved in the state dir again (server/restore.py)."""
+    state.flash.register(session, flash_query_of(state, saved, query_id))
 
 
 async def _check_fits(state: StatefulState, session: Session, build, max_tokens: int) -> None:
@@ -134,6 +151,7 @@ async def delete_flash_query(session_id: str, flash_query_id: str, raw_request: 
     session = own_session(state, raw_request, session_id)
     query = _own_query(session, flash_query_id)
     state.flash.unregister(session, query)
+    await state.service.durable.flash(session, query.id, None)
     return JSONResponse({"id": query.id, "object": "session.flash_query.deleted", "deleted": True})
 
 

@@ -41,7 +41,7 @@ def own_session(state: StatefulState, raw_request: Request, session_id: str) -> 
     return state.service.store.get(tenant, checked_id(session_id, "session_id"))
 
 
-def _check_ttl(state: StatefulState, ttl_s: float | None) -> None:
+def check_ttl(state: StatefulState, ttl_s: float | None) -> None:
     cfg = state.config
     if ttl_s is not None and not cfg.min_ttl_s <= ttl_s <= cfg.max_ttl_s:
         raise bad_request(f"ttl_s must be between {cfg.min_ttl_s} and {cfg.max_ttl_s} seconds", param="ttl_s")
@@ -55,7 +55,7 @@ async def create_session(raw_request: Request) -> Response:
     req = validated(CreateSessionRequest, await session_body(state, raw_request, "prompt"))
     if req.id is not None:
         checked_id(req.id, "id")
-    _check_ttl(state, req.ttl_s)
+    check_ttl(state, req.ttl_s)
     msgs = template_messages(req.messages) if req.messages else None
     if isinstance(req.prompt, list):
         check_token_ids(req.prompt, state.bridge.max_token_id, "prompt")
@@ -66,6 +66,8 @@ async def create_session(raw_request: Request) -> Response:
             await cancel_on_disconnect(raw_request, _fill(state, session, msgs, req.prompt))
             if session.version == 0:  # the client left before the content was ingested
                 raise SessionError(499, "client closed the request", "client_closed")
+        else:
+            await service.durable.put(session)
     except BaseException:
         await service.close(session, reason="failed")
         raise
@@ -83,14 +85,16 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
             turn_input = await service.text_input(session, prompt)
         else:
             turn_input = TurnInput(list(prompt))
-        reservation = service.ledger.reserve(
-            session.key, len(turn_input.token_ids), 1, "this session's content", turn_input.token_ids, session.tenant
+        reservation = await service.admit(
+            session, len(turn_input.token_ids), 1, "this session's content", turn_input.token_ids
         )
+        turn_input.boundaries = [(session.version + 1, len(turn_input.token_ids), len(turn_input.messages))]
         try:
             await service.ingest(session, turn_input, [reservation], True, session.version + 1)
         finally:
             service.ledger.cancel(reservation)  # no-op once settled
         session.version += 1
+        await service.durable.put(session)
     return Response()
 
 
@@ -133,7 +137,7 @@ async def append(session_id: str, raw_request: Request) -> Response:
     if req.token_ids is not None:
         check_token_ids(req.token_ids, state.bridge.max_token_id, "token_ids")
     item = await state.ingestor.append(session, req.text, req.token_ids, messages)
-    accepted = {"id": session.id, "version": session.version, "queued_tokens": session.queued_tokens}
+    accepted = {"id": session.id, "version": item.version, "queued_tokens": session.queued_tokens}
     if not req.wait:
         return JSONResponse(accepted, status_code=202)
     try:

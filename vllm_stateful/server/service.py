@@ -34,10 +34,13 @@ from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
 from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, INGEST
 from vllm_stateful.server.bridge import EngineBridge
+from vllm_stateful.server.durability import Durability
 from vllm_stateful.server.metrics import SessionMetrics
 from vllm_stateful.server.session_kv import SessionKV, survive_cancellation
+from vllm_stateful.server.spill import Spiller
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
 from vllm_stateful.sessions.admission import Budget, CellLedger, Reservation
+from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.store import Session, SessionError, SessionStore
 from vllm_stateful.sessions.tenants import Tenancy
@@ -66,6 +69,8 @@ class SessionService:
         self.budget: Budget | None = None
         self.ledger: CellLedger | None = None
         self.kv_epoch = 0
+        self.durable = Durability(None)  # set by the plugin before start() when state_dir is on
+        self.spiller: Spiller | None = None  # admission "offload"
         # Set by the flash-query runner: told of every committed change and close; answers cache hits.
         self.on_commit: Callable[[Session], None] | None = None
         self.on_close: Callable[[Session], None] | None = None
@@ -83,6 +88,35 @@ class SessionService:
         )
         self.ledger = CellLedger(self.budget)
         self.kv_epoch = info["kv_epoch"]
+        if self.config.admission == "offload":
+            self.spiller = Spiller(self, self.bridge.has_offload_tier)
+
+    async def admit(
+        self,
+        session: Session,
+        tokens: int,
+        context_extra: int = 0,
+        what: str = "this request",
+        known: list[int] | None = None,
+    ) -> Reservation:
+        """Reserve ``tokens`` for ``session`` (see ``CellLedger.reserve``). Over the cell budget,
+        with ``admission: "offload"``, idle sessions are spilled (least recently used first)
+        until it fits; 429 only when none is left to spill."""
+        assert self.ledger is not None
+        while True:
+            try:
+                return self.ledger.reserve(session.key, tokens, context_extra, what, known, session.tenant)
+            except SessionError as err:
+                if err.code != "cell_budget_exceeded" or self.spiller is None:
+                    raise
+                if not await self.spiller.spill_one(exclude=session.key):
+                    raise
+                ensure_open(session)
+
+    def recharge_tokens(self, session: Session) -> int:
+        """History tokens a spilled session must be charged for again before its KV is rebuilt."""
+        assert self.ledger is not None
+        return max(0, len(session.token_ids) - self.ledger.committed_tokens(session.key))
 
     @property
     def ready(self) -> bool:
@@ -185,9 +219,10 @@ class SessionService:
             prompt = history + turn_input.token_ids
             run_max = self._run_max(session, len(prompt), len(turn_input.token_ids), max_tokens, commit)
             if commit:
-                reservation = self.ledger.reserve(
-                    session.key, len(turn_input.token_ids) + run_max, known=prompt, scope=session.tenant
-                )
+                # a spilled session is charged again for the history it re-pins
+                grows = len(turn_input.token_ids) + run_max + self.recharge_tokens(session)
+                reservation = await self.admit(session, grows, known=prompt)
+                ensure_open(session)
             params = make_params(run_max)
             params.extra_args = {
                 **(params.extra_args or {}),
@@ -312,6 +347,7 @@ class SessionService:
         )
         history = prompt + kept + extra
         info = await self.kv.sync(session, len(prompt) + len(kept))
+        tokens_before, messages_before = len(session.token_ids), len(session.messages)
         # the engine holds the new pin: now the API state, with no await in between
         session.token_ids = history
         if turn_input.is_chat:
@@ -322,8 +358,12 @@ class SessionService:
         self._committed(session, complete=session.acked_seq == session.ingested_seq)
         # the engine computed KV for all but the last generated token
         self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
+        note_restored(session, result)
         if reservation is not None and self.ledger is not None:
             self.ledger.settle(reservation, len(history), history, session.pinned_tokens)
+        point = Checkpoint(session.version, len(history), len(session.messages), session.pending_chat_text)
+        session.add_checkpoint(point, self.config.rewind_window)
+        await self.durable.commit(session, tokens_before, messages_before, [point])
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
@@ -338,6 +378,7 @@ class SessionService:
         reservations: list[Reservation],
         complete: bool,
         version: int | None = None,
+        ingested_seq: int | None = None,
     ) -> None:
         """Prefill ``turn_input`` into the session and commit it (no visible output).
 
@@ -345,15 +386,22 @@ class SessionService:
         ``complete``: no acknowledged change is still missing from the session
         afterwards; ``version``: the version that makes (default: the current one). vLLM always
         samples one token; it is discarded and never enters the session.
+        ``ingested_seq``: the last append this makes durable (its saved queue entries are dropped).
         On success the reservations are settled; on failure nothing changes.
         """
+        assert self.ledger is not None
         ensure_open(session)
+        tokens_before, messages_before = len(session.token_ids), len(session.messages)
         if not turn_input.token_ids:
             for res in reservations:
-                if self.ledger is not None:
-                    self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
+                self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
             self._committed(session, complete, version)
+            await self.durable.commit(session, tokens_before, messages_before, [], ingested_seq)
             return
+        recharge = None
+        if self.recharge_tokens(session):  # spilled: charged again for the history it re-pins
+            recharge = await self.admit(session, self.recharge_tokens(session), what="restore")
+            reservations = [*reservations, recharge]
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         # the engine's ingestion class (after queries and plain traffic, with a minimum share),
@@ -375,15 +423,55 @@ class SessionService:
                 session.messages = session.messages + turn_input.messages
                 session.pending_chat_text = ""
             self.kv.apply(session, info, len(prompt))
+            note_restored(session, result)
             self._committed(session, complete, version)
             for res in reservations:
-                if self.ledger is not None:
-                    self.ledger.settle(res, len(prompt), prompt, session.pinned_tokens)
+                self.ledger.settle(res, len(prompt), prompt, session.pinned_tokens)
             committed = True
+            points = [Checkpoint(v, tokens_before + n, messages_before + m, "") for v, n, m in turn_input.boundaries]
+            for point in points:
+                session.add_checkpoint(point, self.config.rewind_window)
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:
             if not committed:
+                if recharge is not None:
+                    self.ledger.cancel(recharge)
                 await survive_cancellation(self.kv.rollback(session))
+        await self.durable.commit(session, tokens_before, messages_before, points, ingested_seq)
+
+    async def rewarm(self, session: Session) -> bool:
+        """Rebuild the KV of a session that has none (restored, spilled) in the background, at the
+        ingestion class; False when it has KV already, is busy, or does not fit the budget now."""
+        assert self.ledger is not None
+        if session.state not in ("cold", "offloaded") or session.busy or len(session.token_ids) < 2:
+            return False
+        async with session.write_lock:
+            if session.state not in ("cold", "offloaded") or session.busy:
+                return False
+            need = self.recharge_tokens(session)
+            try:
+                res = self.ledger.reserve(session.key, need, what="restore") if need else None
+            except SessionError:
+                return False
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+            params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), CLASS_KEY: INGEST}
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            result = TurnResult(session, len(session.token_ids), session.kv_tokens)
+            try:
+                async with aclosing(self.kv.generate(list(session.token_ids), params, result, background=True)) as out:
+                    async for _ in out:
+                        pass
+                self._check_not_aborted(session, result)
+                info = await self.kv.sync(session, len(session.token_ids))
+            finally:
+                if res is not None:
+                    self.ledger.cancel(res)
+            self.kv.apply(session, info, len(session.token_ids))
+            self.ledger.set_committed(session.key, len(session.token_ids), session.token_ids, session.pinned_tokens)
+            if session.restored is not None:
+                session.restored.update(kv="recomputed", recomputed_tokens=result.recomputed_tokens,
+                                        loaded_tokens=result.cached_tokens)  # fmt: skip
+            return True
 
     def _committed(self, session: Session, complete: bool, version: int | None = None) -> None:
         """``session.token_ids`` changed. With ``complete`` it holds every change acknowledged so far, up to
@@ -410,6 +498,7 @@ class SessionService:
         """
         if not self.store.remove(session):
             return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": 0}
+        await self.durable.delete(session)  # first await: before any write of a new incarnation
         if self.ledger is not None:
             self.ledger.forget(session.key)
         self.metrics.ingest_queued.dec(session.queued_tokens)
@@ -424,6 +513,14 @@ class SessionService:
         self.metrics.closed.labels(reason=reason).inc()
         self.metrics.refresh(self)
         return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": freed}
+
+
+def note_restored(session: Session, result: TurnResult) -> None:
+    """A restored or imported session's KV came back with ``result``: say how, once."""
+    if session.restored is not None and session.restored.get("kv") == "pending":
+        recomputed = result.recomputed_tokens
+        kv = "recomputed" if recomputed else "loaded"
+        session.restored.update(kv=kv, recomputed_tokens=recomputed, loaded_tokens=result.cached_tokens)
 
 
 def ensure_open(session: Session) -> None:

@@ -13,6 +13,7 @@ from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.flash_runner import FlashRunner
 from vllm_stateful.server.ingest import Ingestor
 from vllm_stateful.server.service import SessionService
+from vllm_stateful.server.session_ops import SessionOps
 from vllm_stateful.sessions.store import SessionError
 from vllm_stateful.sessions.tenants import Tenancy
 
@@ -25,6 +26,7 @@ class StatefulState:
     service: SessionService
     ingestor: Ingestor
     flash: FlashRunner
+    ops: SessionOps
     # vLLM's own handlers for the paths this plugin overrides, by path.
     core_endpoints: dict[str, Callable[..., Awaitable[Any]]]
     chat_request_cls: type

@@ -17,6 +17,8 @@ class TurnInput:
     is_chat: bool = False
     # the session history the input was built on (None: the history when the request runs)
     history: list[int] | None = None
+    # ingestion: (version, tokens of this input, messages of this input) after each append in it
+    boundaries: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass

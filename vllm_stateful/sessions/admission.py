@@ -145,6 +145,11 @@ class CellLedger:
         acct = self._accounts.get(key)
         return 0 if acct is None else acct.committed + acct.reserved
 
+    def committed_tokens(self, key: str) -> int:
+        """Committed tokens the session is charged for (0 once spilled: see ``server/spill.py``)."""
+        acct = self._accounts.get(key)
+        return 0 if acct is None else acct.committed
+
     def charged_blocks(self, key: str | None = None) -> int:
         """Blocks charged in all (shared ones once), or the blocks one session occupies."""
         if key is None:
@@ -184,6 +189,7 @@ class CellLedger:
         what: str = "this request",
         known: Sequence[int] | None = None,
         scope: str = "",
+        force: bool = False,
     ) -> Reservation:
         """Reserve ``tokens`` for ``key``, or raise 413 / 429 and change nothing.
 
@@ -192,10 +198,12 @@ class CellLedger:
         ``known``: the session's tokens after this work's prompt (committed
         history + new input), when known: its full blocks are charged once if
         another session of ``scope`` (the tenant) holds the same content.
+        ``force``: reserve without any check (work acknowledged before a restart, which must run).
         """
         tokens = max(0, int(tokens))
         res = Reservation(key, tokens, keys=self._new_keys(key, known))
-        self._check(key, tokens, context_extra, what, res.keys, scope)
+        if not force:
+            self._check(key, tokens, context_extra, what, res.keys, scope)
         acct = self._accounts.setdefault(key, _Account(scope))
         self._update(acct, lambda: self._open(acct, res))
         return res
@@ -237,6 +245,19 @@ class CellLedger:
             acct.keys, acct.basis = keys, tokens
 
         self._update(acct, change)
+
+    def restore(self, key: str, scope: str, token_ids: Sequence[int]) -> bool:
+        """Charge a session restored after a restart for its committed tokens if they fit the
+        budget now (True); otherwise it stays uncharged, like a spilled session, and is charged
+        when it is next used (False). Nothing restored can push the charge over the budget."""
+        tokens = list(token_ids)
+        try:
+            res = self.reserve(key, len(tokens), known=tokens, scope=scope, what="a restored session")
+        except SessionError:
+            self._accounts.setdefault(key, _Account(scope))
+            return False
+        self.settle(res, len(tokens), tokens)
+        return True
 
     def forget(self, key: str) -> None:
         """The session is gone: drop its account and every reservation on it."""

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.ids import new_incarnation_key, new_session_id
 
 RETRY_AFTER_S = 1.0
+OPEN_STATES = ("resident", "offloaded", "cold")
 
 
 class SessionError(Exception):
@@ -60,10 +62,12 @@ class Session:
     pinned_blocks: int = 0
     pinned_tokens: int = 0  # of token_ids, the leading ones the engine pins (as of the last sync)
     sync_seq: int = 0
-    # resident: KV pinned in the engine; cold: only tokens kept (KV dropped by an
-    # engine lifecycle operation such as a prefix-cache reset or a weight update),
-    # re-prefilled on next use; failed: acknowledged data could not be ingested,
-    # every request is refused until the session is deleted; closed: removed.
+    # resident: KV pinned in the engine; offloaded: spilled out of the KV pool to vLLM's KV
+    # offloading tier (full blocks load back, the partial last one is recomputed); cold: only
+    # tokens kept (spilled without an offloading tier, restored after a restart, or dropped by a
+    # prefix-cache reset or weight update), re-prefilled on next use; failed: acknowledged data
+    # could not be ingested or saved, every request is refused until the session is deleted;
+    # closed: removed.
     state: str = "resident"
     error: str | None = None
     turn_in_flight: bool = False
@@ -90,6 +94,10 @@ class Session:
     # Flash queries by id (sessions/flash.py) and the session's event stream.
     flash: dict[str, Any] = field(default_factory=dict)
     events: SessionEvents = field(default_factory=lambda: SessionEvents(256, 256, 16))
+    # Versions the session can be rewound to (oldest first; see server/session_ops.py).
+    checkpoints: list[Checkpoint] = field(default_factory=lambda: [Checkpoint(0, 0, 0, "")])
+    # Set on a session restored from the state dir or imported: how its KV came back.
+    restored: dict[str, Any] | None = None
 
     @property
     def context_tokens(self) -> int:
@@ -97,7 +105,7 @@ class Session:
 
     @property
     def is_open(self) -> bool:
-        return self.state in ("resident", "cold")
+        return self.state in OPEN_STATES
 
     @property
     def busy(self) -> bool:
@@ -127,7 +135,18 @@ class Session:
             "ttl_s": self.ttl_s,
             "queued_tokens": self.queued_tokens,
             "flash_queries": list(self.flash),
+            **({"restored": dict(self.restored)} if self.restored else {}),
         }
+
+    def add_checkpoint(self, point: Checkpoint, window: int) -> None:
+        """Record a version the session can return to; versions older than ``window`` before the
+        newest are forgotten. A version whose content landed after a later one's (an append
+        ingested after a turn that committed first) is no prefix of the history: not recorded."""
+        if not self.checkpoints or point.version > self.checkpoints[-1].version:
+            self.checkpoints.append(point)
+        oldest = self.version - window
+        while self.checkpoints and self.checkpoints[0].version < oldest:
+            self.checkpoints.pop(0)
 
 
 class SessionStore:
@@ -184,6 +203,15 @@ class SessionStore:
         self._sessions[(tenant, sid)] = session
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         return session
+
+    def adopt(self, session: Session) -> None:
+        """Add a restored session as it is (no limits: it was admitted before the restart)."""
+        if (session.tenant, session.id) in self._sessions:
+            raise SessionError(409, f"session '{session.id}' already exists", "session_exists")
+        if self.new_events is not None:
+            session.events = self.new_events()
+        self._sessions[(session.tenant, session.id)] = session
+        self._per_tenant[session.tenant] = self._per_tenant.get(session.tenant, 0) + 1
 
     def get(self, tenant: str, session_id: str) -> Session:
         session = self._sessions.get((tenant, session_id))

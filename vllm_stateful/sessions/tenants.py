@@ -40,11 +40,17 @@ class Tenancy:
     secret: bytes = b""
 
     @classmethod
-    def from_settings(cls, api_keys: Sequence[str] | str | None, header: str | None) -> "Tenancy":
+    def from_settings(
+        cls, api_keys: Sequence[str] | str | None, header: str | None, secret: bytes | None = None
+    ) -> "Tenancy":
+        """``secret``: the tag and salt secret (a durable server keeps one in its state dir, so
+        cache salts, and KV saved in a KV tier, stay valid across restarts); default: a new one."""
         if isinstance(api_keys, str):
             api_keys = [api_keys]
         keys = tuple(_digest(k) for k in (api_keys or []) if k)
-        return cls(key_digests=keys, header=header.lower() if header else None, secret=secrets.token_bytes(32))
+        return cls(
+            key_digests=keys, header=header.lower() if header else None, secret=secret or secrets.token_bytes(32)
+        )
 
     @property
     def multi_tenant(self) -> bool:

@@ -1,0 +1,118 @@
+"""The durable store (SQLite) and the pure session-lifecycle bookkeeping: what is written is
+read back whole after a reopen, a failed write leaves nothing, one process per state dir."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_stateful.sessions.admission import Budget, CellLedger
+from vllm_stateful.sessions.durable import Checkpoint, DurableStore, SessionRecord, StateDirInUse
+from vllm_stateful.sessions.store import Session, SessionStore
+
+IDENTITY = {"vocabulary": "abc"}
+
+
+def _scalars(**kw):
+    base = dict(
+        tenant="t", id="s1", ttl_s=60.0, created_at=1.0, last_used_at=2.0, version=0, committed_version=0,
+        acked_seq=0, ingested_seq=0, pending_chat_text="", n_tokens=0, n_messages=0,
+    )  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def _turn(store: DurableStore, key: str, tokens: list[int], before: int, version: int, **kw) -> None:
+    sc = _scalars(version=version, committed_version=version, n_tokens=len(tokens), **kw)
+    store.commit(key, sc, before, tokens[before:], 0, [], [Checkpoint(version, len(tokens), 0)], 0)
+
+
+def test_commits_are_read_back_after_reopen(tmp_path):
+    store = DurableStore(str(tmp_path), IDENTITY)
+    tokens = list(range(100))
+    _turn(store, "k1", tokens[:40], 0, 1)
+    _turn(store, "k1", tokens[:70], 40, 2)
+    store.add_append("k1", _scalars(version=3, committed_version=2, n_tokens=70, acked_seq=1), 1, {"token_ids": [5]})
+    store.put_flash("k1", "fq-1", {"prompt": "x", "max_tokens": 2})
+    store.close()
+
+    again = DurableStore(str(tmp_path), IDENTITY)
+    (rec,) = again.load_all()
+    assert rec.key == "k1" and rec.token_ids == tokens[:70]
+    assert rec.scalars["version"] == 3 and rec.scalars["committed_version"] == 2
+    assert [p.version for p in rec.checkpoints] == [1, 2]
+    assert rec.appends == [(1, {"token_ids": [5]})]
+    assert rec.flash == [("fq-1", {"prompt": "x", "max_tokens": 2})]
+    # the append is ingested: its queue entry goes in the same transaction as the tokens
+    sc = _scalars(version=3, committed_version=3, n_tokens=71, acked_seq=1, ingested_seq=1)
+    again.commit("k1", sc, 70, [5], 0, [], [Checkpoint(3, 71, 0)], 2, ingested_seq=1)
+    (rec,) = again.load_all()
+    assert rec.appends == [] and rec.token_ids == tokens[:70] + [5]
+    assert [p.version for p in rec.checkpoints] == [2, 3]  # older than oldest_version=2: dropped
+    again.delete("k1")
+    assert again.load_all() == []
+    again.close()
+
+
+def test_a_failed_write_leaves_nothing_of_itself(tmp_path):
+    store = DurableStore(":memory:", IDENTITY)
+    _turn(store, "k1", [1, 2, 3], 0, 1)
+    record = SessionRecord("k1", _scalars(version=9, n_tokens=2), [7, 8], flash=[("f", {"bad": object()})])
+    with pytest.raises(TypeError):
+        store.put(record)  # the flash body is not JSON: the whole rewrite rolls back
+    (rec,) = store.load_all()
+    assert rec.token_ids == [1, 2, 3] and rec.scalars["version"] == 1
+
+
+def test_one_server_per_state_dir_and_the_same_vocabulary(tmp_path):
+    store = DurableStore(str(tmp_path), IDENTITY)
+    with pytest.raises(StateDirInUse):
+        DurableStore(str(tmp_path), IDENTITY)
+    store.close()
+    with pytest.raises(ValueError, match="another setup"):
+        DurableStore(str(tmp_path), {"vocabulary": "other"})
+
+
+def test_rewrite_replaces_the_session_and_the_newer_incarnation_wins(tmp_path):
+    store = DurableStore(":memory:", IDENTITY)
+    _turn(store, "old", [1, 2], 0, 1)
+    store.put(SessionRecord("new", _scalars(created_at=5.0, version=1, n_tokens=1), [9]))
+    store.put(SessionRecord("new", _scalars(created_at=5.0, version=2, n_tokens=2, n_messages=1), [9, 8],
+                            [{"role": "user", "content": "hi"}]))  # fmt: skip
+    (rec,) = store.load_all()  # same (tenant, id): the newer incarnation
+    assert rec.key == "new" and rec.token_ids == [9, 8] and rec.messages == [{"role": "user", "content": "hi"}]
+
+
+def test_checkpoints_keep_a_window_and_only_prefixes():
+    s = Session(id="s", tenant="t", ttl_s=1)
+    for v in range(1, 8):
+        s.version = v
+        s.add_checkpoint(Checkpoint(v, 10 * v, 0), window=3)
+    assert [p.version for p in s.checkpoints] == [4, 5, 6, 7]
+    s.add_checkpoint(Checkpoint(6, 90, 0), window=3)  # an append ingested after turn 7: not a prefix
+    assert [p.version for p in s.checkpoints] == [4, 5, 6, 7] and s.checkpoints[2].n_tokens == 60
+
+
+def test_adopted_sessions_bypass_limits_but_not_ids():
+    store = SessionStore(60, max_sessions=1)
+    store.create("t", "a")
+    store.adopt(Session(id="b", tenant="t", ttl_s=1))
+    assert store.contains("t", "b") and len(store) == 2
+    with pytest.raises(Exception, match="already exists"):
+        store.adopt(Session(id="b", tenant="t", ttl_s=1))
+
+
+def test_ledger_restore_force_and_spill_charges():
+    budget = Budget(cell_budget_tokens=8 * 16, session_quota_tokens=10**6, block_size=16, max_model_len=4096)
+    ledger = CellLedger(budget)
+    assert ledger.restore("a", "t", list(range(100)))  # 7 blocks: fits
+    assert ledger.committed_tokens("a") == 100 and ledger.charged_blocks() == 7
+    assert not ledger.restore("c", "t", list(range(500, 540)))  # 3 more do not: uncharged until used
+    assert ledger.committed_tokens("c") == 0 and ledger.charged_blocks() == 7
+    with pytest.raises(Exception, match="cell budget"):
+        ledger.reserve("b", 40, scope="t")
+    forced = ledger.reserve("b", 40, scope="t", force=True)  # acknowledged before a restart: must run
+    assert ledger.charged_blocks() == 10
+    ledger.cancel(forced)
+    ledger.set_committed("a", 0)  # spilled
+    assert ledger.committed_tokens("a") == 0 and ledger.charged_blocks() == 0
+    assert ledger.check_integrity() == []

@@ -1,0 +1,90 @@
+"""Bringing sessions back after a restart, from the state dir.
+
+Contract: at startup, before the server answers, every session stored in the
+state dir is live again with its tokens, messages, version, TTL, owner, rewind
+points and flash queries; appends acknowledged but not ingested before the
+restart are queued again, in order, with their versions. Restored sessions are
+``cold`` (no KV yet): with ``restore: lazy`` the first request re-prefills the
+history (``recomputed_tokens`` says how much; KV that a configured KV tier
+still holds loads instead and is not counted), with ``restore: eager`` a
+background task rebuilds it at the ingestion class, most recently used first.
+The session object's ``restored`` field says how the KV came back. A restored
+session's TTL counts from the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vllm_stateful.server.ingest import Ingestor
+from vllm_stateful.server.service import SessionService
+from vllm_stateful.sessions.durable import SessionRecord
+from vllm_stateful.sessions.store import Session
+
+logger = logging.getLogger(__name__)
+
+# rebuilds a flash query from its saved registration (server/routes_flash.py)
+FlashRestorer = Callable[[Session, str, dict[str, Any]], None]
+
+
+def session_of(record: SessionRecord) -> Session:
+    sc = record.scalars
+    session = Session(id=sc["id"], tenant=sc["tenant"], ttl_s=sc["ttl_s"], key=record.key)
+    session.created_at, session.last_used_at = sc["created_at"], time.time()
+    session.version, session.committed_version = sc["version"], sc["committed_version"]
+    session.token_ids, session.messages = record.token_ids, record.messages
+    session.pending_chat_text = sc["pending_chat_text"]
+    if record.checkpoints:
+        session.checkpoints = list(record.checkpoints)
+    first_pending = record.appends[0][0] if record.appends else sc["acked_seq"] + 1
+    session.acked_seq = session.ingested_seq = first_pending - 1  # requeued appends keep their numbers
+    session.kv_tokens = len(session.token_ids)
+    session.state = "cold" if session.token_ids else "resident"
+    return session
+
+
+async def restore_sessions(
+    service: SessionService, ingestor: Ingestor, restore_flash: FlashRestorer, mode: str
+) -> tuple[int, asyncio.Task | None]:
+    """Restore every stored session; returns how many, and the eager rebuild task (if any)."""
+    store = service.durable.store
+    if store is None:
+        return 0, None
+    assert service.ledger is not None
+    records = await store.run(store.load_all)
+    restored: list[tuple[float, Session]] = []
+    for record in records:
+        session = session_of(record)
+        session.restored = {"from": "state_dir", "mode": mode, "kv": "pending" if session.token_ids else "none"}
+        service.store.adopt(session)
+        service.ledger.restore(session.key, session.tenant, session.token_ids)
+        for fid, body in record.flash:
+            try:
+                restore_flash(session, fid, body)
+            except Exception:
+                logger.exception("vllm-stateful: flash query %s of session %s not restored", fid, session.id)
+        if record.appends:
+            await ingestor.requeue(session, [body for _, body in record.appends])
+        restored.append((record.scalars["last_used_at"], session))
+        service.metrics.restored.inc()
+    if restored:
+        logger.info("vllm-stateful: restored %d sessions from %s (%s)", len(restored), store.path, mode)
+    task = None
+    if mode == "eager" and restored:
+        order = [s for _, s in sorted(restored, key=lambda p: -p[0])]  # most recently used first
+        task = asyncio.get_running_loop().create_task(_rebuild(service, order))
+    return len(restored), task
+
+
+async def _rebuild(service: SessionService, sessions: list[Session]) -> None:
+    for session in sessions:
+        try:
+            await service.rewarm(session)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("vllm-stateful: could not rebuild the KV of restored session %s", session.id)

@@ -1,0 +1,76 @@
+"""Spill instead of reject (``admission: "offload"``): when the cell budget is
+full, the least recently used idle sessions leave the KV pool until the new
+work fits.
+
+Contract:
+* Only an idle session is spilled: no request or ingestion running or queued
+  on it, its write lock free, not the session asking for room. Its tokens,
+  messages and version stay; only its KV leaves (its pins are trimmed to zero
+  in the engine and its budget charge drops to zero).
+* Where vLLM runs a KV offloading tier (``--kv-offloading-size`` /
+  ``--kv-offloading-backend``), a spilled session's full blocks were written
+  there as they were computed and load back on its next request: the session
+  is ``offloaded``. Without one it is ``cold`` and its next request
+  re-prefills what vLLM's prefix cache no longer holds. Either way the next
+  request reports what it recomputed in ``recomputed_tokens``.
+* A spilled session is charged again for its whole history when it is next
+  used (``SessionService.admit``), spilling others in turn if needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from vllm_stateful.sessions.store import Session
+
+if TYPE_CHECKING:
+    from vllm_stateful.server.service import SessionService
+
+logger = logging.getLogger(__name__)
+
+
+class Spiller:
+    def __init__(self, service: "SessionService", offload_tier: bool) -> None:
+        self.service = service
+        self.spilled_state = "offloaded" if offload_tier else "cold"
+
+    def candidates(self, exclude: str | None) -> list[Session]:
+        """Idle sessions holding budget, least recently used first."""
+        ledger = self.service.ledger
+        assert ledger is not None
+        found = [
+            s
+            for s in self.service.store.all()
+            if s.key != exclude
+            and s.is_open
+            and not s.busy
+            and not s.write_lock.locked()
+            and ledger.committed_tokens(s.key) > 0
+        ]
+        return sorted(found, key=lambda s: s.last_used_at)
+
+    async def spill_one(self, exclude: str | None) -> bool:
+        """Spill the least recently used idle session; False when none can leave."""
+        for session in self.candidates(exclude):
+            if await self.spill(session):
+                return True
+        return False
+
+    async def spill(self, session: Session) -> bool:
+        service = self.service
+        assert service.ledger is not None
+        if session.write_lock.locked() or session.busy or not session.is_open:
+            return False
+        async with session.write_lock:
+            if session.busy or not session.is_open:
+                return False
+            info = await service.kv.sync(session, 0)
+            session.pinned_blocks, session.pinned_tokens = info["pinned_blocks"], info["pinned_tokens"]
+            session.sync_seq += 1
+            service.ledger.set_committed(session.key, 0)
+            if session.token_ids:
+                session.state = self.spilled_state
+        service.metrics.spilled.inc()
+        logger.debug("vllm-stateful: spilled session %s (%d tokens)", session.id, session.context_tokens)
+        return True
