@@ -112,7 +112,7 @@ def serve_argv(
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
     elif kind == "stateful":
         head = [sys.executable, "-m", "vllm_stateful.cli", "serve", model_path]
-        if not any(a == "--state-dir" or a.startswith("--state-dir=") for a in args):
+        if not any(a.startswith("--state-dir") or '"state_dir"' in a for a in args):
             # a fresh state dir per server: sessions of an earlier run must not be restored into this one
             args = [*args, "--state-dir", tempfile.mkdtemp(prefix="vllm-stateful-bench-state-")]
     else:

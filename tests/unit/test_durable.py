@@ -116,3 +116,67 @@ def test_ledger_restore_force_and_spill_charges():
     ledger.set_committed("a", 0)  # spilled
     assert ledger.committed_tokens("a") == 0 and ledger.charged_blocks() == 0
     assert ledger.check_integrity() == []
+
+
+def test_an_uncharged_session_still_counts_its_history_against_context_and_quota():
+    budget = Budget(cell_budget_tokens=64 * 16, session_quota_tokens=10**6, block_size=16, max_model_len=400)
+    ledger = CellLedger(budget)
+    res = ledger.reserve("a", 300, scope="t")
+    ledger.settle(res, 300, list(range(300)))
+    ledger.uncharge("a")  # spilled: no budget charge, same history
+    assert ledger.charged_blocks() == 0 and ledger.history_tokens("a") == 300
+    with pytest.raises(Exception, match="context length") as err:
+        ledger.reserve("a", 150, scope="t")
+    assert err.value.status == 413
+    ledger.recharge("a", list(range(300)))
+    assert ledger.committed_tokens("a") == 300 and ledger.charged_blocks() == 19
+    assert ledger.check_integrity() == []
+
+
+def test_writes_after_a_close_are_refused_and_rewrites_keep_queued_appends():
+    import asyncio
+
+    from vllm_stateful.server.durability import Change, Durability
+
+    async def scenario():
+        store = DurableStore(":memory:", IDENTITY)
+        durable = Durability(store)
+        s = Session(id="s", tenant="t", ttl_s=60)
+        await durable.commit(s, Change([1, 2, 3], [], "", 1), [Checkpoint(1, 3, 0)])
+        (rec,) = store.load_all()
+        assert [p.version for p in rec.checkpoints] == [0, 1]  # the first write brings version 0 along
+
+        class Item:  # an acknowledged append still queued
+            seq = 4
+
+            def body(self):
+                return {"version": 2, "token_ids": [9]}
+
+        s.pending_appends = [Item()]
+        await durable.put(s)
+        assert store.load_all()[0].appends == [(4, {"version": 2, "token_ids": [9]})]
+        s.state = "closed"
+        await durable.delete(s)
+        with pytest.raises(Exception, match="was closed"):
+            await durable.commit(s, Change([1, 2, 3, 4], [], "", 2), [])
+        assert store.load_all() == []  # a turn finishing after the close cannot bring it back
+
+    asyncio.run(scenario())
+
+
+def test_flash_answers_from_before_a_rewind_are_refused():
+    import asyncio
+
+    from vllm_stateful.sessions.flash import FlashAnswer, FlashQuery
+
+    async def scenario():
+        q = FlashQuery(None, {}, 4, None, lambda s: None, lambda n: None)
+        q.record(FlashAnswer(4, 10, "late", (1,), (2,), "length", 1.0))
+        q.forget_after(2, commit_seq=12)
+        assert q.answer is None
+        q.record(FlashAnswer(4, 11, "evaluated before the rewind", (1,), (2,), "length", 1.0))
+        assert q.answer is None
+        q.record(FlashAnswer(2, 12, "after", (1,), (2,), "length", 1.0))
+        assert q.answer.text == "after"
+
+    asyncio.run(scenario())

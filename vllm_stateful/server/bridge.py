@@ -64,8 +64,9 @@ class EngineBridge:
         self._closing: ReplyClosing | None = None
         # vLLM writes computed blocks through to a KV offloading tier (--kv-offloading-size or a
         # KV connector): a session spilled from the pool loads its full blocks back from there.
-        vllm_config = getattr(engine_client, "vllm_config", None)
-        self.has_offload_tier = getattr(vllm_config, "kv_transfer_config", None) is not None
+        transfer = getattr(getattr(engine_client, "vllm_config", None), "kv_transfer_config", None)
+        connector = str(getattr(transfer, "kv_connector", "") or "")
+        self.has_offload_tier = "Offloading" in connector or "LMCache" in connector
 
     async def call(self, op: str, **args: Any) -> Any:
         """Run a session op on the engine-core thread (see ``engine/control.py``)."""

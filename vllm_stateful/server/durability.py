@@ -12,6 +12,7 @@ restart could lose. With durability off every call is a no-op.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from vllm_stateful.sessions.durable import Checkpoint, DurableStore, SessionRecord
@@ -20,8 +21,19 @@ from vllm_stateful.sessions.store import Session, SessionError
 logger = logging.getLogger(__name__)
 
 
-def scalars(session: Session) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class Change:
+    """A session's committed state after a change, saved before it is applied."""
+
+    token_ids: list[int]
+    messages: list[dict[str, Any]]
+    pending_chat_text: str
+    committed_version: int
+
+
+def scalars(session: Session, change: Change | None = None) -> dict[str, Any]:
+    """The session's row; with ``change``: as it will be once the change is applied."""
+    row = {
         "tenant": session.tenant,
         "id": session.id,
         "ttl_s": session.ttl_s,
@@ -35,18 +47,28 @@ def scalars(session: Session) -> dict[str, Any]:
         "n_tokens": len(session.token_ids),
         "n_messages": len(session.messages),
     }
+    if change is not None:
+        row.update(
+            committed_version=change.committed_version,
+            pending_chat_text=change.pending_chat_text,
+            n_tokens=len(change.token_ids),
+            n_messages=len(change.messages),
+        )
+    return row
 
 
-def record_of(session: Session, appends: list[tuple[int, dict[str, Any]]] | None = None) -> SessionRecord:
-    """The whole session as stored (flash registrations included, by their request bodies)."""
+def record_of(session: Session) -> SessionRecord:
+    """The whole session as stored: flash registrations by their request bodies, and the
+    appends acknowledged but not yet ingested (a rewrite must not lose them)."""
     flash = [(fid, flash_body(q)) for fid, q in session.flash.items()]
+    appends = [(item.seq, item.body()) for item in session.pending_appends]
     return SessionRecord(
         session.key,
         scalars(session),
         list(session.token_ids),
         list(session.messages),
         list(session.checkpoints),
-        list(appends or []),
+        appends,
         flash,
     )
 
@@ -56,8 +78,9 @@ def flash_body(query: Any) -> dict[str, Any]:
 
 
 class Durability:
-    def __init__(self, store: DurableStore | None) -> None:
+    def __init__(self, store: DurableStore | None, rewind_window: int = 64) -> None:
         self.store = store
+        self.rewind_window = rewind_window
 
     @property
     def enabled(self) -> bool:
@@ -66,8 +89,11 @@ class Durability:
     async def _write(self, session: Session, fn, *args: Any) -> None:
         if self.store is None:
             return
+        if session.state == "closed":  # its delete is queued already: a later write would revive it
+            raise SessionError(404, f"session '{session.id}' was closed", "session_not_found")
         try:
             await self.store.run(fn, *args)
+            session.saved = True
         except Exception as exc:
             logger.exception("vllm-stateful: could not save session %s", session.id)
             if session.is_open:
@@ -79,27 +105,25 @@ class Durability:
             ) from exc  # fmt: skip
 
     async def commit(
-        self,
-        session: Session,
-        tokens_before: int,
-        messages_before: int,
-        points: list[Checkpoint],
-        ingested_seq: int | None = None,
+        self, session: Session, change: Change, points: list[Checkpoint], ingested_seq: int | None = None
     ) -> None:
-        """``session`` changed (already applied in memory): tokens and messages after the given
-        counts are new, ``points`` are its new rewind points."""
+        """Save ``change`` (not yet applied: the session still holds its old state, which the change
+        extends) with its new rewind ``points``; ``ingested_seq``: the appends it consumed."""
         if self.store is None:
             return
-        oldest = session.checkpoints[0].version if session.checkpoints else session.version
+        tokens_before, messages_before = len(session.token_ids), len(session.messages)
+        if not session.saved:  # the first write of a session created by its first turn: every point
+            points = [*session.checkpoints, *points]
+        oldest = session.version - self.rewind_window  # as Session.add_checkpoint prunes
         await self._write(
             session,
             self.store.commit,
             session.key,
-            scalars(session),
+            scalars(session, change),
             tokens_before,
-            session.token_ids[tokens_before:],
+            change.token_ids[tokens_before:],
             messages_before,
-            session.messages[messages_before:],
+            change.messages[messages_before:],
             points,
             oldest,
             ingested_seq,
@@ -109,20 +133,23 @@ class Durability:
         if self.store is not None:
             await self._write(session, self.store.add_append, session.key, scalars(session), seq, body)
 
-    async def put(self, session: Session, appends: list[tuple[int, dict[str, Any]]] | None = None) -> None:
+    async def put(self, session: Session) -> None:
         if self.store is not None:
-            await self._write(session, self.store.put, record_of(session, appends))
+            await self._write(session, self.store.put, record_of(session))
 
     async def flash(self, session: Session, fid: str, body: dict[str, Any] | None) -> None:
         if self.store is not None:
             await self._write(session, self.store.put_flash, session.key, fid, body)
 
     async def delete(self, session: Session) -> None:
-        """Best effort: a delete that fails is logged (the session is already gone from memory;
-        a restart would bring it back)."""
+        """Remove the session's rows; 503 when that fails (the session is gone from memory, but a
+        restart would bring it back: the close is not acknowledged)."""
         if self.store is None:
             return
         try:
             await self.store.run(self.store.delete, session.key)
-        except Exception:
+        except Exception as exc:
             logger.exception("vllm-stateful: could not delete session %s from the state dir", session.id)
+            raise SessionError(
+                503, f"the session was closed but could not be removed from the state dir ({exc})", "state_not_saved"
+            ) from exc

@@ -46,6 +46,14 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
 RETRYABLE = ("engine_aborted", "engine_unavailable", "cell_budget_exceeded")
 
 
+def refuse_if_exclusive(session: Session) -> None:
+    """A fork, rewind or export is reading or rewriting the session: 409, nothing changed."""
+    if session.exclusive:
+        raise SessionError(
+            409, f"session '{session.id}' is being forked, rewound or exported; retry", "session_busy", retry_after=1.0
+        )
+
+
 @dataclass
 class AppendItem:
     seq: int
@@ -81,18 +89,22 @@ class Ingestor:
         service, bridge = self.service, self.service.bridge
         assert service.ledger is not None
         ensure_open(session)
+        refuse_if_exclusive(session)
         if text is not None or messages is not None:
             chars = len(text) if text is not None else sum(len(str(m.get("content", ""))) for m in messages or [])
             lower_bound = bridge.min_tokens_of(chars)
             self._check_queue(session, lower_bound)
-            service.ledger.check(session.key, lower_bound, 1, "this append")  # 413 before tokenizing
+            # 413 before tokenizing (with offload the budget is freed by spilling, so not checked here)
+            service.ledger.check(session.key, lower_bound, 1, "this append", budget=service.spiller is None)
         estimate = await self._estimate(session, text, token_ids, messages)
         ensure_open(session)  # it may have closed while we tokenized
+        refuse_if_exclusive(session)
         self._check_queue(session, estimate)
         reservation = await service.admit(session, estimate, context_extra=1, what="this append")
-        if not session.is_open:  # closed while others were spilled to make room
+        if not session.is_open or session.exclusive:  # changed while others were spilled to make room
             service.ledger.cancel(reservation)
             ensure_open(session)
+            refuse_if_exclusive(session)
         item = self._enqueue(session, reservation, text, token_ids, messages)
         session.touch()
         await service.durable.append(session, item.seq, item.body())

@@ -80,7 +80,7 @@ class StatefulEndpointPlugin:
         durable = open_state_dir(config, args.model, bridge.tokenizer)
         tenancy = Tenancy.from_settings(api_keys, config.tenant_header, durable_secret(durable))
         service = SessionService(bridge, config, SessionMetrics(), tenancy)
-        service.durable = Durability(durable)
+        service.durable = Durability(durable, config.rewind_window)
         stateful = StatefulState(
             config=config,
             tenancy=tenancy,

@@ -109,14 +109,17 @@ class ForkRequest(_Strict):
     _finite = field_validator("ttl_s")(CreateSessionRequest._finite.__func__)  # type: ignore[attr-defined]
 
 
+MAX_VERSION = 2**53  # what every JSON client can represent exactly (and SQLite stores)
+
+
 class RewindRequest(_Strict):
-    version: StrictInt = Field(ge=0)
+    version: StrictInt = Field(ge=0, le=MAX_VERSION)
 
 
 class ExportedCheckpoint(_Strict):
-    version: StrictInt = Field(ge=0)
-    n_tokens: StrictInt = Field(ge=0)
-    n_messages: StrictInt = Field(ge=0)
+    version: StrictInt = Field(ge=0, le=MAX_VERSION)
+    n_tokens: StrictInt = Field(ge=0, le=MAX_VERSION)
+    n_messages: StrictInt = Field(ge=0, le=MAX_VERSION)
     pending_chat_text: str = ""
 
 
@@ -126,7 +129,7 @@ class ImportRequest(BaseModel):
 
     format: str
     id: str
-    version: StrictInt = Field(ge=0)
+    version: StrictInt = Field(ge=0, le=MAX_VERSION)
     token_ids: list[StrictInt]
     messages: list[dict[str, Any]] = Field(default_factory=list)
     pending_chat_text: str = ""

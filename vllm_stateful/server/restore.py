@@ -18,12 +18,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from vllm_stateful.engine.request_tags import make_extra_args
+from vllm_stateful.engine.work_classes import CLASS_KEY, INGEST
 from vllm_stateful.server.ingest import Ingestor
-from vllm_stateful.server.service import SessionService
+from vllm_stateful.server.service import SessionService, note_restored
+from vllm_stateful.server.session_kv import survive_cancellation
+from vllm_stateful.server.turn_types import TurnResult
 from vllm_stateful.sessions.durable import SessionRecord
-from vllm_stateful.sessions.store import Session
+from vllm_stateful.sessions.store import Session, SessionError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ def session_of(record: SessionRecord) -> Session:
     session.acked_seq = session.ingested_seq = first_pending - 1  # requeued appends keep their numbers
     session.kv_tokens = len(session.token_ids)
     session.state = "cold" if session.token_ids else "resident"
+    session.saved = True
     return session
 
 
@@ -80,10 +88,45 @@ async def restore_sessions(
     return len(restored), task
 
 
+async def rebuild_kv(service: SessionService, session: Session) -> bool:
+    """Rebuild the KV of a session that has none (restored, spilled) at the ingestion class, as far
+    as the budget allows without spilling anyone; False when it has KV, is busy or does not fit."""
+    assert service.ledger is not None
+    if session.state not in ("cold", "offloaded") or session.busy or len(session.token_ids) < 2:
+        return False
+    async with session.write_lock:
+        if session.state not in ("cold", "offloaded") or session.busy:
+            return False
+        try:
+            service.ledger.recharge(session.key, session.token_ids)
+        except SessionError:
+            return False
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        params.extra_args = {**make_extra_args(service.tenancy.secret, session.key, True), CLASS_KEY: INGEST}
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        tokens = list(session.token_ids)
+        result = TurnResult(session, len(tokens), session.kv_tokens)
+        rebuilt = False
+        try:
+            async with aclosing(service.kv.generate(tokens, params, result, background=True)) as outputs:
+                async for _ in outputs:
+                    pass
+            if result.finish_reason in ("abort", "error") or not session.is_open:
+                return False
+            info = await service.kv.sync(session, len(tokens))
+            service.kv.apply(session, info, len(tokens))
+            note_restored(session, result)
+            rebuilt = True
+        finally:
+            if not rebuilt:
+                await survive_cancellation(service.kv.rollback(session))
+        return True
+
+
 async def _rebuild(service: SessionService, sessions: list[Session]) -> None:
     for session in sessions:
         try:
-            await service.rewarm(session)
+            await rebuild_kv(service, session)
         except asyncio.CancelledError:
             raise
         except Exception:

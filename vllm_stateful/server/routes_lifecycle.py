@@ -68,10 +68,11 @@ async def import_session(raw_request: Request) -> Response:
         raise bad_request("'flash_queries' must be a list of flash-query registrations", param="flash_queries")
     queries = [flash_query_of(state, q) for q in saved]  # all validated before anything is created
     data = {**req.model_dump(), "messages": messages, "ttl_s": ttl}
-    session = await state.ops.import_(tenant, data, None)
-    for query in queries:
-        state.flash.register(session, query)
-    if queries:
-        await state.service.durable.put(session)
+
+    def register(session) -> None:
+        for query in queries:
+            state.flash.register(session, query)
+
+    session = await state.ops.import_(tenant, data, register)
     state.service.metrics.refresh(state.service)
     return JSONResponse(state.service.describe(session), status_code=201)

@@ -64,7 +64,7 @@ async def create_session(raw_request: Request) -> Response:
     try:
         if msgs or req.prompt is not None:
             await cancel_on_disconnect(raw_request, _fill(state, session, msgs, req.prompt))
-            if session.version == 0:  # the client left before the content was ingested
+            if session.committed_version == 0:  # the client left before the content was ingested
                 raise SessionError(499, "client closed the request", "client_closed")
         else:
             await service.durable.put(session)
@@ -88,13 +88,12 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
         reservation = await service.admit(
             session, len(turn_input.token_ids), 1, "this session's content", turn_input.token_ids
         )
-        turn_input.boundaries = [(session.version + 1, len(turn_input.token_ids), len(turn_input.messages))]
+        session.version += 1  # saved with the content, in one write (a failure closes the session)
+        turn_input.boundaries = [(session.version, len(turn_input.token_ids), len(turn_input.messages))]
         try:
-            await service.ingest(session, turn_input, [reservation], True, session.version + 1)
+            await service.ingest(session, turn_input, [reservation], True, session.version)
         finally:
             service.ledger.cancel(reservation)  # no-op once settled
-        session.version += 1
-        await service.durable.put(session)
     return Response()
 
 

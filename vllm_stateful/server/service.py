@@ -34,7 +34,7 @@ from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.request_tags import make_extra_args
 from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, INGEST
 from vllm_stateful.server.bridge import EngineBridge
-from vllm_stateful.server.durability import Durability
+from vllm_stateful.server.durability import Change, Durability
 from vllm_stateful.server.metrics import SessionMetrics
 from vllm_stateful.server.session_kv import SessionKV, survive_cancellation
 from vllm_stateful.server.spill import Spiller
@@ -219,9 +219,8 @@ class SessionService:
             prompt = history + turn_input.token_ids
             run_max = self._run_max(session, len(prompt), len(turn_input.token_ids), max_tokens, commit)
             if commit:
-                # a spilled session is charged again for the history it re-pins
-                grows = len(turn_input.token_ids) + run_max + self.recharge_tokens(session)
-                reservation = await self.admit(session, grows, known=prompt)
+                await self.recharge(session)  # a spilled session is charged again for the history it re-pins
+                reservation = await self.admit(session, len(turn_input.token_ids) + run_max, known=prompt)
                 ensure_open(session)
             params = make_params(run_max)
             params.extra_args = {
@@ -278,7 +277,8 @@ class SessionService:
         if not commit:
             return limit - prompt_len
         # unbounded generation stops where the context, the quota or the budget would
-        return max(1, min(limit - prompt_len, self.ledger.room(session.key) - new_len))
+        room = self.ledger.room(session.key, ignore_budget=self.spiller is not None)  # offload: spill for room
+        return max(1, min(limit - prompt_len, room - new_len))
 
     def _check_not_aborted(self, session: Session, result: TurnResult) -> None:
         """A request the engine aborted or failed commits nothing: 404 if the session closed, else 503."""
@@ -341,29 +341,36 @@ class SessionService:
         params: SamplingParams,
         reservation: Reservation | None,
     ) -> None:
+        """Sync the engine's pin, save the change, then apply it (no await after the save)."""
         ensure_open(session)
         kept, extra, pending = await self.bridge.off_loop(
             self.kv.kept_output, result, params.skip_special_tokens, turn_input.is_chat, session.pending_chat_text
         )
         history = prompt + kept + extra
         info = await self.kv.sync(session, len(prompt) + len(kept))
-        tokens_before, messages_before = len(session.token_ids), len(session.messages)
-        # the engine holds the new pin: now the API state, with no await in between
-        session.token_ids = history
+        ensure_open(session)
+        messages = session.messages
         if turn_input.is_chat:
-            session.messages = session.messages + turn_input.messages + [{"role": "assistant", "content": result.text}]
-            session.pending_chat_text = pending
+            messages = messages + turn_input.messages + [{"role": "assistant", "content": result.text}]
+        else:
+            pending = session.pending_chat_text
+        # the version is taken now: appends acknowledged while the change is saved come after it
         session.version += 1
+        complete = session.acked_seq == session.ingested_seq
+        committed_version = max(session.committed_version, session.version) if complete else session.committed_version
+        change = Change(history, messages, pending, committed_version)
+        # a rewind point only where every earlier acknowledged change is in the history
+        points = [Checkpoint(session.version, len(history), len(messages), pending)] if complete else []
+        await self.durable.commit(session, change, points)  # on failure _end_turn trims the pin back
+        ensure_open(session)
+        self._apply(session, change, points)
         result.version = session.version
-        self._committed(session, complete=session.acked_seq == session.ingested_seq)
         # the engine computed KV for all but the last generated token
         self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
         note_restored(session, result)
         if reservation is not None and self.ledger is not None:
             self.ledger.settle(reservation, len(history), history, session.pinned_tokens)
-        point = Checkpoint(session.version, len(history), len(session.messages), session.pending_chat_text)
-        session.add_checkpoint(point, self.config.rewind_window)
-        await self.durable.commit(session, tokens_before, messages_before, [point])
+        self._announce(session)
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
@@ -386,22 +393,22 @@ class SessionService:
         ``complete``: no acknowledged change is still missing from the session
         afterwards; ``version``: the version that makes (default: the current one). vLLM always
         samples one token; it is discarded and never enters the session.
-        ``ingested_seq``: the last append this makes durable (its saved queue entries are dropped).
-        On success the reservations are settled; on failure nothing changes.
+        ``ingested_seq``: the last append this makes durable (its saved queue entries go with
+        the same write). On success the reservations are settled; on failure nothing changes.
         """
         assert self.ledger is not None
         ensure_open(session)
-        tokens_before, messages_before = len(session.token_ids), len(session.messages)
+        label = session.version if version is None else version
+        committed_version = max(session.committed_version, label) if complete else session.committed_version
         if not turn_input.token_ids:
+            change = Change(session.token_ids, session.messages, session.pending_chat_text, committed_version)
+            await self.durable.commit(session, change, [], ingested_seq)
+            self._apply(session, change, [])
             for res in reservations:
                 self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
-            self._committed(session, complete, version)
-            await self.durable.commit(session, tokens_before, messages_before, [], ingested_seq)
+            self._announce(session)
             return
-        recharge = None
-        if self.recharge_tokens(session):  # spilled: charged again for the history it re-pins
-            recharge = await self.admit(session, self.recharge_tokens(session), what="restore")
-            reservations = [*reservations, recharge]
+        await self.recharge(session)  # a spilled session is charged again for the history it re-pins
         prompt = session.token_ids + turn_input.token_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         # the engine's ingestion class (after queries and plain traffic, with a minimum share),
@@ -418,69 +425,54 @@ class SessionService:
             self._check_not_aborted(session, result)
             ensure_open(session)
             info = await self.kv.sync(session, len(prompt))
-            session.token_ids = prompt
-            if turn_input.is_chat:
-                session.messages = session.messages + turn_input.messages
-                session.pending_chat_text = ""
+            ensure_open(session)
+            chat = turn_input.is_chat
+            messages = session.messages + turn_input.messages if chat else session.messages
+            change = Change(prompt, messages, "" if chat else session.pending_chat_text, committed_version)
+            base, base_messages = len(session.token_ids), len(session.messages)
+            points = [Checkpoint(v, base + n, base_messages + m, "") for v, n, m in turn_input.boundaries]
+            await self.durable.commit(session, change, points, ingested_seq)
+            ensure_open(session)
+            self._apply(session, change, points)
             self.kv.apply(session, info, len(prompt))
             note_restored(session, result)
-            self._committed(session, complete, version)
             for res in reservations:
                 self.ledger.settle(res, len(prompt), prompt, session.pinned_tokens)
             committed = True
-            points = [Checkpoint(v, tokens_before + n, messages_before + m, "") for v, n, m in turn_input.boundaries]
-            for point in points:
-                session.add_checkpoint(point, self.config.rewind_window)
+            self._announce(session)
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:
             if not committed:
-                if recharge is not None:
-                    self.ledger.cancel(recharge)
                 await survive_cancellation(self.kv.rollback(session))
-        await self.durable.commit(session, tokens_before, messages_before, points, ingested_seq)
 
-    async def rewarm(self, session: Session) -> bool:
-        """Rebuild the KV of a session that has none (restored, spilled) in the background, at the
-        ingestion class; False when it has KV already, is busy, or does not fit the budget now."""
+    async def recharge(self, session: Session) -> None:
+        """Charge a session whose KV left the pool (spilled, or restored over budget) for its whole
+        history again, before its KV is rebuilt; with ``admission: "offload"`` idle sessions are
+        spilled to make room. 429 ``cell_budget_exceeded`` when it cannot fit."""
         assert self.ledger is not None
-        if session.state not in ("cold", "offloaded") or session.busy or len(session.token_ids) < 2:
-            return False
-        async with session.write_lock:
-            if session.state not in ("cold", "offloaded") or session.busy:
-                return False
-            need = self.recharge_tokens(session)
+        while self.recharge_tokens(session):
             try:
-                res = self.ledger.reserve(session.key, need, what="restore") if need else None
-            except SessionError:
-                return False
-            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-            params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), CLASS_KEY: INGEST}
-            params.output_kind = RequestOutputKind.FINAL_ONLY
-            result = TurnResult(session, len(session.token_ids), session.kv_tokens)
-            try:
-                async with aclosing(self.kv.generate(list(session.token_ids), params, result, background=True)) as out:
-                    async for _ in out:
-                        pass
-                self._check_not_aborted(session, result)
-                info = await self.kv.sync(session, len(session.token_ids))
-            finally:
-                if res is not None:
-                    self.ledger.cancel(res)
-            self.kv.apply(session, info, len(session.token_ids))
-            self.ledger.set_committed(session.key, len(session.token_ids), session.token_ids, session.pinned_tokens)
-            if session.restored is not None:
-                session.restored.update(kv="recomputed", recomputed_tokens=result.recomputed_tokens,
-                                        loaded_tokens=result.cached_tokens)  # fmt: skip
-            return True
+                self.ledger.recharge(session.key, session.token_ids)
+                return
+            except SessionError as err:
+                if err.code != "cell_budget_exceeded" or self.spiller is None:
+                    raise
+                if not await self.spiller.spill_one(exclude=session.key):
+                    raise
+                ensure_open(session)
 
-    def _committed(self, session: Session, complete: bool, version: int | None = None) -> None:
-        """``session.token_ids`` changed. With ``complete`` it holds every change acknowledged so far, up to
-        ``version`` (default: the session's version); else an append is still queued and the committed
-        version label stays where it was. Tells subscribers and flash queries."""
+    def _apply(self, session: Session, change: Change, points: list[Checkpoint]) -> None:
+        """A saved change becomes the session's state (no await: nobody sees half of it)."""
+        session.token_ids = change.token_ids
+        session.messages = change.messages
+        session.pending_chat_text = change.pending_chat_text
+        session.committed_version = change.committed_version
         session.commit_seq += 1
-        if complete:
-            label = session.version if version is None else version
-            session.committed_version = max(session.committed_version, label)
+        for point in points:
+            session.add_checkpoint(point, self.config.rewind_window)
+
+    def _announce(self, session: Session) -> None:
+        """Tell subscribers and flash queries of a change once it is saved and applied."""
         session.events.publish(
             "appended", {"version": session.committed_version, "context_tokens": session.context_tokens}
         )
@@ -498,7 +490,11 @@ class SessionService:
         """
         if not self.store.remove(session):
             return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": 0}
-        await self.durable.delete(session)  # first await: before any write of a new incarnation
+        try:  # first await: before any write of a new incarnation; reported after the cleanup
+            await self.durable.delete(session)
+            not_deleted = None
+        except SessionError as err:
+            not_deleted = err
         if self.ledger is not None:
             self.ledger.forget(session.key)
         self.metrics.ingest_queued.dec(session.queued_tokens)
@@ -512,6 +508,8 @@ class SessionService:
             self.on_close(session)
         self.metrics.closed.labels(reason=reason).inc()
         self.metrics.refresh(self)
+        if not_deleted is not None:
+            raise not_deleted
         return {"id": session.id, "object": "session.deleted", "deleted": True, "freed_blocks": freed}
 
 

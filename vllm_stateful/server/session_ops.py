@@ -23,10 +23,13 @@ Contracts:
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from vllm_stateful.engine.session_pins import token_digest
 from vllm_stateful.server.service import SessionService, ensure_open
+from vllm_stateful.server.session_kv import survive_cancellation
 from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.store import Session, SessionError
 
@@ -37,80 +40,92 @@ class SessionOps:
     def __init__(self, service: SessionService) -> None:
         self.service = service
 
-    async def _quiesce(self, session: Session) -> None:
-        """Acknowledged appends ingested and the write lock taken (caller releases it)."""
+    @asynccontextmanager
+    async def _exclusive(self, session: Session) -> AsyncIterator[None]:
+        """The session quiet and held: acknowledged appends ingested, its write lock taken (no turn
+        or ingestion runs), new appends refused with 409 until the block ends."""
         service = self.service
-        if session.turn_in_flight:
+        if session.turn_in_flight or session.exclusive:
             raise SessionError(409, f"session '{session.id}' is busy with a committing request", "session_busy")
         await service.wait_ingested(session, session.acked_seq, inherit=False)
         await service._acquire(session)
-        if session.turn_in_flight or session.pending_appends:
-            session.write_lock.release()
-            raise SessionError(409, f"session '{session.id}' is busy with a committing request", "session_busy")
         try:
+            if session.turn_in_flight or session.pending_appends or session.exclusive:
+                raise SessionError(409, f"session '{session.id}' is busy with a committing request", "session_busy")
             ensure_open(session)
-        except SessionError:
+            session.exclusive = True
+            try:
+                yield
+            finally:
+                session.exclusive = False
+        finally:
             session.write_lock.release()
-            raise
 
     # --- fork -------------------------------------------------------------------
 
     async def fork(self, parent: Session, new_id: str | None, ttl_s: float | None) -> Session:
         service = self.service
         assert service.ledger is not None
-        await self._quiesce(parent)
-        child = None
-        try:
+        async with self._exclusive(parent):
             child = service.store.create(parent.tenant, new_id, parent.ttl_s if ttl_s is None else ttl_s)
-            child.token_ids = list(parent.token_ids)
-            child.messages = list(parent.messages)
-            child.pending_chat_text = parent.pending_chat_text
-            child.version = child.committed_version = parent.committed_version
-            child.checkpoints = list(parent.checkpoints)
-            child.kv_tokens = parent.kv_tokens
-            tokens = child.token_ids
-            res = await service.admit(child, len(tokens), what="this fork", known=tokens)
-            info = await service.bridge.call("fork", key=parent.key, new_key=child.key)
-            service.kv.apply(child, info, child.kv_tokens)
-            service.ledger.settle(res, len(tokens), tokens, child.pinned_tokens)
-            await service.durable.put(child)
-            service.metrics.forks.inc()
-            return child
-        except BaseException:
-            if child is not None:
-                await service.close(child, reason="failed")
-            raise
-        finally:
-            parent.write_lock.release()
+            try:
+                child.token_ids = list(parent.token_ids)
+                child.messages = list(parent.messages)
+                child.pending_chat_text = parent.pending_chat_text
+                child.version = child.committed_version = parent.committed_version
+                child.checkpoints = list(parent.checkpoints)
+                child.kv_tokens = parent.kv_tokens
+                tokens = child.token_ids
+                res = await service.admit(child, len(tokens), what="this fork", known=tokens)
+                info = await service.bridge.call("fork", key=parent.key, new_key=child.key)
+                service.kv.apply(child, info, child.kv_tokens)
+                # charged by content even while neither pins it: whichever rebuilds it first pins it for both
+                service.ledger.settle(res, len(tokens), tokens)
+                await service.durable.put(child)
+                service.metrics.forks.inc()
+                return child
+            except BaseException:
+                await survive_cancellation(service.close(child, reason="failed"))
+                raise
 
     # --- rewind -------------------------------------------------------------------
 
     async def rewind(self, session: Session, version: int) -> Session:
         service = self.service
         assert service.ledger is not None
-        await self._quiesce(session)
-        try:
+        async with self._exclusive(session):
             point = self._point(session, version)
             if point.version == session.version and point.n_tokens == len(session.token_ids):
                 return session
+            charged = service.ledger.committed_tokens(session.key) >= len(session.token_ids)
             info = await service.kv.sync(session, point.n_tokens)
+            ensure_open(session)
+            # saved before it is applied: a rewrite of the session as it is at the point
+            before = (session.token_ids, session.messages, session.pending_chat_text, session.version,
+                      session.committed_version, session.checkpoints)  # fmt: skip
             session.token_ids = session.token_ids[: point.n_tokens]
             session.messages = session.messages[: point.n_messages]
             session.pending_chat_text = point.pending_chat_text
             session.version = session.committed_version = point.version
             session.checkpoints = [p for p in session.checkpoints if p.version <= point.version]
+            try:
+                await service.durable.put(session)
+            except BaseException:
+                (session.token_ids, session.messages, session.pending_chat_text, session.version,
+                 session.committed_version, session.checkpoints) = before  # fmt: skip
+                raise
+            session.commit_seq += 1
             service.kv.apply(session, info, min(session.kv_tokens, point.n_tokens))
-            service.ledger.set_committed(session.key, point.n_tokens, session.token_ids, session.pinned_tokens)
+            if charged:
+                service.ledger.set_committed(session.key, point.n_tokens, session.token_ids, session.pinned_tokens)
+            else:  # its KV is out of the pool: it stays uncharged, shorter
+                service.ledger.uncharge(session.key, history=point.n_tokens)
             for query in session.flash.values():
-                if query.answer is not None and query.answer.version > point.version:
-                    query.answer = None
-            service._committed(session, complete=True, version=point.version)
+                query.forget_after(point.version, session.commit_seq)
             session.events.publish("rewound", {"version": session.version, "context_tokens": session.context_tokens})
-            await service.durable.put(session)
+            service._announce(session)
             service.metrics.rewinds.inc()
             return session
-        finally:
-            session.write_lock.release()
 
     def _point(self, session: Session, version: int) -> Checkpoint:
         for point in session.checkpoints:
@@ -131,8 +146,7 @@ class SessionOps:
     # --- export / import -------------------------------------------------------------
 
     async def export(self, session: Session) -> dict[str, Any]:
-        await self._quiesce(session)
-        try:
+        async with self._exclusive(session):
             return {
                 "object": "session.export",
                 "format": EXPORT_FORMAT,
@@ -149,11 +163,10 @@ class SessionOps:
                 "checkpoints": [vars(p) for p in session.checkpoints],
                 "flash_queries": [{"name": q.name, **q.request} for q in session.flash.values()],
             }
-        finally:
-            session.write_lock.release()
 
-    async def import_(self, tenant: str, data: dict[str, Any], new_id: str | None) -> Session:
-        """``data``: an export, validated by ``protocol.ImportRequest`` (shapes) and here (meaning)."""
+    async def import_(self, tenant: str, data: dict[str, Any], register: Callable[[Session], None]) -> Session:
+        """``data``: an export, validated by ``protocol.ImportRequest`` (shapes) and here (meaning);
+        ``register(session)`` adds its flash queries (may raise: then nothing is created)."""
         service = self.service
         assert service.ledger is not None
         tokens = list(data["token_ids"])
@@ -170,24 +183,30 @@ class SessionOps:
             raise SessionError(
                 413, f"{len(tokens)} tokens leave no room in the model's context length", "context_length_exceeded"
             )
-        points = sorted((Checkpoint(**p) for p in data.get("checkpoints") or []), key=lambda p: p.version)
-        points = [p for p in points if p.n_tokens <= len(tokens) and p.n_messages <= len(data["messages"])]
-        session = service.store.create(tenant, new_id or data["id"], data.get("ttl_s"))
+        version = int(data["version"])
+        n_messages = len(data["messages"])
+        by_version = {p["version"]: Checkpoint(**p) for p in data.get("checkpoints") or []}
+        points = [
+            p for _, p in sorted(by_version.items())
+            if p.version <= version and p.n_tokens <= len(tokens) and p.n_messages <= n_messages
+        ]  # fmt: skip
+        session = service.store.create(tenant, data["id"], data.get("ttl_s"))
         try:
             session.token_ids = tokens
             session.messages = list(data["messages"])
             session.pending_chat_text = data.get("pending_chat_text") or ""
-            session.version = session.committed_version = int(data["version"])
-            session.checkpoints = [p for p in points if p.version <= session.version] or [
-                Checkpoint(session.version, len(tokens), len(session.messages), session.pending_chat_text)
+            session.version = session.committed_version = version
+            session.checkpoints = points or [
+                Checkpoint(version, len(tokens), len(session.messages), session.pending_chat_text)
             ]
             session.kv_tokens = len(tokens)
             session.state = "cold" if tokens else "resident"
             session.restored = {"from": "import", "kv": "pending"} if tokens else None
+            register(session)
             res = await service.admit(session, len(tokens), what="this import", known=tokens)
-            service.ledger.settle(res, len(tokens), tokens, len(tokens))
+            service.ledger.settle(res, len(tokens), tokens)
             await service.durable.put(session)
             return session
         except BaseException:
-            await service.close(session, reason="failed")
+            await survive_cancellation(service.close(session, reason="failed"))
             raise

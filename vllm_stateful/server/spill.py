@@ -14,7 +14,7 @@ Contract:
   re-prefills what vLLM's prefix cache no longer holds. Either way the next
   request reports what it recomputed in ``recomputed_tokens``.
 * A spilled session is charged again for its whole history when it is next
-  used (``SessionService.admit``), spilling others in turn if needed.
+  used (``SessionService.recharge``), spilling others in turn if needed.
 """
 
 from __future__ import annotations
@@ -65,12 +65,13 @@ class Spiller:
         async with session.write_lock:
             if session.busy or not session.is_open:
                 return False
+            had_kv = session.pinned_tokens > 0
             info = await service.kv.sync(session, 0)
             session.pinned_blocks, session.pinned_tokens = info["pinned_blocks"], info["pinned_tokens"]
             session.sync_seq += 1
-            service.ledger.set_committed(session.key, 0)
-            if session.token_ids:
-                session.state = self.spilled_state
+            service.ledger.uncharge(session.key)
+            if session.token_ids:  # a session that had no KV (restored, cold) has none offloaded either
+                session.state = self.spilled_state if had_kv else "cold"
         service.metrics.spilled.inc()
         logger.debug("vllm-stateful: spilled session %s (%d tokens)", session.id, session.context_tokens)
         return True

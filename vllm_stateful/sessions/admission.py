@@ -122,7 +122,8 @@ class Reservation:
 @dataclass
 class _Account:
     scope: str
-    committed: int = 0
+    committed: int = 0  # committed tokens charged to the budget (0 while the session's KV is out)
+    history: int = 0  # committed tokens the session holds (context and quota count these)
     reserved: int = 0
     reservations: list[Reservation] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # the committed full blocks
@@ -144,6 +145,11 @@ class CellLedger:
         """Committed plus reserved tokens of one session."""
         acct = self._accounts.get(key)
         return 0 if acct is None else acct.committed + acct.reserved
+
+    def history_tokens(self, key: str) -> int:
+        """Committed plus reserved tokens of one session, charged or not (context and quota)."""
+        acct = self._accounts.get(key)
+        return 0 if acct is None else acct.history + acct.reserved
 
     def committed_tokens(self, key: str) -> int:
         """Committed tokens the session is charged for (0 once spilled: see ``server/spill.py``)."""
@@ -168,16 +174,18 @@ class CellLedger:
         acct = self._accounts.get(key)
         return [] if acct is None else list(acct.keys)
 
-    def room(self, key: str) -> int:
+    def room(self, key: str, ignore_budget: bool = False) -> int:
         """Most tokens ``key`` could still reserve under its quota and the budget (growth of
         unknown content: charged to the session alone)."""
-        held = self.held_tokens(key)
-        quota_room = self.budget.session_quota_tokens - held
+        held, history = self.held_tokens(key), self.history_tokens(key)
+        quota_room = self.budget.session_quota_tokens - history
         free_blocks = self.budget.budget_blocks - self.charged_blocks()
         acct = self._accounts.get(key)
         own_partial = 0 if acct is None else self._footprint(acct) * self.budget.block_size - held
         budget_room = free_blocks * self.budget.block_size + own_partial
-        return max(0, min(quota_room, budget_room, self.budget.max_model_len - held))
+        if ignore_budget:
+            budget_room = quota_room
+        return max(0, min(quota_room, budget_room, self.budget.max_model_len - history))
 
     # --- changing ---------------------------------------------------------------
 
@@ -208,9 +216,12 @@ class CellLedger:
         self._update(acct, lambda: self._open(acct, res))
         return res
 
-    def check(self, key: str, tokens: int, context_extra: int = 0, what: str = "this request") -> int:
-        """Raise 413 / 429 as ``reserve`` would, without reserving; returns the blocks it would add."""
-        return self._check(key, tokens, context_extra, what, [], "")
+    def check(
+        self, key: str, tokens: int, context_extra: int = 0, what: str = "this request", budget: bool = True
+    ) -> int:
+        """Raise 413 / 429 as ``reserve`` would, without reserving; returns the blocks it would add.
+        ``budget=False``: the context and quota only (the budget may be freed by spilling)."""
+        return self._check(key, tokens, context_extra, what, [], "", budget)
 
     def settle(
         self,
@@ -241,10 +252,47 @@ class CellLedger:
         keys = self._rekey(acct, tokens)[: keyed // self.budget.block_size]
 
         def change() -> None:
-            acct.committed = committed
+            acct.committed = acct.history = committed
             acct.keys, acct.basis = keys, tokens
 
         self._update(acct, change)
+
+    def uncharge(self, key: str, history: int | None = None) -> None:
+        """The session's KV left the pool (spilled): its committed tokens stop counting against the
+        budget, still against its context and quota. ``history``: its committed length now."""
+        acct = self._accounts.get(key)
+        if acct is None:
+            return
+
+        def change() -> None:
+            acct.committed = 0
+            acct.keys, acct.basis = [], ()
+            if history is not None:
+                acct.history = history
+
+        self._update(acct, change)
+
+    def recharge(self, key: str, token_ids: Sequence[int], pinned_tokens: int | None = None) -> None:
+        """Charge an uncharged session for its whole history again (before its KV is rebuilt);
+        429 ``cell_budget_exceeded`` and nothing changed if it does not fit."""
+        acct = self._accounts.get(key)
+        if acct is None or acct.committed >= acct.history:
+            return
+        bs = self.budget.block_size
+        keys = set(chain_keys(token_ids, bs)) - self._keys_of(acct)
+        new_shared = sum(1 for k in keys if (acct.scope, k) not in self._refs)
+        private_before = self._private_of(acct)
+        private_after = max(0, cdiv(len(token_ids) + acct.reserved, bs) - len(self._keys_of(acct)) - len(keys))
+        growth = private_after - private_before + new_shared
+        if growth > 0 and self.charged_blocks() + growth > self.budget.budget_blocks:
+            raise SessionError(
+                429,
+                f"cell budget exhausted: {self.charged_blocks()} of {self.budget.budget_blocks} blocks pinned or "
+                f"reserved, restoring this session's KV needs {growth} more",
+                "cell_budget_exceeded",
+                retry_after=RETRY_AFTER_S,
+            )
+        self.set_committed(key, len(token_ids), token_ids, pinned_tokens)
 
     def restore(self, key: str, scope: str, token_ids: Sequence[int]) -> bool:
         """Charge a session restored after a restart for its committed tokens if they fit the
@@ -254,7 +302,7 @@ class CellLedger:
         try:
             res = self.reserve(key, len(tokens), known=tokens, scope=scope, what="a restored session")
         except SessionError:
-            self._accounts.setdefault(key, _Account(scope))
+            self._accounts.setdefault(key, _Account(scope, history=len(tokens)))
             return False
         self.settle(res, len(tokens), tokens)
         return True
@@ -268,7 +316,7 @@ class CellLedger:
             res.open = False
 
         def drop() -> None:
-            acct.committed = acct.reserved = 0
+            acct.committed = acct.reserved = acct.history = 0
             acct.keys, acct.reservations = [], []
 
         self._update(acct, drop)
@@ -325,21 +373,31 @@ class CellLedger:
             reuse = n
         return chain_keys(tokens, bs, acct.keys[:reuse])
 
-    def _check(self, key: str, tokens: int, context_extra: int, what: str, new_keys: list[bytes], scope: str) -> int:
+    def _check(
+        self,
+        key: str,
+        tokens: int,
+        context_extra: int,
+        what: str,
+        new_keys: list[bytes],
+        scope: str,
+        budget: bool = True,
+    ) -> int:
         held_before = self.held_tokens(key)
         held_after = held_before + tokens
-        if held_after + context_extra > self.budget.max_model_len:
+        history_after = self.history_tokens(key) + tokens
+        if history_after + context_extra > self.budget.max_model_len:
             raise SessionError(
                 413,
-                f"{what} would take the session to {held_after + context_extra} tokens (including work already "
+                f"{what} would take the session to {history_after + context_extra} tokens (including work already "
                 f"accepted on it), over the model's context length of {self.budget.max_model_len}; "
                 "the session is unchanged",
                 "context_length_exceeded",
             )
-        if held_after > self.budget.session_quota_tokens:
+        if history_after > self.budget.session_quota_tokens:
             raise SessionError(
                 429,
-                f"session would hold {held_after} tokens, over its quota of {self.budget.session_quota_tokens}",
+                f"session would hold {history_after} tokens, over its quota of {self.budget.session_quota_tokens}",
                 "session_quota_exceeded",
                 retry_after=RETRY_AFTER_S,
             )
@@ -353,7 +411,7 @@ class CellLedger:
         private_after = max(0, cdiv(held_after, bs) - len(held_keys) - len(added))
         growth = private_after - private_before + new_shared
         charged = self.charged_blocks()
-        if growth > 0 and charged + growth > self.budget.budget_blocks:
+        if budget and growth > 0 and charged + growth > self.budget.budget_blocks:
             raise SessionError(
                 429,
                 f"cell budget exhausted: {charged} of {self.budget.budget_blocks} blocks pinned or "

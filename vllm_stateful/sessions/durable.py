@@ -122,6 +122,8 @@ class DurableStore:
                     "(--state-dir DIR) or stop the other"
                 ) from None
             db = str(Path(path) / DB_NAME)
+            if not os.path.exists(db):  # every session's tokens and messages: owner only (WAL files follow)
+                os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
         self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

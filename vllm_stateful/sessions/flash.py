@@ -80,9 +80,20 @@ class FlashQuery:
     removed: bool = False
     _updated: asyncio.Event = field(default_factory=asyncio.Event)
 
+    # answers computed over a token state before this one are refused (the session was rewound)
+    min_seq: int = 0
+
     def record(self, answer: FlashAnswer) -> None:
-        if self.answer is None or answer.commit_seq >= self.answer.commit_seq:
+        if answer.commit_seq >= self.min_seq and (self.answer is None or answer.commit_seq >= self.answer.commit_seq):
             self.answer, self.error = answer, None
+        self._wake()
+
+    def forget_after(self, version: int, commit_seq: int) -> None:
+        """The session was rewound to ``version`` (its token state is now ``commit_seq``): answers
+        of later versions, and any evaluation still running over the old state, are dropped."""
+        self.min_seq = commit_seq
+        if self.answer is not None and self.answer.version > version:
+            self.answer = None
         self._wake()
 
     def fail(self, message: str, commit_seq: int) -> None:

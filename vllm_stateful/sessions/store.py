@@ -98,6 +98,9 @@ class Session:
     checkpoints: list[Checkpoint] = field(default_factory=lambda: [Checkpoint(0, 0, 0, "")])
     # Set on a session restored from the state dir or imported: how its KV came back.
     restored: dict[str, Any] | None = None
+    saved: bool = False  # written to the state dir at least once (see server/durability.py)
+    # a whole-session operation (fork, rewind, export) holds it: appends are refused meanwhile
+    exclusive: bool = False
 
     @property
     def context_tokens(self) -> int:

