@@ -70,5 +70,10 @@ bench-probe: setup
 bench-multi-tenant: setup
 	$(BIN)/python benchmarks/multi_tenant.py $(BENCH_ARGS)
 
+# restore latency per session state vs context length, and sessions held before the first recompute
+.PHONY: bench-lifecycle
+bench-lifecycle: setup
+	$(BIN)/python benchmarks/lifecycle.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,8 +13,16 @@ vllm-stateful (``--state-dir`` kept across restarts) and warmed by one turn. The
 
 Stock vLLM with prefix caching (the same model and flags) gets the same prompts stateless: ``stock
 cold`` (first request, nothing cached: what a restart costs it) and ``stock warm`` (the same prompt
-again: a prefix-cache hit). Every figure comes with ``recomputed_tokens`` / cached tokens, the machine
-(CPU model, ISA flags) and the model. Outputs under ``--out``: ``lifecycle.csv``, ``summary.md``,
+again: a prefix-cache hit).
+
+Capacity (``--capacity-kv-blocks``, both servers with that many KV blocks): sessions of
+``--capacity-tokens`` unique tokens are added one by one; after each, the least recently used one is
+queried again. Stock vLLM starts recomputing when its ``cached_tokens`` drops (LRU eviction);
+vllm-stateful with ``admission: "offload"`` when the query reports ``recomputed_tokens`` > 0 (an
+idle session was spilled). Both report the session count at the first recompute.
+
+Every figure comes with ``recomputed_tokens`` / cached tokens, the machine (CPU model, ISA flags)
+and the model. Outputs under ``--out``: ``lifecycle.csv``, ``summary.md``,
 ``summary.json``, ``lifecycle.png``.
 
     python benchmarks/lifecycle.py                    # small model, L = 512, 2048, 6144 (CPU)
@@ -37,11 +45,13 @@ import httpx
 
 try:
     from benchmarks import multi_tenant as mt
+    from benchmarks import multi_tenant_report as mtr
     from benchmarks import streaming_benchmark as sb
     from benchmarks.flash_benchmark import machine_info
     from benchmarks.servers import launched_server
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import multi_tenant as mt  # type: ignore[no-redef]
+    import multi_tenant_report as mtr  # type: ignore[no-redef]
     import streaming_benchmark as sb  # type: ignore[no-redef]
     from flash_benchmark import machine_info  # type: ignore[no-redef]
     from servers import launched_server  # type: ignore[no-redef]
@@ -61,11 +71,13 @@ def options() -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--server-args", default="", help="extra flags for both servers")
+    p.add_argument("--capacity-kv-blocks", type=int, default=512, help="KV blocks in the capacity probe; 0 = skip")
+    p.add_argument("--capacity-tokens", type=int, default=256, help="tokens per capacity-probe session")
     p.add_argument("--out", default="benchmarks/results/lifecycle")
     p.add_argument("--quick", action="store_true", help="tiny model, short contexts")
     args = p.parse_args()
     if args.quick:
-        args.model, args.contexts, args.reps = "tiny", "256,1024", 2
+        args.model, args.contexts, args.reps, args.capacity_kv_blocks = "tiny", "256,1024", 2, 128
         args.out = "benchmarks/results/tmp/lifecycle-quick"
     return args
 
@@ -169,6 +181,48 @@ class Run:
                 latency, body = sorted(samples, key=lambda s: s[0])[len(samples) // 2]
                 self.record("vllm", "warm", n, latency, body)
 
+    def capacity(self) -> None:
+        """Sessions held before the first recompute, ours (offload) vs stock (prefix caching)."""
+        blocks = self.args.capacity_kv_blocks
+        if not blocks:
+            return
+        rng = random.Random(1)
+        cap = 4 * blocks * self.args.block_size // self.args.capacity_tokens
+        prompts = [[rng.randrange(10, 3000) for _ in range(self.args.capacity_tokens)] for _ in range(cap)]
+        flags = ["--num-gpu-blocks-override", str(blocks)]
+        plugin = {"state_dir": tempfile.mkdtemp(prefix="vllm-stateful-capacity-"), "admission": "offload"}
+        ours = [*self.common, *flags, "--seed", "0", "--additional-config", json.dumps({"stateful": plugin})]
+        launch = ("stateful", str(self.model_dir), "m")
+        with launched_server(*launch, ours, self.log("stateful-capacity"), self.env) as base:
+            self.notes["ours_first_recompute_at"] = self._probe(base, prompts, stateful=True)
+        stock = [*self.common, *flags, "--seed", "0"]
+        with launched_server("vllm", str(self.model_dir), "m", stock, self.log("vllm-capacity"), self.env) as base:
+            self.notes["stock_first_recompute_at"] = self._probe(base, prompts, stateful=False)
+        size = f"{blocks} KV blocks of {self.args.block_size} tokens"
+        self.notes["capacity"] = f"{size}, sessions of {self.args.capacity_tokens} tokens"
+
+    def _probe(self, base: str, prompts: list[list[int]], stateful: bool) -> dict[str, Any] | None:
+        order: list[int] = []  # client-side LRU order
+        for k, prompt in enumerate(prompts):
+            if stateful:
+                r = httpx.post(base + "/sessions", json={"id": f"cap-{k}", "prompt": prompt}, timeout=900)
+                r.raise_for_status()
+            else:
+                turn(base, {**self.body(prompt), "max_tokens": 1})
+            order.append(k)
+            head = order.pop(0)
+            order.append(head)
+            if stateful:
+                _, body = turn(base, {**self.body([5], f"cap-{head}"), "max_tokens": 1, "stateful_commit": False})
+                missed = body["session"]["recomputed_tokens"]
+            else:
+                _, body = turn(base, {**self.body(prompts[head]), "max_tokens": 1})
+                cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                missed = mtr.full_hit_tokens(len(prompts[head]), self.args.block_size) - cached
+            if missed > 0:
+                return {"sessions": k + 1, "recomputed_tokens": missed}
+        return None
+
     def write(self) -> None:
         with open(self.out / "lifecycle.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -235,6 +289,7 @@ def main() -> None:
     run = Run(options())
     run.stateful()
     run.stock()
+    run.capacity()
     run.write()
     print(f"median of resident turns over all lengths: {statistics.median(r['latency_s'] for r in run.rows):.3f} s")
 

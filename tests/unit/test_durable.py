@@ -180,3 +180,39 @@ def test_flash_answers_from_before_a_rewind_are_refused():
         assert q.answer.text == "after"
 
     asyncio.run(scenario())
+
+
+def test_an_append_saved_after_a_newer_commit_keeps_the_commits_tokens():
+    store = DurableStore(":memory:", IDENTITY)
+    _turn(store, "k1", [1, 2, 3], 0, 1)
+    # acknowledged while that commit was being saved: its view of the session is the older one
+    stale = _scalars(version=2, committed_version=0, n_tokens=0, acked_seq=1)
+    store.add_append("k1", stale, 1, {"version": 2, "token_ids": [4]})
+    (rec,) = store.load_all()
+    assert rec.token_ids == [1, 2, 3] and rec.scalars["committed_version"] == 1
+    assert rec.scalars["version"] == 2 and rec.appends == [(1, {"version": 2, "token_ids": [4]})]
+
+
+def test_finish_then_cancel_completes_the_work_before_the_cancellation_goes_through():
+    import asyncio
+
+    from vllm_stateful.server.session_kv import finish_then_cancel
+
+    done = []
+
+    async def work():
+        await asyncio.sleep(0.05)
+        done.append("saved and applied")
+
+    async def caller():
+        await finish_then_cancel(work())
+
+    async def scenario():
+        task = asyncio.ensure_future(caller())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done == ["saved and applied"]
+
+    asyncio.run(scenario())

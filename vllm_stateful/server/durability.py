@@ -86,14 +86,15 @@ class Durability:
     def enabled(self) -> bool:
         return self.store is not None
 
-    async def _write(self, session: Session, fn, *args: Any) -> None:
+    async def _write(self, session: Session, fn, *args: Any, whole: bool = False) -> None:
+        """``whole``: the write holds the session's row and every rewind point (commit, put)."""
         if self.store is None:
             return
         if session.state == "closed":  # its delete is queued already: a later write would revive it
             raise SessionError(404, f"session '{session.id}' was closed", "session_not_found")
         try:
             await self.store.run(fn, *args)
-            session.saved = True
+            session.saved = session.saved or whole
         except Exception as exc:
             logger.exception("vllm-stateful: could not save session %s", session.id)
             if session.is_open:
@@ -127,15 +128,17 @@ class Durability:
             points,
             oldest,
             ingested_seq,
+            whole=True,
         )
 
     async def append(self, session: Session, seq: int, body: dict[str, Any]) -> None:
         if self.store is not None:
             await self._write(session, self.store.add_append, session.key, scalars(session), seq, body)
 
-    async def put(self, session: Session) -> None:
+    async def put(self, session: Session, record: SessionRecord | None = None) -> None:
+        """Rewrite the session whole (``record``: as it will be, when the change is not applied yet)."""
         if self.store is not None:
-            await self._write(session, self.store.put, record_of(session))
+            await self._write(session, self.store.put, record or record_of(session), whole=True)
 
     async def flash(self, session: Session, fid: str, body: dict[str, Any] | None) -> None:
         if self.store is not None:

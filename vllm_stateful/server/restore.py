@@ -52,6 +52,7 @@ def session_of(record: SessionRecord) -> Session:
     session.kv_tokens = len(session.token_ids)
     session.state = "cold" if session.token_ids else "resident"
     session.saved = True
+    session.newest_applied = max([p.version for p in session.checkpoints] + [session.committed_version])
     return session
 
 

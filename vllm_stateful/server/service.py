@@ -36,7 +36,7 @@ from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, INGEST
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.durability import Change, Durability
 from vllm_stateful.server.metrics import SessionMetrics
-from vllm_stateful.server.session_kv import SessionKV, survive_cancellation
+from vllm_stateful.server.session_kv import SessionKV, finish_then_cancel, survive_cancellation
 from vllm_stateful.server.spill import Spiller
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
 from vllm_stateful.sessions.admission import Budget, CellLedger, Reservation
@@ -360,17 +360,23 @@ class SessionService:
         committed_version = max(session.committed_version, session.version) if complete else session.committed_version
         change = Change(history, messages, pending, committed_version)
         # a rewind point only where every earlier acknowledged change is in the history
-        points = [Checkpoint(session.version, len(history), len(messages), pending)] if complete else []
-        await self.durable.commit(session, change, points)  # on failure _end_turn trims the pin back
-        ensure_open(session)
-        self._apply(session, change, points)
-        result.version = session.version
-        # the engine computed KV for all but the last generated token
-        self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
-        note_restored(session, result)
-        if reservation is not None and self.ledger is not None:
-            self.ledger.settle(reservation, len(history), history, session.pinned_tokens)
-        self._announce(session)
+        version = session.version
+        points = [Checkpoint(version, len(history), len(messages), pending)] if complete else []
+
+        async def save_and_apply() -> None:
+            await self.durable.commit(session, change, points)  # on failure _end_turn trims the pin back
+            ensure_open(session)
+            self._apply(session, change, points, version)
+            result.version = version
+            # the engine computed KV for all but the last generated token
+            self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
+            note_restored(session, result)
+            if reservation is not None and self.ledger is not None:
+                self.ledger.settle(reservation, len(history), history, session.pinned_tokens)
+            self._announce(session)
+
+        # once the save has started, a disconnect cannot stop it half-way: saved means applied
+        await finish_then_cancel(save_and_apply())
         self.metrics.turns.inc()
         self.metrics.recomputed.inc(result.recomputed_tokens)
         self.metrics.reused.inc(result.cached_tokens)
@@ -402,11 +408,16 @@ class SessionService:
         committed_version = max(session.committed_version, label) if complete else session.committed_version
         if not turn_input.token_ids:
             change = Change(session.token_ids, session.messages, session.pending_chat_text, committed_version)
-            await self.durable.commit(session, change, [], ingested_seq)
-            self._apply(session, change, [])
-            for res in reservations:
-                self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
-            self._announce(session)
+
+            async def save_and_apply_nothing() -> None:
+                await self.durable.commit(session, change, [], ingested_seq)
+                ensure_open(session)
+                self._apply(session, change, [], label)
+                for res in reservations:
+                    self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
+                self._announce(session)
+
+            await finish_then_cancel(save_and_apply_nothing())
             return
         await self.recharge(session)  # a spilled session is charged again for the history it re-pins
         prompt = session.token_ids + turn_input.token_ids
@@ -430,16 +441,25 @@ class SessionService:
             messages = session.messages + turn_input.messages if chat else session.messages
             change = Change(prompt, messages, "" if chat else session.pending_chat_text, committed_version)
             base, base_messages = len(session.token_ids), len(session.messages)
-            points = [Checkpoint(v, base + n, base_messages + m, "") for v, n, m in turn_input.boundaries]
-            await self.durable.commit(session, change, points, ingested_seq)
-            ensure_open(session)
-            self._apply(session, change, points)
-            self.kv.apply(session, info, len(prompt))
-            note_restored(session, result)
-            for res in reservations:
-                self.ledger.settle(res, len(prompt), prompt, session.pinned_tokens)
+            points = [
+                Checkpoint(v, base + n, base_messages + m, "")
+                for v, n, m in turn_input.boundaries
+                if v > session.newest_applied  # else a later change (a turn) is in the history before it
+            ]
+            applied = max([v for v, _, _ in turn_input.boundaries] + [label])
+
+            async def save_and_apply() -> None:
+                await self.durable.commit(session, change, points, ingested_seq)
+                ensure_open(session)
+                self._apply(session, change, points, applied)
+                self.kv.apply(session, info, len(prompt))
+                note_restored(session, result)
+                for res in reservations:
+                    self.ledger.settle(res, len(prompt), prompt, session.pinned_tokens)
+                self._announce(session)
+
+            await finish_then_cancel(save_and_apply())
             committed = True
-            self._announce(session)
             self.metrics.ingested.inc(len(turn_input.token_ids))
         finally:
             if not committed:
@@ -461,12 +481,14 @@ class SessionService:
                     raise
                 ensure_open(session)
 
-    def _apply(self, session: Session, change: Change, points: list[Checkpoint]) -> None:
-        """A saved change becomes the session's state (no await: nobody sees half of it)."""
+    def _apply(self, session: Session, change: Change, points: list[Checkpoint], version: int) -> None:
+        """A saved change (holding the content of ``version``) becomes the session's state (no
+        await: nobody sees half of it)."""
         session.token_ids = change.token_ids
         session.messages = change.messages
         session.pending_chat_text = change.pending_chat_text
         session.committed_version = change.committed_version
+        session.newest_applied = max(session.newest_applied, version)
         session.commit_seq += 1
         for point in points:
             session.add_checkpoint(point, self.config.rewind_window)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
@@ -146,6 +147,26 @@ class SessionKV:
         except asyncio.TimeoutError:
             logger.error("vllm-stateful: session %s stayed locked past its close; releasing now", session.id)
             return (await self.bridge.call("release", key=session.key))["freed_blocks"]
+
+
+async def finish_then_cancel(coro: Any) -> Any:
+    """Run ``coro`` to completion even if the awaiting task is cancelled meanwhile, then let the
+    cancellation through: for work that must not stop half-way (a change saved to disk is applied
+    in memory too). Returns its result, or raises its exception, when not cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        if not task.cancelled():
+            task.exception()  # retrieved: its failure is logged where it happened
+        raise
 
 
 async def survive_cancellation(coro) -> None:

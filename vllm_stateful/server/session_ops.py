@@ -28,9 +28,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from vllm_stateful.engine.session_pins import token_digest
+from vllm_stateful.server.durability import record_of
 from vllm_stateful.server.service import SessionService, ensure_open
-from vllm_stateful.server.session_kv import survive_cancellation
-from vllm_stateful.sessions.durable import Checkpoint
+from vllm_stateful.server.session_kv import finish_then_cancel, survive_cancellation
+from vllm_stateful.sessions.durable import Checkpoint, SessionRecord
 from vllm_stateful.sessions.store import Session, SessionError
 
 EXPORT_FORMAT = "vllm-stateful.session.v1"
@@ -74,6 +75,7 @@ class SessionOps:
                 child.pending_chat_text = parent.pending_chat_text
                 child.version = child.committed_version = parent.committed_version
                 child.checkpoints = list(parent.checkpoints)
+                child.newest_applied = parent.newest_applied
                 child.kv_tokens = parent.kv_tokens
                 tokens = child.token_ids
                 res = await service.admit(child, len(tokens), what="this fork", known=tokens)
@@ -100,32 +102,41 @@ class SessionOps:
             charged = service.ledger.committed_tokens(session.key) >= len(session.token_ids)
             info = await service.kv.sync(session, point.n_tokens)
             ensure_open(session)
-            # saved before it is applied: a rewrite of the session as it is at the point
-            before = (session.token_ids, session.messages, session.pending_chat_text, session.version,
-                      session.committed_version, session.checkpoints)  # fmt: skip
-            session.token_ids = session.token_ids[: point.n_tokens]
-            session.messages = session.messages[: point.n_messages]
-            session.pending_chat_text = point.pending_chat_text
-            session.version = session.committed_version = point.version
-            session.checkpoints = [p for p in session.checkpoints if p.version <= point.version]
-            try:
-                await service.durable.put(session)
-            except BaseException:
-                (session.token_ids, session.messages, session.pending_chat_text, session.version,
-                 session.committed_version, session.checkpoints) = before  # fmt: skip
-                raise
-            session.commit_seq += 1
-            service.kv.apply(session, info, min(session.kv_tokens, point.n_tokens))
-            if charged:
-                service.ledger.set_committed(session.key, point.n_tokens, session.token_ids, session.pinned_tokens)
-            else:  # its KV is out of the pool: it stays uncharged, shorter
-                service.ledger.uncharge(session.key, history=point.n_tokens)
-            for query in session.flash.values():
-                query.forget_after(point.version, session.commit_seq)
-            session.events.publish("rewound", {"version": session.version, "context_tokens": session.context_tokens})
-            service._announce(session)
+            # saved before it is applied: the session rewritten as it is at the point
+            record = record_of(session)
+            record.token_ids = session.token_ids[: point.n_tokens]
+            record.messages = session.messages[: point.n_messages]
+            record.checkpoints = [p for p in session.checkpoints if p.version <= point.version]
+            record.scalars.update(
+                version=point.version, committed_version=point.version, pending_chat_text=point.pending_chat_text,
+                n_tokens=point.n_tokens, n_messages=len(record.messages),
+            )  # fmt: skip
+            await finish_then_cancel(self._save_rewind(session, record, point, info, charged))
             service.metrics.rewinds.inc()
             return session
+
+    async def _save_rewind(
+        self, session: Session, record: SessionRecord, point: Checkpoint, info: dict[str, int], charged: bool
+    ) -> None:
+        """Save the rewound session, then apply it (no await between)."""
+        service = self.service
+        assert service.ledger is not None
+        await service.durable.put(session, record)
+        ensure_open(session)
+        session.token_ids, session.messages = record.token_ids, record.messages
+        session.pending_chat_text = point.pending_chat_text
+        session.version = session.committed_version = session.newest_applied = point.version
+        session.checkpoints = record.checkpoints
+        session.commit_seq += 1
+        service.kv.apply(session, info, min(session.kv_tokens, point.n_tokens))
+        if charged:
+            service.ledger.set_committed(session.key, point.n_tokens, session.token_ids, session.pinned_tokens)
+        else:  # its KV is out of the pool: it stays uncharged, shorter
+            service.ledger.uncharge(session.key, history=point.n_tokens)
+        for query in session.flash.values():
+            query.forget_after(point.version, session.commit_seq)
+        session.events.publish("rewound", {"version": session.version, "context_tokens": session.context_tokens})
+        service._announce(session)
 
     def _point(self, session: Session, version: int) -> Checkpoint:
         for point in session.checkpoints:
@@ -195,7 +206,7 @@ class SessionOps:
             session.token_ids = tokens
             session.messages = list(data["messages"])
             session.pending_chat_text = data.get("pending_chat_text") or ""
-            session.version = session.committed_version = version
+            session.version = session.committed_version = session.newest_applied = version
             session.checkpoints = points or [
                 Checkpoint(version, len(tokens), len(session.messages), session.pending_chat_text)
             ]

@@ -183,8 +183,8 @@ class CellLedger:
         acct = self._accounts.get(key)
         own_partial = 0 if acct is None else self._footprint(acct) * self.budget.block_size - held
         budget_room = free_blocks * self.budget.block_size + own_partial
-        if ignore_budget:
-            budget_room = quota_room
+        if ignore_budget:  # every other session could be spilled: the whole budget
+            budget_room = self.budget.budget_blocks * self.budget.block_size - held
         return max(0, min(quota_room, budget_room, self.budget.max_model_len - history))
 
     # --- changing ---------------------------------------------------------------

@@ -214,9 +214,11 @@ class DurableStore:
                 db.execute("DELETE FROM appends WHERE key = ? AND seq <= ?", (key, ingested_seq))
 
     def add_append(self, key: str, scalars: dict[str, Any], seq: int, body: dict[str, Any]) -> None:
-        """An acknowledged append (not yet ingested) and the session's new version."""
+        """An acknowledged append (not yet ingested) and the session's new version. Only the
+        version, sequence and use time of a stored session change: a commit saved just before may
+        hold newer tokens than ``scalars`` (changes are saved before they are applied)."""
         with self._tx() as db:
-            self._upsert(db, key, scalars)
+            self._upsert(db, key, scalars, only=("version", "acked_seq", "last_used_at"))
             db.execute("INSERT OR REPLACE INTO appends VALUES (?, ?, ?)", (key, seq, json.dumps(body)))
 
     def put_flash(self, key: str, fid: str, body: dict[str, Any] | None) -> None:
@@ -234,10 +236,11 @@ class DurableStore:
                 db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
 
     @staticmethod
-    def _upsert(db: sqlite3.Connection, key: str, scalars: dict[str, Any]) -> None:
+    def _upsert(db: sqlite3.Connection, key: str, scalars: dict[str, Any], only: Sequence[str] = SCALARS) -> None:
+        """Insert the session's row, or update the ``only`` columns of a stored one."""
         cols = ", ".join(SCALARS)
         marks = ", ".join("?" for _ in SCALARS)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in SCALARS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in only)
         db.execute(
             f"INSERT INTO sessions (key, {cols}) VALUES (?, {marks}) ON CONFLICT(key) DO UPDATE SET {updates}",
             (key, *(scalars[c] for c in SCALARS)),

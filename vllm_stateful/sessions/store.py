@@ -98,7 +98,9 @@ class Session:
     checkpoints: list[Checkpoint] = field(default_factory=lambda: [Checkpoint(0, 0, 0, "")])
     # Set on a session restored from the state dir or imported: how its KV came back.
     restored: dict[str, Any] | None = None
-    saved: bool = False  # written to the state dir at least once (see server/durability.py)
+    saved: bool = False  # its row and rewind points are in the state dir (see server/durability.py)
+    # the newest version whose content ``token_ids`` holds: rewind points below it are no prefixes
+    newest_applied: int = 0
     # a whole-session operation (fork, rewind, export) holds it: appends are refused meanwhile
     exclusive: bool = False
 
