@@ -216,3 +216,17 @@ def test_finish_then_cancel_completes_the_work_before_the_cancellation_goes_thro
         assert done == ["saved and applied"]
 
     asyncio.run(scenario())
+
+
+def test_a_rewind_that_would_unshare_blocks_beyond_the_budget_is_refused_by_the_ledger():
+    budget = Budget(cell_budget_tokens=2 * 16, session_quota_tokens=10**6, block_size=16, max_model_len=4096)
+    ledger = CellLedger(budget)
+    tokens = list(range(32))
+    for key in ("parent", "child"):  # a fork: both hold the same two full blocks, charged once
+        res = ledger.reserve(key, 32, known=tokens, scope="t")
+        ledger.settle(res, 32, tokens)
+    assert ledger.charged_blocks() == 2
+    # the child back at 24 tokens: block 1 becomes its own partial block, a third one
+    assert not ledger.fits_committed("child", 24, tokens[:24])
+    assert ledger.charged_blocks() == 2 and ledger.check_integrity() == []
+    assert ledger.fits_committed("child", 16, tokens[:16])  # still within the shared blocks

@@ -65,6 +65,8 @@ async def restore_sessions(
         return 0, None
     assert service.ledger is not None
     records = await store.run(store.load_all)
+    # most recently used first: they are charged to the budget first, and rebuilt first
+    records.sort(key=lambda r: -r.scalars["last_used_at"])
     restored: list[tuple[float, Session]] = []
     for record in records:
         session = session_of(record)
@@ -84,7 +86,7 @@ async def restore_sessions(
         logger.info("vllm-stateful: restored %d sessions from %s (%s)", len(restored), store.path, mode)
     task = None
     if mode == "eager" and restored:
-        order = [s for _, s in sorted(restored, key=lambda p: -p[0])]  # most recently used first
+        order = [s for _, s in restored]
         task = asyncio.get_running_loop().create_task(_rebuild(service, order))
     return len(restored), task
 

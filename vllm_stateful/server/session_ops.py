@@ -100,6 +100,12 @@ class SessionOps:
             if point.version == session.version and point.n_tokens == len(session.token_ids):
                 return session
             charged = service.ledger.committed_tokens(session.key) >= len(session.token_ids)
+            kept = session.token_ids[: point.n_tokens]
+            if charged and not service.ledger.fits_committed(session.key, point.n_tokens, kept, point.n_tokens):
+                raise SessionError(
+                    429, "rewinding would turn blocks this session shares (a fork's) into private ones beyond "
+                    "the cell budget; retry later", "cell_budget_exceeded", retry_after=1.0,
+                )  # fmt: skip
             info = await service.kv.sync(session, point.n_tokens)
             ensure_open(session)
             # saved before it is applied: the session rewritten as it is at the point

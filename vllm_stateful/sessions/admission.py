@@ -257,6 +257,26 @@ class CellLedger:
 
         self._update(acct, change)
 
+    def fits_committed(
+        self, key: str, committed_tokens: int, token_ids: Sequence[int], pinned_tokens: int | None = None
+    ) -> bool:
+        """Whether ``set_committed`` with these values keeps the charge within the budget (or does
+        not raise it). A shorter history can cost more: a full block shared with another session
+        may become this session's private partial block."""
+        acct = self._accounts.get(key)
+        if acct is None:
+            return True
+        saved = (acct.committed, acct.history, acct.keys, acct.basis)
+        charged = self.charged_blocks()
+        self.set_committed(key, committed_tokens, token_ids, pinned_tokens)
+        after = self.charged_blocks()
+
+        def undo() -> None:
+            acct.committed, acct.history, acct.keys, acct.basis = saved
+
+        self._update(acct, undo)
+        return after <= max(charged, self.budget.budget_blocks)
+
     def uncharge(self, key: str, history: int | None = None) -> None:
         """The session's KV left the pool (spilled): its committed tokens stop counting against the
         budget, still against its context and quota. ``history``: its committed length now."""
