@@ -159,7 +159,7 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
     return err
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -174,7 +174,7 @@ def tiny_model_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(
         os.environ,
@@ -241,10 +241,6 @@ def wait_ready(proc: subprocess.Popen, root: str, log: Path, timeout_s: float = 
         if time.time() > deadline:
             raise RuntimeError(f"server not ready:\n{log.read_text()[-4000:]}")
         time.sleep(1)
-
-
-def free_port() -> int:
-    return _free_port()
 
 
 def stop_group(proc: subprocess.Popen) -> None:

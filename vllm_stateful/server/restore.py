@@ -18,13 +18,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from contextlib import aclosing
 from typing import Any
 
-from vllm.sampling_params import RequestOutputKind, SamplingParams
-
-from vllm_stateful.engine.request_tags import make_extra_args
-from vllm_stateful.engine.work_classes import CLASS_KEY, INGEST
 from vllm_stateful.server.ingest import Ingestor
 from vllm_stateful.server.service import SessionService, note_restored
 from vllm_stateful.server.session_kv import survive_cancellation
@@ -104,16 +99,11 @@ async def rebuild_kv(service: SessionService, session: Session) -> bool:
             service.ledger.recharge(session.key, session.token_ids)
         except SessionError:
             return False
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        params.extra_args = {**make_extra_args(service.tenancy.secret, session.key, True), CLASS_KEY: INGEST}
-        params.output_kind = RequestOutputKind.FINAL_ONLY
         tokens = list(session.token_ids)
         result = TurnResult(session, len(tokens), session.kv_tokens)
         rebuilt = False
         try:
-            async with aclosing(service.kv.generate(tokens, params, result, background=True)) as outputs:
-                async for _ in outputs:
-                    pass
+            await service.prefill(session, tokens, result, ingest_class=True, background=True)
             if result.finish_reason in ("abort", "error") or not session.is_open:
                 return False
             info = await service.kv.sync(session, len(tokens))

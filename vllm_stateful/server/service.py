@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # The event that ends a session's stream, by close reason (other reasons: "closed").
 LIFECYCLE_EVENTS = {"expired": "expired", "failed": "failed"}
 BuildInput = Callable[[Session], Awaitable[TurnInput]]
+T = TypeVar("T")
 MakeParams = Callable[[int], SamplingParams]
 
 
@@ -102,10 +103,18 @@ class SessionService:
         """Reserve ``tokens`` for ``session`` (see ``CellLedger.reserve``). Over the cell budget,
         with ``admission: "offload"``, idle sessions are spilled (least recently used first)
         until it fits; 429 only when none is left to spill."""
-        assert self.ledger is not None
+        ledger = self.ledger
+        assert ledger is not None
+        return await self._spilling(
+            session, lambda: ledger.reserve(session.key, tokens, context_extra, what, known, session.tenant)
+        )
+
+    async def _spilling(self, session: Session, attempt: Callable[[], T]) -> T:
+        """``attempt()``; while it is over the cell budget and ``admission: "offload"`` can spill an
+        idle session (least recently used first, never ``session``), spill one and try again."""
         while True:
             try:
-                return self.ledger.reserve(session.key, tokens, context_extra, what, known, session.tenant)
+                return attempt()
             except SessionError as err:
                 if err.code != "cell_budget_exceeded" or self.spiller is None:
                     raise
@@ -421,18 +430,12 @@ class SessionService:
             return
         await self.recharge(session)  # a spilled session is charged again for the history it re-pins
         prompt = session.token_ids + turn_input.token_ids
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        # the engine's ingestion class (after queries and plain traffic, with a minimum share),
-        # unless a request is waiting for this data: then its class (priority inheritance)
-        ingest_class = {} if session.ingest_waiters else {CLASS_KEY: INGEST}
-        params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), **ingest_class}
-        params.output_kind = RequestOutputKind.FINAL_ONLY
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
         try:
-            async with aclosing(self.kv.generate(prompt, params, result)) as outputs:
-                async for _ in outputs:
-                    pass
+            # the engine's ingestion class (after queries and plain traffic, with a minimum share),
+            # unless a request is waiting for this data: then its class (priority inheritance)
+            await self.prefill(session, prompt, result, ingest_class=not session.ingest_waiters)
             self._check_not_aborted(session, result)
             ensure_open(session)
             info = await self.kv.sync(session, len(prompt))
@@ -465,21 +468,28 @@ class SessionService:
             if not committed:
                 await survive_cancellation(self.kv.rollback(session))
 
+    async def prefill(
+        self, session: Session, prompt: list[int], result: TurnResult, ingest_class: bool, background: bool = False
+    ) -> None:
+        """Compute the KV of ``prompt`` on the session, filling ``result`` (vLLM samples one token; it
+        is discarded). ``ingest_class``: in the engine's ingestion class, else in the session's own
+        (query) class; ``background``: not client use of the session (see ``SessionKV.generate``)."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        work_class = {CLASS_KEY: INGEST} if ingest_class else {}
+        params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), **work_class}
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        async with aclosing(self.kv.generate(prompt, params, result, background=background)) as outputs:
+            async for _ in outputs:
+                pass
+
     async def recharge(self, session: Session) -> None:
         """Charge a session whose KV left the pool (spilled, or restored over budget) for its whole
         history again, before its KV is rebuilt; with ``admission: "offload"`` idle sessions are
         spilled to make room. 429 ``cell_budget_exceeded`` when it cannot fit."""
-        assert self.ledger is not None
-        while self.recharge_tokens(session):
-            try:
-                self.ledger.recharge(session.key, session.token_ids)
-                return
-            except SessionError as err:
-                if err.code != "cell_budget_exceeded" or self.spiller is None:
-                    raise
-                if not await self.spiller.spill_one(exclude=session.key):
-                    raise
-                ensure_open(session)
+        ledger = self.ledger
+        assert ledger is not None
+        if self.recharge_tokens(session):
+            await self._spilling(session, lambda: ledger.recharge(session.key, session.token_ids))
 
     def _apply(self, session: Session, change: Change, points: list[Checkpoint], version: int) -> None:
         """A saved change (holding the content of ``version``) becomes the session's state (no

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from vllm_stateful.engine.session_pins import token_digest
-from vllm_stateful.server.durability import record_of
+from vllm_stateful.server.durability import flash_body, record_of
 from vllm_stateful.server.service import SessionService, ensure_open
 from vllm_stateful.server.session_kv import finish_then_cancel, survive_cancellation
 from vllm_stateful.sessions.durable import Checkpoint, SessionRecord
@@ -178,7 +178,7 @@ class SessionOps:
                 "messages": list(session.messages),
                 "pending_chat_text": session.pending_chat_text,
                 "checkpoints": [vars(p) for p in session.checkpoints],
-                "flash_queries": [{"name": q.name, **q.request} for q in session.flash.values()],
+                "flash_queries": [flash_body(q) for q in session.flash.values()],
             }
 
     async def import_(self, tenant: str, data: dict[str, Any], register: Callable[[Session], None]) -> Session:

@@ -298,20 +298,9 @@ class CellLedger:
         acct = self._accounts.get(key)
         if acct is None or acct.committed >= acct.history:
             return
-        bs = self.budget.block_size
-        keys = set(chain_keys(token_ids, bs)) - self._keys_of(acct)
-        new_shared = sum(1 for k in keys if (acct.scope, k) not in self._refs)
-        private_before = self._private_of(acct)
-        private_after = max(0, cdiv(len(token_ids) + acct.reserved, bs) - len(self._keys_of(acct)) - len(keys))
-        growth = private_after - private_before + new_shared
-        if growth > 0 and self.charged_blocks() + growth > self.budget.budget_blocks:
-            raise SessionError(
-                429,
-                f"cell budget exhausted: {self.charged_blocks()} of {self.budget.budget_blocks} blocks pinned or "
-                f"reserved, restoring this session's KV needs {growth} more",
-                "cell_budget_exceeded",
-                retry_after=RETRY_AFTER_S,
-            )
+        held_after = len(token_ids) + acct.reserved
+        keys = chain_keys(token_ids, self.budget.block_size)
+        self._budget_growth(key, acct.scope, held_after, keys, "restoring this session's KV", enforce=True)
         self.set_committed(key, len(token_ids), token_ids, pinned_tokens)
 
     def restore(self, key: str, scope: str, token_ids: Sequence[int]) -> bool:
@@ -421,17 +410,24 @@ class CellLedger:
                 "session_quota_exceeded",
                 retry_after=RETRY_AFTER_S,
             )
+        return self._budget_growth(key, scope, held_after, new_keys, what, enforce=budget)
+
+    def _budget_growth(
+        self, key: str, scope: str, held_after: int, new_keys: Sequence[bytes], what: str, enforce: bool
+    ) -> int:
+        """Blocks the charge grows by when ``key`` holds ``held_after`` tokens (charged) with the
+        content ``new_keys`` added; with ``enforce``, 429 if that passes the budget."""
         bs = self.budget.block_size
         acct = self._accounts.get(key)
         scope = acct.scope if acct is not None else scope
         held_keys = set() if acct is None else self._keys_of(acct)
         added = set(new_keys) - held_keys
         new_shared = sum(1 for k in added if (scope, k) not in self._refs)
-        private_before = max(0, cdiv(held_before, bs) - len(held_keys))
+        private_before = max(0, cdiv(self.held_tokens(key), bs) - len(held_keys))
         private_after = max(0, cdiv(held_after, bs) - len(held_keys) - len(added))
         growth = private_after - private_before + new_shared
         charged = self.charged_blocks()
-        if budget and growth > 0 and charged + growth > self.budget.budget_blocks:
+        if enforce and growth > 0 and charged + growth > self.budget.budget_blocks:
             raise SessionError(
                 429,
                 f"cell budget exhausted: {charged} of {self.budget.budget_blocks} blocks pinned or "
