@@ -44,8 +44,10 @@ PLUGIN_FLAGS = {
     "--tenant-header": ("tenant_header", str, "header naming the tenant, set by a trusted gateway (default: none)"),
 }
 
-# vLLM flags whose values sessions cannot run with yet (see engine/support.py).
-SINGLE_ONLY_FLAGS = ("--data-parallel-size", "-dp", "--api-server-count", "-asc")
+# vLLM flags whose values sessions cannot run with (see engine/support.py): the sessions live
+# in one API server process, whatever the number of data-parallel ranks.
+SINGLE_ONLY_FLAGS = ("--api-server-count", "-asc")
+DP_FLAGS = ("--data-parallel-size", "-dp")
 
 
 def plugin_parser() -> argparse.ArgumentParser:
@@ -76,9 +78,36 @@ def refuse_unsupported(args: Sequence[str]) -> None:
         value = _flag_value(args, flag)
         if value is not None and value.strip() not in ("1", ""):
             raise SystemExit(
-                f"vllm-stateful: {flag} {value} is not supported yet: sessions live in one API server and one "
-                "engine (one data-parallel rank, --api-server-count 1)"
+                f"vllm-stateful: {flag} {value} is not supported: sessions live in one API server process "
+                "(--api-server-count 1), which serves every data-parallel rank"
             )
+
+
+def data_parallel_size(args: Sequence[str]) -> int:
+    for flag in DP_FLAGS:
+        value = _flag_value(args, flag)
+        if value is not None:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise SystemExit(f"vllm-stateful: {flag} {value!r} is not a number") from None
+    return 1
+
+
+def cpu_binding(dp: int, cores: int, given: str | None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``dp`` ranks: each rank needs its own core list
+    (``0|1``; one list for all makes vLLM fail at startup). Contiguous, equal shares of ``cores``."""
+    if given is not None:
+        if dp > 1 and given not in ("auto", "nobind") and len(given.split("|")) != dp:
+            raise SystemExit(
+                f"vllm-stateful: VLLM_CPU_OMP_THREADS_BIND={given!r} names {len(given.split('|'))} core list(s) "
+                f"for {dp} data-parallel ranks; give one per rank separated by '|', e.g. '0|1', or unset it"
+            )
+        return given
+    if dp > cores:
+        raise SystemExit(f"vllm-stateful: --data-parallel-size {dp} needs at least {dp} CPU cores; this has {cores}")
+    share = cores // dp
+    return "|".join(f"{r * share}-{(r + 1) * share - 1}" if share > 1 else str(r * share) for r in range(dp))
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -99,6 +128,7 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
         if not _has_flag(rest, "--served-model-name"):
             rest = [*rest, "--served-model-name", "qwen2-tiny-demo"]
     refuse_unsupported(rest)
+    dp = data_parallel_size(rest)
     plugin_args, rest = plugin_parser().parse_known_args(rest)
     settings = {key: getattr(plugin_args, flag[2:].replace("-", "_")) for flag, (key, _, _) in PLUGIN_FLAGS.items()}
     settings = {k: v for k, v in settings.items() if v is not None}
@@ -110,9 +140,12 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
     os.environ["VLLM_PLUGINS"] = ",".join(plugins)
 
     defaults: list[tuple[str, list[str]]] = [("--scheduler-cls", ["--scheduler-cls", SCHEDULER_CLS])]
+    if dp > 1:  # vLLM starts one API server per rank by default; sessions need exactly one
+        defaults.append(("--api-server-count", ["--api-server-count", "1"]))
     if is_cpu_build():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+        binding = cpu_binding(dp, os.cpu_count() or 1, os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
         if demo_dtype is not None:
             dtype, reason = demo_dtype, "the demo model's own dtype"
         else:
@@ -222,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "use), served as qwen2-tiny-demo.\n"
                 "CPU defaults (overridable): --dtype float32, or bfloat16 where the CPU has native bf16 "
                 "(avx512_bf16/amx_bf16); --block-size 32 --enforce-eager --max-model-len 8192, "
-                "VLLM_CPU_KVCACHE_SPACE=4, VLLM_CPU_OMP_THREADS_BIND=all cores.\n\nvLLM options (vLLM's "
+                "VLLM_CPU_KVCACHE_SPACE=4 (per rank), VLLM_CPU_OMP_THREADS_BIND=all cores (with "
+                "--data-parallel-size N: an equal share per rank, e.g. 0|1).\n\nvLLM options (vLLM's "
                 "own text below: its MODEL default does not apply here):\n"
             )
             sys.stdout.flush()

@@ -146,11 +146,28 @@ def test_the_small_demo_model_is_written_in_the_dtype_it_is_served_in(monkeypatc
     assert demo_model.default_model_dir("small", "bfloat16").name == "qwen2-small-demo"
 
 
-@pytest.mark.parametrize("flags", [["--data-parallel-size", "2"], ["--api-server-count=3"], ["-dp", "4"]])
-def test_serve_refuses_several_ranks_or_api_servers_before_starting(flags):
+@pytest.mark.parametrize("flags", [["--api-server-count=3"], ["-asc", "2"], ["--data-parallel-size", "2", "-asc", "2"]])
+def test_serve_refuses_several_api_servers_before_starting(flags):
     from vllm_stateful import cli
 
     with pytest.raises(SystemExit) as e:
         cli.serve_argv(["/m", *flags])
-    assert "not supported yet" in str(e.value)
-    cli.refuse_unsupported(["--data-parallel-size", "1"])  # one rank is fine
+    assert "--api-server-count 1" in str(e.value)
+    cli.refuse_unsupported(["--api-server-count", "1", "--data-parallel-size", "4"])  # ranks are fine
+
+
+def test_serve_with_data_parallel_ranks_keeps_one_api_server_and_binds_cores_per_rank(monkeypatch):
+    from vllm_stateful import cli
+
+    monkeypatch.setattr(cli, "is_cpu_build", lambda: True)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    argv = cli.serve_argv(["/m", "--data-parallel-size", "2"])
+    assert argv[argv.index("--api-server-count") + 1] == "1"
+    assert cli.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert cli.cpu_binding(2, 8, None) == "0-3|4-7"
+    assert cli.cpu_binding(1, 2, None) == "0-1"
+    assert cli.cpu_binding(2, 8, "0-1|2-3") == "0-1|2-3"
+    for bad_dp, cores, given in ((3, 2, None), (2, 2, "0-1")):
+        with pytest.raises(SystemExit):
+            cli.cpu_binding(bad_dp, cores, given)

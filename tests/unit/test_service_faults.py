@@ -79,7 +79,12 @@ class FakeBridge:
         self._record()
         return "".join(chr(i) for i in ids)
 
-    async def call(self, op: str, **args):
+    dp_size = 1
+
+    async def call_all(self, op: str, **args):
+        return [await self.call(op, **args)]
+
+    async def call(self, op: str, rank: int = 0, **args):
         self.calls.append((op, args))
         if op in self.fail_ops:
             raise RuntimeError(f"engine refused {op}")
@@ -92,7 +97,7 @@ class FakeBridge:
             return {"freed_blocks": -(-self.pins.pop(args["key"], 0) // 16)}
         return {}
 
-    async def generate(self, prompt, params, request_id, cache_salt, priority=0, session_id=None):
+    async def generate(self, prompt, params, request_id, cache_salt, priority=0, session_id=None, rank=0):
         await asyncio.sleep(0)
         n = params.max_tokens
         reason = "length"

@@ -70,15 +70,14 @@ def test_startup_gate_names_what_is_supported():
     full = [KVGroupShape("FullAttentionSpec")]
     assert unsupported_reason(full, True) is None
     refused = {
-        "hybrid": ([KVGroupShape("FullAttentionSpec"), KVGroupShape("MambaSpec")], True, 1, 1),
-        "sliding": ([KVGroupShape("SlidingWindowSpec", sliding_window=128)], True, 1, 1),
-        "sliding-in-full": ([KVGroupShape("FullAttentionSpec", sliding_window=128)], True, 1, 1),
-        "chunked": ([KVGroupShape("ChunkedLocalAttentionSpec", attention_chunk_size=64)], True, 1, 1),
-        "mamba": ([KVGroupShape("MambaSpec")], True, 1, 1),
-        "no-apc": (full, False, 1, 1),
-        "dp": (full, True, 2, 1),
-        "api-servers": (full, True, 1, 2),
+        "hybrid": ([KVGroupShape("FullAttentionSpec"), KVGroupShape("MambaSpec")], True, 1),
+        "sliding": ([KVGroupShape("SlidingWindowSpec", sliding_window=128)], True, 1),
+        "sliding-in-full": ([KVGroupShape("FullAttentionSpec", sliding_window=128)], True, 1),
+        "chunked": ([KVGroupShape("ChunkedLocalAttentionSpec", attention_chunk_size=64)], True, 1),
+        "mamba": ([KVGroupShape("MambaSpec")], True, 1),
+        "no-apc": (full, False, 1),
+        "api-servers": (full, True, 2),
     }
-    for name, (groups, apc, dp, api) in refused.items():
-        reason = unsupported_reason(groups, apc, dp, api)
+    for name, (groups, apc, api) in refused.items():
+        reason = unsupported_reason(groups, apc, api)
         assert reason and reason.startswith("vllm-stateful supports full-attention models"), name

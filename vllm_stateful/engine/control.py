@@ -14,6 +14,8 @@ incarnation's key. Ops:
   computed); returns the pin's tokens and blocks. Requests of the session
   admitted before the sync can no longer pin (``may_pin``).
 * ``release`` {key} -- drop the session's pins for good; returns the freed blocks.
+* ``leave`` {key} -- drop the session's pin on this data-parallel rank (it moved to
+  another); unlike ``release`` it may pin here again later.
 * ``fork`` {key, new_key} -- pin the session's blocks for a new session too: one
   more reference on each, no block allocated or copied (the partial last block
   is copied on write when either session grows, as for every pinned block).
@@ -55,6 +57,9 @@ class SessionControl:
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.pins = scheduler.session_pins
+        # this engine's data-parallel rank (vLLM sets data_parallel_index per engine process)
+        parallel = getattr(getattr(scheduler, "vllm_config", None), "parallel_config", None)
+        self.rank: int = int(getattr(parallel, "data_parallel_index", 0) or 0)
         self.secret: bytes | None = None
         self.kv_epoch = 0
         self.counters: Counter[str] = Counter()
@@ -134,6 +139,7 @@ class SessionControl:
     def op_info(self) -> dict[str, Any]:
         pool = self.scheduler.kv_cache_manager.block_pool
         return {
+            "rank": self.rank,
             "block_size": self.pins.block_size,
             "num_blocks": pool.num_gpu_blocks,
             "free_blocks": pool.get_num_free_blocks(),
@@ -151,6 +157,13 @@ class SessionControl:
         self.pins.truncate(key, int(keep_tokens))
         self._generation[key] = self._generation.get(key, 0) + 1
         return self._pin_info(key)
+
+    def op_leave(self, key: str) -> dict[str, int]:
+        """The session moved to another data-parallel rank: drop its pin here; it may come back
+        (unlike ``release``), and no request admitted before now pins it again."""
+        freed = self.pins.release(key)
+        self._generation[key] = self._generation.get(key, 0) + 1
+        return {"freed_blocks": freed, **self._pin_info(key)}
 
     def op_release(self, key: str) -> dict[str, int]:
         self._generation.pop(key, None)

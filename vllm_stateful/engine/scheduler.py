@@ -92,7 +92,6 @@ class StatefulSchedulerMixin:
         reason = unsupported_reason(
             groups,
             prefix_caching=bool(self.cache_config.enable_prefix_caching),
-            data_parallel_size=self.vllm_config.parallel_config.data_parallel_size,
         )
         if reason:
             raise ValueError(reason)

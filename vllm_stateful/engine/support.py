@@ -3,9 +3,9 @@
 Sessions reuse a finished request's blocks as-is and share a partial last
 block through vLLM's copy-on-write, which is sound for full attention over
 one KV cache group. Sliding-window, chunked-local, Mamba/hybrid models drop
-or rewrite KV that a session would later read; several data-parallel ranks
-or API servers would split one session across engines and session stores
-(until scale-out lands).
+or rewrite KV that a session would later read; several API servers would
+split the sessions across session stores. Data-parallel ranks are supported:
+each session is placed on one rank (``server/placement.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ class KVGroupShape:
 
 SUPPORTED = (
     "vllm-stateful supports full-attention models with one KV cache group, prefix caching on, "
-    "one data-parallel rank and one API server"
+    "and one API server (--api-server-count 1; any --data-parallel-size)"
 )
 
 
 def unsupported_reason(
     groups: Sequence[KVGroupShape],
     prefix_caching: bool,
-    data_parallel_size: int = 1,
     api_server_count: int = 1,
 ) -> str | None:
     """Why this setup cannot run sessions, or None when it can."""
@@ -52,8 +51,6 @@ def unsupported_reason(
         return f"{SUPPORTED}; this model uses sliding-window or chunked-local attention"
     if not prefix_caching:
         return f"{SUPPORTED}; remove --no-enable-prefix-caching (sessions reuse blocks through it)"
-    if data_parallel_size > 1:
-        return f"{SUPPORTED}; --data-parallel-size is {data_parallel_size}"
     if api_server_count > 1:
         return f"{SUPPORTED}; --api-server-count is {api_server_count}"
     return None

@@ -67,10 +67,33 @@ class EngineBridge:
         transfer = getattr(getattr(engine_client, "vllm_config", None), "kv_transfer_config", None)
         connector = str(getattr(transfer, "kv_connector", "") or "")
         self.has_offload_tier = "Offloading" in connector or "LMCache" in connector
+        parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
+        self.dp_size: int = int(getattr(parallel, "data_parallel_size", 1) or 1)
+        if self.dp_size > 1 and not hasattr(engine_client.engine_core, "_call_utility_async"):
+            raise RuntimeError(
+                "vllm-stateful: this vLLM's engine client cannot address one data-parallel rank "
+                "(AsyncMPClient._call_utility_async, vLLM 0.32); run with --data-parallel-size 1"
+            )
 
-    async def call(self, op: str, **args: Any) -> Any:
-        """Run a session op on the engine-core thread (see ``engine/control.py``)."""
-        return await self.engine.engine_core.call_utility_async(ENGINE_METHOD, op, args)
+    async def call(self, op: str, rank: int = 0, **args: Any) -> Any:
+        """Run a session op on data-parallel rank ``rank``'s engine-core thread (see ``engine/control.py``).
+
+        One rank only, so a busy rank never delays another's session. vLLM 0.32's public API reaches
+        rank 0 (``call_utility_async``) or every rank (``call_utility_all_async``); one chosen rank is
+        its ``_call_utility_async(engine=...)`` (see patches/README.md)."""
+        core = self.engine.engine_core
+        if self.dp_size == 1:
+            return await core.call_utility_async(ENGINE_METHOD, op, args)
+        if not 0 <= rank < self.dp_size:
+            raise ValueError(f"data-parallel rank {rank} out of range 0..{self.dp_size - 1}")
+        return await core._call_utility_async(ENGINE_METHOD, op, args, engine=core.core_engines[rank])
+
+    async def call_all(self, op: str, **args: Any) -> list[Any]:
+        """Run a session op on every data-parallel rank; results in rank order."""
+        core = self.engine.engine_core
+        if self.dp_size == 1:
+            return [await core.call_utility_async(ENGINE_METHOD, op, args)]
+        return list(await core.call_utility_all_async(ENGINE_METHOD, op, args))
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the tokenizer thread."""
@@ -134,10 +157,15 @@ class EngineBridge:
         cache_salt: str,
         priority: int = 0,
         session_id: str | None = None,
+        rank: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """vLLM's ``generate``; a request vLLM refuses raises SessionError with vLLM's status."""
+        """vLLM's ``generate`` on data-parallel rank ``rank``; a request vLLM refuses raises
+        SessionError with vLLM's status."""
         prompt = {"prompt_token_ids": prompt_token_ids, "cache_salt": cache_salt}
-        gen = self.engine.generate(prompt, params, request_id, priority=priority, session_id=session_id)
+        dp_rank = rank if self.dp_size > 1 else None
+        gen = self.engine.generate(
+            prompt, params, request_id, priority=priority, session_id=session_id, data_parallel_rank=dp_rank
+        )
         try:
             async for out in gen:
                 yield out

@@ -46,6 +46,7 @@ def scalars(session: Session, change: Change | None = None) -> dict[str, Any]:
         "pending_chat_text": session.pending_chat_text,
         "n_tokens": len(session.token_ids),
         "n_messages": len(session.messages),
+        "data_parallel_rank": session.data_parallel_rank,
     }
     if change is not None:
         row.update(

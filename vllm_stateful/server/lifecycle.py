@@ -49,19 +49,23 @@ class Maintenance:
                 await self.service.close(session, reason="expired")
 
     async def notice_kv_drops(self) -> None:
-        """When the engine dropped pins wholesale (cache reset, weight update),
-        re-read every session's pin; sessions left without KV become ``cold``."""
+        """When an engine (a data-parallel rank) dropped pins wholesale (cache reset, weight update),
+        re-read the pins of every session on it; sessions left without KV become ``cold``."""
         service = self.service
-        info = await service.bridge.call("info")
-        service.metrics.engine_counters(info)
-        if info["kv_epoch"] == service.kv_epoch:
+        infos = await service.bridge.call_all("info")
+        service.metrics.engine_counters(infos)
+        dropped = [r for r, info in enumerate(infos) if info["kv_epoch"] != service.kv_epochs[r]]
+        if not dropped:
             return
-        seen = {s.key: s.sync_seq for s in service.store.all()}
-        pins = await service.bridge.call("pins")
-        skipped = False
-        for session in service.store.all():
+        on_dropped = [s for s in service.store.all() if s.data_parallel_rank in dropped]
+        seen = {s.key: s.sync_seq for s in on_dropped}
+        pins: dict[str, tuple[int, int]] = {}
+        for rank in dropped:
+            pins.update(await service.bridge.call("pins", rank=rank))
+        skipped = set()
+        for session in on_dropped:
             if seen.get(session.key) != session.sync_seq or session.write_lock.locked():
-                skipped = True  # work in flight: look again on the next pass
+                skipped.add(session.data_parallel_rank)  # work in flight: look again on the next pass
                 continue
             tokens, blocks = pins.get(session.key, (0, 0))
             # kv_tokens keeps what the session should reuse, so the next request reports
@@ -69,5 +73,6 @@ class Maintenance:
             session.pinned_blocks, session.pinned_tokens = blocks, tokens
             if session.state == "resident" and session.token_ids and not tokens:
                 session.state = "cold"
-        if not skipped:
-            service.kv_epoch = info["kv_epoch"]
+        for rank in dropped:
+            if rank not in skipped:
+                service.kv_epochs[rank] = infos[rank]["kv_epoch"]

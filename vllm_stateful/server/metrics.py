@@ -58,6 +58,7 @@ class SessionMetrics:
         )
         self.restored = Counter(p + "restored_sessions", "Sessions restored from the state dir", registry=REGISTRY)
         self.forks = Counter(p + "forks", "Sessions forked", registry=REGISTRY)
+        self.moves = Counter(p + "moves", "Sessions moved to another data-parallel rank", registry=REGISTRY)
         self.rewinds = Counter(p + "rewinds", "Sessions rewound", registry=REGISTRY)
         self.charged_blocks = Gauge(
             p + "charged_blocks", "Blocks charged to sessions (pinned or reserved)", registry=REGISTRY
@@ -119,6 +120,17 @@ class SessionMetrics:
         self.step_seconds = Gauge(
             p + "step_seconds", "Wall seconds of engine steps that scheduled work", registry=REGISTRY
         )
+        # per data-parallel rank (one rank: rank "0" only)
+        self.rank_pinned_blocks = Gauge(
+            p + "rank_pinned_blocks", "KV blocks pinned by sessions, per data-parallel rank", ["rank"],
+            registry=REGISTRY,
+        )  # fmt: skip
+        self.rank_free_blocks = Gauge(
+            p + "rank_free_blocks", "KV blocks free in the pool, per data-parallel rank", ["rank"], registry=REGISTRY
+        )
+        self.rank_sessions = Gauge(
+            p + "rank_sessions", "Live sessions placed on each data-parallel rank", ["rank"], registry=REGISTRY
+        )
 
     def refresh(self, service) -> None:
         store = service.store
@@ -129,9 +141,17 @@ class SessionMetrics:
             self.session_states.labels(state=state).set(by_state.get(state, 0))
         if service.ledger is not None:
             self.charged_blocks.set(service.ledger.charged_blocks())
-            self.budget_blocks.set(service.ledger.budget.budget_blocks)
+            self.budget_blocks.set(service.ledger.budget_blocks)
+        per_rank = Counter_(s.data_parallel_rank for s in store.all())
+        for rank in range(service.bridge.dp_size):
+            self.rank_sessions.labels(rank=str(rank)).set(per_rank.get(rank, 0))
 
-    def engine_counters(self, info: dict) -> None:
+    def engine_counters(self, infos: list[dict]) -> None:
+        """The engines' ``info``, one per data-parallel rank: totals, and pool gauges per rank."""
+        for rank, one in enumerate(infos):
+            self.rank_pinned_blocks.labels(rank=str(rank)).set(one.get("pinned_blocks", 0))
+            self.rank_free_blocks.labels(rank=str(rank)).set(one.get("free_blocks", 0))
+        info = combined(infos)
         for name, value in info.items():
             if name in ("forged_tags", "faults") or name.startswith(("dropped_", "flash_", "ingest_")):
                 self.engine.labels(event=name).set(value)
@@ -148,3 +168,25 @@ class SessionMetrics:
         self.grouped_saved.set(info.get("shared_prefix_tokens", 0))
         self.scheduler_seconds.set(info.get("schedule_s", 0.0))
         self.step_seconds.set(info.get("step_s", 0.0))
+
+
+_PER_ENGINE = frozenset({"rank", "kv_epoch", "block_size", "max_model_len", "token_budget"})
+
+
+def combined(infos: list[dict]) -> dict:
+    """Several ranks' ``info`` as one: numbers and queue depths summed, fragmentation averaged."""
+    if len(infos) == 1:
+        return infos[0]
+    out: dict = {}
+    for info in infos:
+        for name, value in info.items():
+            if name == "depth":
+                depth = out.setdefault("depth", {})
+                for k, v in value.items():
+                    depth[k] = depth.get(k, 0) + v
+            elif name in _PER_ENGINE:
+                out.setdefault(name, value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = out.get(name, 0) + value
+    out["fragmentation"] = sum(i.get("fragmentation", 0.0) for i in infos) / len(infos)
+    return out

@@ -156,7 +156,6 @@ def _unsupported_frontend(args: Namespace, unsupported_reason) -> str | None:
     return unsupported_reason(
         [KVGroupShape("FullAttentionSpec")],  # the engine checks the model itself
         prefix_caching=True,
-        data_parallel_size=int(getattr(args, "data_parallel_size", 1) or 1),
         api_server_count=int(getattr(args, "api_server_count", 1) or 1),
     )
 

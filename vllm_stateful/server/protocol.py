@@ -116,6 +116,10 @@ class RewindRequest(_Strict):
     version: StrictInt = Field(ge=0, le=MAX_VERSION)
 
 
+class MoveRequest(_Strict):
+    data_parallel_rank: StrictInt = Field(ge=0, le=1 << 16)
+
+
 class ExportedCheckpoint(_Strict):
     version: StrictInt = Field(ge=0, le=MAX_VERSION)
     n_tokens: StrictInt = Field(ge=0, le=MAX_VERSION)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_stateful.server.ingest import Ingestor
+from vllm_stateful.server.placement import least_loaded
 from vllm_stateful.server.service import SessionService, note_restored
 from vllm_stateful.server.session_kv import survive_cancellation
 from vllm_stateful.server.turn_types import TurnResult
@@ -40,6 +41,7 @@ def session_of(record: SessionRecord) -> Session:
     session.version, session.committed_version = sc["version"], sc["committed_version"]
     session.token_ids, session.messages = record.token_ids, record.messages
     session.pending_chat_text = sc["pending_chat_text"]
+    session.data_parallel_rank = int(sc.get("data_parallel_rank") or 0)
     if record.checkpoints:
         session.checkpoints = list(record.checkpoints)
     first_pending = record.appends[0][0] if record.appends else sc["acked_seq"] + 1
@@ -66,6 +68,8 @@ async def restore_sessions(
     for record in records:
         session = session_of(record)
         session.restored = {"from": "state_dir", "mode": mode, "kv": "pending" if session.token_ids else "none"}
+        if session.data_parallel_rank >= service.bridge.dp_size:  # saved with more ranks than run now
+            session.data_parallel_rank = least_loaded(service.store.all(), service.bridge.dp_size)
         service.store.adopt(session)
         service.ledger.restore(session.key, session.tenant, session.token_ids)
         for fid, body in record.flash:

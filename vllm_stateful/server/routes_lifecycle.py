@@ -1,4 +1,4 @@
-"""Session lifecycle routes of API.md: fork, rewind, export and import (see
+"""Session lifecycle routes of API.md: fork, rewind, move, export and import (see
 ``server/session_ops.py`` for their contracts). Scoped to the caller's tenant
 like every session route."""
 
@@ -9,7 +9,14 @@ from fastapi.responses import JSONResponse, Response
 
 from vllm_stateful.server.errors import bad_request
 from vllm_stateful.server.http import checked_id, guarded, validated
-from vllm_stateful.server.protocol import ForkRequest, ImportRequest, RewindRequest, check_token_ids, template_messages
+from vllm_stateful.server.protocol import (
+    ForkRequest,
+    ImportRequest,
+    MoveRequest,
+    RewindRequest,
+    check_token_ids,
+    template_messages,
+)
 from vllm_stateful.server.routes_flash import flash_query_of
 from vllm_stateful.server.routes_sessions import check_ttl, own_session, session_body
 from vllm_stateful.server.state import stateful_state
@@ -38,6 +45,18 @@ async def rewind_session(session_id: str, raw_request: Request) -> Response:
     session = own_session(state, raw_request, session_id)
     req = validated(RewindRequest, await session_body(state, raw_request))
     await state.ops.rewind(session, req.version)
+    return JSONResponse(state.service.describe(session))
+
+
+@router.post("/v1/sessions/{session_id}/move")
+@guarded
+async def move_session(session_id: str, raw_request: Request) -> Response:
+    """Rebalancing under data parallelism: the session's KV is rebuilt on another rank."""
+    state = stateful_state(raw_request)
+    session = own_session(state, raw_request, session_id)
+    req = validated(MoveRequest, await session_body(state, raw_request))
+    await state.ops.move(session, req.data_parallel_rank)
+    state.service.metrics.refresh(state.service)
     return JSONResponse(state.service.describe(session))
 
 

@@ -166,7 +166,8 @@ async def integrity(raw_request: Request) -> Response:
     if not state.config.debug_routes:
         raise SessionError(404, "debug routes are off (stateful.debug_routes)", "not_found")
     tenant = state.tenancy.tenant_of(raw_request.headers)
-    engine = await state.bridge.call("integrity", digests=True)
+    per_rank = await state.bridge.call_all("integrity", digests=True)
+    engine = _merge_ranks(per_rank)
     sessions = state.service.store.all()
     by_key = {s.key: s for s in sessions}
 
@@ -187,6 +188,8 @@ async def integrity(raw_request: Request) -> Response:
             problems.append(f"engine pins {pin['blocks']} blocks for a session the API does not know")
         elif pin["tokens"] > s.context_tokens or pin["digest"] != token_digest(s.token_ids[: pin["tokens"]]):
             problems.append(f"{name(s)}: engine pins {pin['tokens']} tokens that are not its committed history")
+        elif pin["rank"] != s.data_parallel_rank:
+            problems.append(f"{name(s)}: pinned on rank {pin['rank']}, placed on rank {s.data_parallel_rank}")
         elif pin["blocks"] != s.pinned_blocks and not s.busy:
             problems.append(f"{name(s)}: engine pins {pin['blocks']} blocks, API view {s.pinned_blocks}")
     problems += _sharing_problems(state, engine["sessions"], by_key, name)
@@ -208,9 +211,38 @@ async def integrity(raw_request: Request) -> Response:
         "charged_blocks": state.service.ledger.charged_blocks(),
         "fragmentation": engine.get("fragmentation"),
         "waits": engine["waits"],
-        "budget_blocks": state.service.ledger.budget.budget_blocks,
+        "budget_blocks": state.service.ledger.budget_blocks,
+        "ranks": [
+            {
+                "rank": r,
+                "pinned_blocks": one["pinned_blocks"],
+                "free_blocks": one["free_blocks"],
+                "sessions": sorted(s.id for s in own.values() if s.key in one["sessions"]),
+                "charged_blocks": state.service.ledger.charged_blocks_of_rank(r),
+            }
+            for r, one in enumerate(per_rank)
+        ],
     }
     return JSONResponse(body)
+
+
+def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engines' integrity reports as one; each pin says its rank, each problem names it."""
+    merged: dict[str, Any] = {"problems": [], "sessions": {}, "waits": [], "counters": {}}
+    for rank, one in enumerate(per_rank):
+        prefix = f"rank {rank}: " if len(per_rank) > 1 else ""
+        merged["problems"] += [prefix + p for p in one["problems"]]
+        for key, pin in one["sessions"].items():
+            if key in merged["sessions"]:
+                merged["problems"].append(f"{prefix}session {key} is pinned on two ranks")
+            merged["sessions"][key] = {**pin, "rank": rank}
+        merged["waits"] += one["waits"]
+        for name, value in one["counters"].items():
+            merged["counters"][name] = merged["counters"].get(name, 0) + value
+        for name in ("pinned_blocks", "free_blocks", "running", "waiting"):
+            merged[name] = merged.get(name, 0) + one[name]
+    merged["kv_epoch"] = [one["kv_epoch"] for one in per_rank] if len(per_rank) > 1 else per_rank[0]["kv_epoch"]
+    return merged
 
 
 def _sharing_problems(state: StatefulState, pins: dict[str, Any], by_key: dict[str, Session], name) -> list[str]:
@@ -218,7 +250,7 @@ def _sharing_problems(state: StatefulState, pins: dict[str, Any], by_key: dict[s
     ledger = state.service.ledger
     assert ledger is not None
     bs = ledger.budget.block_size
-    first: dict[tuple[str, bytes], int] = {}
+    first: dict[tuple[int, str, bytes], int] = {}
     problems = []
     for key, pin in pins.items():
         s = by_key.get(key)
@@ -226,7 +258,7 @@ def _sharing_problems(state: StatefulState, pins: dict[str, Any], by_key: dict[s
             continue
         full = pin["tokens"] // bs
         for i, (digest, block_id) in enumerate(zip(ledger.block_keys(key)[:full], pin["block_ids"])):
-            seen = first.setdefault((s.tenant, digest), block_id)
+            seen = first.setdefault((pin["rank"], s.tenant, digest), block_id)
             if seen != block_id:
                 problems.append(f"{name(s)}: block {i} is charged once but pinned in blocks {seen} and {block_id}")
     return problems

@@ -36,12 +36,14 @@ from vllm_stateful.engine.work_classes import CLASS_KEY, FLASH, INGEST
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.durability import Change, Durability
 from vllm_stateful.server.metrics import SessionMetrics
+from vllm_stateful.server.placement import least_loaded
 from vllm_stateful.server.session_kv import SessionKV, finish_then_cancel, survive_cancellation
 from vllm_stateful.server.spill import Spiller
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
-from vllm_stateful.sessions.admission import Budget, CellLedger, Reservation
+from vllm_stateful.sessions.admission import Budget, Reservation
 from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.events import SessionEvents
+from vllm_stateful.sessions.rank_ledgers import RankedLedgers
 from vllm_stateful.sessions.store import Session, SessionError, SessionStore
 from vllm_stateful.sessions.tenants import Tenancy
 
@@ -66,10 +68,11 @@ class SessionService:
             config.max_sessions,
             config.tenant_session_limit,
             lambda: SessionEvents(config.event_replay, config.event_buffer, config.max_event_subscribers_per_session),
+            lambda live: least_loaded(live, bridge.dp_size),
         )
         self.budget: Budget | None = None
-        self.ledger: CellLedger | None = None
-        self.kv_epoch = 0
+        self.ledger: RankedLedgers | None = None
+        self.kv_epochs: list[int] = []  # per data-parallel rank
         self.durable = Durability(None)  # set by the plugin before start() when state_dir is on
         self.spiller: Spiller | None = None  # admission "offload"
         # Set by the flash-query runner: told of every committed change and close; answers cache hits.
@@ -79,7 +82,8 @@ class SessionService:
 
     async def start(self) -> None:
         """Attach to the engine (hand it the tag secret) and size the budget; raises if unsupported."""
-        info = await self.bridge.call("handshake", secret=self.tenancy.secret.hex())
+        infos = await self.bridge.call_all("handshake", secret=self.tenancy.secret.hex())
+        info = min(infos, key=lambda i: i["num_blocks"])  # ranks run one config; the smallest pool bounds
         self.budget = Budget.for_engine(
             info["num_blocks"],
             info["block_size"],
@@ -87,10 +91,14 @@ class SessionService:
             self.config.cell_budget,
             self.config.session_quota,
         )
-        self.ledger = CellLedger(self.budget)
-        self.kv_epoch = info["kv_epoch"]
+        self.ledger = RankedLedgers(self.budget, len(infos), self._rank_of_key)
+        self.kv_epochs = [i["kv_epoch"] for i in infos]
         if self.config.admission == "offload":
             self.spiller = Spiller(self, self.bridge.has_offload_tier)
+
+    def _rank_of_key(self, key: str) -> int | None:
+        session = self.store.by_key(key)
+        return None if session is None else session.data_parallel_rank
 
     async def admit(
         self,
@@ -118,7 +126,7 @@ class SessionService:
             except SessionError as err:
                 if err.code != "cell_budget_exceeded" or self.spiller is None:
                     raise
-                if not await self.spiller.spill_one(exclude=session.key):
+                if not await self.spiller.spill_one(exclude=session.key, rank=session.data_parallel_rank):
                     raise
                 ensure_open(session)
 

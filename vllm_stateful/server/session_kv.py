@@ -51,7 +51,7 @@ class SessionKV:
         session = result.session
         request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
         salt = self.tenancy.salt(session.tenant)
-        gen = self.bridge.generate(prompt, params, request_id, salt, priority, session_id)
+        gen = self.bridge.generate(prompt, params, request_id, salt, priority, session_id, session.data_parallel_rank)
         running = session.background_request_ids if background else session.active_request_ids
         running.add(request_id)
         try:
@@ -93,10 +93,14 @@ class SessionKV:
             pending = self.bridge.closing.remainder(tail)
         return kept, extra, pending
 
+    async def call(self, session: Session, op: str, **args: Any) -> Any:
+        """Run a session op on the data-parallel rank that holds the session's KV."""
+        return await self.bridge.call(op, rank=session.data_parallel_rank, key=session.key, **args)
+
     async def sync(self, session: Session, keep_tokens: int) -> dict[str, int]:
         """Trim the engine's pin to the first ``keep_tokens`` tokens; 503 if the engine does not answer."""
         try:
-            return await self.bridge.call("sync", key=session.key, keep_tokens=keep_tokens)
+            return await self.call(session, "sync", keep_tokens=keep_tokens)
         except Exception as exc:
             logger.exception("vllm-stateful: engine sync failed for session %s", session.id)
             raise SessionError(
@@ -124,7 +128,7 @@ class SessionKV:
         ``kv_tokens`` keeps what the session should reuse (so a later re-prefill is reported as
         recomputed); a session left without KV is ``cold``."""
         try:
-            info = await self.bridge.call("sync", key=session.key, keep_tokens=len(session.token_ids))
+            info = await self.call(session, "sync", keep_tokens=len(session.token_ids))
             session.pinned_blocks = info["pinned_blocks"]
             session.pinned_tokens = info["pinned_tokens"]
             session.sync_seq += 1
@@ -139,14 +143,14 @@ class SessionKV:
 
         async def release_locked() -> int:
             async with session.write_lock:
-                return (await self.bridge.call("release", key=session.key))["freed_blocks"]
+                return (await self.call(session, "release"))["freed_blocks"]
 
         task = asyncio.ensure_future(release_locked())
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except asyncio.TimeoutError:
             logger.error("vllm-stateful: session %s stayed locked past its close; releasing now", session.id)
-            return (await self.bridge.call("release", key=session.key))["freed_blocks"]
+            return (await self.call(session, "release"))["freed_blocks"]
 
 
 async def finish_then_cancel(coro: Any) -> Any:

@@ -15,6 +15,8 @@ Contracts:
   answers newer than N are dropped (and re-evaluated), and ``version`` is N
   again. Only versions kept in the window (``rewind_window``) and whose content
   is a prefix of the history can be returned to; others are a 409.
+* Move (data parallelism): the session's KV leaves its rank; it is rebuilt on the
+  new one by its next request (``recomputed_tokens``), its tokens unchanged.
 * Export is the durable state as JSON; import creates a new session from it
   (``cold``: its KV is re-prefilled, or loaded from a KV tier, on first use),
   refusing another model's tokens and a digest that does not match.
@@ -69,6 +71,7 @@ class SessionOps:
         assert service.ledger is not None
         async with self._exclusive(parent):
             child = service.store.create(parent.tenant, new_id, parent.ttl_s if ttl_s is None else ttl_s)
+            child.data_parallel_rank = parent.data_parallel_rank  # it pins the parent's blocks, on that engine
             try:
                 child.token_ids = list(parent.token_ids)
                 child.messages = list(parent.messages)
@@ -79,7 +82,7 @@ class SessionOps:
                 child.kv_tokens = parent.kv_tokens
                 tokens = child.token_ids
                 res = await service.admit(child, len(tokens), what="this fork", known=tokens)
-                info = await service.bridge.call("fork", key=parent.key, new_key=child.key)
+                info = await service.kv.call(parent, "fork", new_key=child.key)
                 service.kv.apply(child, info, child.kv_tokens)
                 # charged by content even while neither pins it: whichever rebuilds it first pins it for both
                 service.ledger.settle(res, len(tokens), tokens)
@@ -160,6 +163,38 @@ class SessionOps:
             409, f"session '{session.id}' cannot be rewound to version {version}: {why}", "version_unavailable"
         )
 
+    # --- move (data parallelism) ---------------------------------------------------------
+
+    async def move(self, session: Session, rank: int) -> Session:
+        """Move the session to data-parallel rank ``rank``. Its pin on the old rank is dropped and its
+        next request re-prefills the history there (``recomputed_tokens`` says how much); tokens,
+        messages, version and flash queries stay. It is charged on the new rank if it fits now,
+        else when next used (as a spilled session). The new rank is saved before it is applied."""
+        service = self.service
+        assert service.ledger is not None
+        if not 0 <= rank < service.bridge.dp_size:
+            raise SessionError(400, f"data_parallel_rank must be in 0..{service.bridge.dp_size - 1}", "invalid_request")
+        async with self._exclusive(session):
+            if rank == session.data_parallel_rank:
+                return session
+            info = await service.kv.call(session, "leave")  # nothing admitted before pins there again
+            ensure_open(session)
+            record = record_of(session)
+            record.scalars["data_parallel_rank"] = rank
+            await finish_then_cancel(self._save_move(session, record, rank, info))
+            service.metrics.moves.inc()
+            return session
+
+    async def _save_move(self, session: Session, record: SessionRecord, rank: int, info: dict[str, int]) -> None:
+        service = self.service
+        assert service.ledger is not None
+        await service.durable.put(session, record)
+        ensure_open(session)
+        service.kv.apply(session, info, session.kv_tokens)  # no pin left: cold, and kv_tokens reports the rebuild
+        service.ledger.move(session.key, rank, session.tenant, session.token_ids)
+        session.data_parallel_rank = rank
+        session.events.publish("moved", {"version": session.version, "data_parallel_rank": rank})
+
     # --- export / import -------------------------------------------------------------
 
     async def export(self, session: Session) -> dict[str, Any]:
@@ -179,6 +214,7 @@ class SessionOps:
                 "pending_chat_text": session.pending_chat_text,
                 "checkpoints": [vars(p) for p in session.checkpoints],
                 "flash_queries": [flash_body(q) for q in session.flash.values()],
+                "data_parallel_rank": session.data_parallel_rank,  # informative: an import is placed anew
             }
 
     async def import_(self, tenant: str, data: dict[str, Any], register: Callable[[Session], None]) -> Session:

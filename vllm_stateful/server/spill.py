@@ -35,14 +35,16 @@ class Spiller:
         self.service = service
         self.spilled_state = "offloaded" if offload_tier else "cold"
 
-    def candidates(self, exclude: str | None) -> list[Session]:
-        """Idle sessions holding budget, least recently used first."""
+    def candidates(self, exclude: str | None, rank: int | None = None) -> list[Session]:
+        """Idle sessions holding budget (on data-parallel rank ``rank``: only they free room
+        there), least recently used first."""
         ledger = self.service.ledger
         assert ledger is not None
         found = [
             s
             for s in self.service.store.all()
             if s.key != exclude
+            and (rank is None or s.data_parallel_rank == rank)
             and s.is_open
             and not s.busy
             and not s.write_lock.locked()
@@ -50,9 +52,9 @@ class Spiller:
         ]
         return sorted(found, key=lambda s: s.last_used_at)
 
-    async def spill_one(self, exclude: str | None) -> bool:
-        """Spill the least recently used idle session; False when none can leave."""
-        for session in self.candidates(exclude):
+    async def spill_one(self, exclude: str | None, rank: int | None = None) -> bool:
+        """Spill the least recently used idle session (of ``rank``); False when none can leave."""
+        for session in self.candidates(exclude, rank):
             if await self.spill(session):
                 return True
         return False

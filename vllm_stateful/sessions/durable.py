@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     key TEXT PRIMARY KEY, tenant TEXT NOT NULL, id TEXT NOT NULL, ttl_s REAL NOT NULL,
     created_at REAL NOT NULL, last_used_at REAL NOT NULL, version INTEGER NOT NULL,
     committed_version INTEGER NOT NULL, acked_seq INTEGER NOT NULL, ingested_seq INTEGER NOT NULL,
-    pending_chat_text TEXT NOT NULL, n_tokens INTEGER NOT NULL, n_messages INTEGER NOT NULL);
+    pending_chat_text TEXT NOT NULL, n_tokens INTEGER NOT NULL, n_messages INTEGER NOT NULL,
+    data_parallel_rank INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens (key TEXT NOT NULL, start INTEGER NOT NULL, ids BLOB NOT NULL,
     PRIMARY KEY (key, start));
 CREATE TABLE IF NOT EXISTS messages (key TEXT NOT NULL, idx INTEGER NOT NULL, body TEXT NOT NULL,
@@ -55,8 +56,12 @@ CREATE TABLE IF NOT EXISTS flash (key TEXT NOT NULL, fid TEXT NOT NULL, body TEX
 """
 SCALARS = (
     "tenant", "id", "ttl_s", "created_at", "last_used_at", "version", "committed_version", "acked_seq",
-    "ingested_seq", "pending_chat_text", "n_tokens", "n_messages",
+    "ingested_seq", "pending_chat_text", "n_tokens", "n_messages", "data_parallel_rank",
 )  # fmt: skip
+# Columns added after a state dir's schema was first written: (name, definition), and their
+# values for a row written without them.
+ADDED_COLUMNS = (("data_parallel_rank", "INTEGER NOT NULL DEFAULT 0"),)
+ADDED_DEFAULTS = {"data_parallel_rank": 0}
 CHILD_TABLES = ("tokens", "messages", "checkpoints", "appends", "flash")
 
 
@@ -128,6 +133,10 @@ class DurableStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)").fetchall()}
+        for column, definition in ADDED_COLUMNS:
+            if column not in have:  # a state dir written before the column existed
+                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {definition}")
         self._check_identity(identity)
 
     def _check_identity(self, identity: dict[str, Any]) -> None:
@@ -243,7 +252,7 @@ class DurableStore:
         updates = ", ".join(f"{c} = excluded.{c}" for c in only)
         db.execute(
             f"INSERT INTO sessions (key, {cols}) VALUES (?, {marks}) ON CONFLICT(key) DO UPDATE SET {updates}",
-            (key, *(scalars[c] for c in SCALARS)),
+            (key, *({**ADDED_DEFAULTS, **scalars}[c] for c in SCALARS)),
         )
 
     @staticmethod

@@ -103,6 +103,8 @@ class Session:
     newest_applied: int = 0
     # a whole-session operation (fork, rewind, export) holds it: appends are refused meanwhile
     exclusive: bool = False
+    # the data-parallel rank whose engine holds the session's KV: every request of it runs there
+    data_parallel_rank: int = 0
 
     @property
     def context_tokens(self) -> int:
@@ -140,6 +142,7 @@ class Session:
             "ttl_s": self.ttl_s,
             "queued_tokens": self.queued_tokens,
             "flash_queries": list(self.flash),
+            "data_parallel_rank": self.data_parallel_rank,
             **({"restored": dict(self.restored)} if self.restored else {}),
         }
 
@@ -167,12 +170,16 @@ class SessionStore:
         max_sessions: int = 1 << 30,
         max_per_tenant: int = 1 << 30,
         new_events: Callable[[], SessionEvents] | None = None,
+        place: Callable[[list[Session]], int] | None = None,
     ) -> None:
+        """``place``: the data-parallel rank for a new session, given the live ones."""
         self.default_ttl_s = default_ttl_s
+        self.place = place
         self.new_events = new_events
         self.max_sessions = max_sessions
         self.max_per_tenant = max_per_tenant
         self._sessions: dict[tuple[str, str], Session] = {}
+        self._by_key: dict[str, Session] = {}
         self._per_tenant: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -180,6 +187,9 @@ class SessionStore:
 
     def contains(self, tenant: str, session_id: str) -> bool:
         return (tenant, session_id) in self._sessions
+
+    def by_key(self, key: str) -> Session | None:
+        return self._by_key.get(key)
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
@@ -203,9 +213,12 @@ class SessionStore:
                 RETRY_AFTER_S,
             )
         session = Session(id=sid, tenant=tenant, ttl_s=self.default_ttl_s if ttl_s is None else float(ttl_s))
+        if self.place is not None:
+            session.data_parallel_rank = self.place(self.all())
         if self.new_events is not None:
             session.events = self.new_events()
         self._sessions[(tenant, sid)] = session
+        self._by_key[session.key] = session
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         return session
 
@@ -216,6 +229,7 @@ class SessionStore:
         if self.new_events is not None:
             session.events = self.new_events()
         self._sessions[(session.tenant, session.id)] = session
+        self._by_key[session.key] = session
         self._per_tenant[session.tenant] = self._per_tenant.get(session.tenant, 0) + 1
 
     def get(self, tenant: str, session_id: str) -> Session:
@@ -230,6 +244,7 @@ class SessionStore:
         if self._sessions.get((session.tenant, session.id)) is not session:
             return False
         del self._sessions[(session.tenant, session.id)]
+        self._by_key.pop(session.key, None)
         left = self._per_tenant[session.tenant] - 1
         if left:
             self._per_tenant[session.tenant] = left
