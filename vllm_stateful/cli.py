@@ -35,6 +35,17 @@ PLUGIN_FLAGS = {
         str,
         "durable session state (SQLite); default: under ~/.cache/vllm-stateful; 'off' disables",
     ),
+    "--shared-state-root": (
+        "shared_state_root",
+        str,
+        "replicas: a shared directory holding every replica's --state-dir; sessions are taken over between them",
+    ),
+    "--session-header": (
+        "session_header",
+        str,
+        "replicas: also read the session id from this header (the one the router hashes, e.g. X-Session-ID)",
+    ),
+    "--advertise-url": ("advertise_url", str, "replicas: where the others reach this one (default http://HOST:PORT)"),
     "--restore": ("restore", str, "restored sessions' KV: lazy = re-prefilled on first use (default); eager"),
     "--default-ttl-s": ("default_ttl_s", float, "idle seconds before a session expires; 0 = never (default 3600)"),
     "--max-ingest-queue-tokens": ("max_ingest_queue_tokens", int, "per-session append queue bound (default 8192)"),

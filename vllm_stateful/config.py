@@ -36,6 +36,17 @@ class StatefulConfig:
         ``lazy`` (re-prefilled on first use) or ``eager`` (in the background,
         at ingestion priority, most recently used first).
     rewind_window: versions behind the newest a session can be rewound to.
+    shared_state_root: replicas behind a session-affinity router: a directory on
+        a volume every replica mounts, holding one state dir per replica
+        (``state_dir`` must be directly inside it). A session this replica does
+        not hold is taken over from the replica that does (``server/handoff.py``).
+    session_header: one more header naming a request's session, beside
+        ``X-Stateful-Session``: the header a session-affinity router hashes
+        (``X-Session-ID`` for vllm-router's ``consistent_hash``), so a client
+        names its session once. It must agree with a body ``stateful`` (400).
+    advertise_url: where other replicas reach this one (e.g.
+        ``http://10.0.0.5:8000``), for pulling a session from a live replica;
+        default ``http://<host>:<port>`` of this server.
     default_ttl_s: idle seconds before a session expires; 0 disables expiry
         (an operator's choice: clients cannot ask for "never").
     min_ttl_s / max_ttl_s: bounds on a client's ``ttl_s``.
@@ -89,6 +100,9 @@ class StatefulConfig:
     state_dir: str | None = None
     restore: str = "lazy"
     rewind_window: int = 64
+    shared_state_root: str | None = None
+    session_header: str | None = None
+    advertise_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:
@@ -97,6 +111,22 @@ class StatefulConfig:
             raise ValueError(f"stateful.restore must be one of {RESTORE_MODES}, got {self.restore!r}")
         if self.state_dir is not None and (not isinstance(self.state_dir, str) or not self.state_dir):
             raise ValueError("stateful.state_dir must be a directory path, ':memory:', 'off' or null")
+        if self.shared_state_root is not None:
+            if not isinstance(self.shared_state_root, str) or not self.shared_state_root:
+                raise ValueError("stateful.shared_state_root must be a directory path or null")
+            if self.state_dir in (None, ":memory:", STATE_DIR_OFF):
+                raise ValueError(
+                    "stateful.shared_state_root needs this replica's own state_dir inside it "
+                    "(e.g. --state-dir ROOT/replica-0 --shared-state-root ROOT)"
+                )
+        if self.session_header is not None and (
+            not isinstance(self.session_header, str) or not self.session_header.strip()
+        ):
+            raise ValueError("stateful.session_header must be a header name or null")
+        if self.advertise_url is not None and (
+            not isinstance(self.advertise_url, str) or not self.advertise_url.startswith(("http://", "https://"))
+        ):
+            raise ValueError("stateful.advertise_url must be an http(s) URL or null")
         for name in ("cell_budget", "session_quota", "max_sessions_per_tenant"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):

@@ -95,12 +95,13 @@ class StatefulEndpointPlugin:
         )
         state.stateful = stateful
         await service.start()
-        restored, rebuild = await restore_sessions(
-            service,
-            stateful.ingestor,
-            lambda session, fid, saved: restore_flash_query(stateful, session, fid, saved),
-            config.restore,
-        )
+
+        def restore_flash(session, fid, saved) -> None:
+            restore_flash_query(stateful, session, fid, saved)
+
+        restored, rebuild = await restore_sessions(service, stateful.ingestor, restore_flash, config.restore)
+        if config.shared_state_root is not None:
+            stateful.handoff = _handoff(stateful, durable, args, restore_flash)
         stateful.tasks += [t for t in (rebuild,) if t is not None]
         stateful.tasks.append(asyncio.get_running_loop().create_task(Maintenance(service).run()))
         logger.info(
@@ -111,6 +112,33 @@ class StatefulEndpointPlugin:
             durable.path if durable is not None else "off",
             restored,
         )
+
+
+def _handoff(stateful: Any, durable: Any, args: Namespace, restore_flash: Any) -> Any:
+    """Taking sessions over from other replicas under ``shared_state_root`` (server/handoff.py)."""
+    import socket
+
+    from vllm_stateful.server.handoff import Handoff
+    from vllm_stateful.server.restore import restore_record
+    from vllm_stateful.server.routes_lifecycle import import_export
+
+    config, service = stateful.config, stateful.service
+    url = config.advertise_url
+    if url is None:
+        host = getattr(args, "host", None)
+        host = socket.getfqdn() if host in (None, "", "0.0.0.0", "::") else host
+        url = f"http://{host}:{getattr(args, 'port', 8000)}"
+
+    async def adopt(record, source):
+        return await restore_record(service, stateful.ingestor, restore_flash, record, source)
+
+    async def import_(tenant, export):
+        return await import_export(stateful, tenant, export)
+
+    async def close(session):
+        return await service.close(session, reason="moved")
+
+    return Handoff(durable, config.shared_state_root, url, adopt, import_, close, config.tenant_header)
 
 
 def open_state_dir(config: Any, model: str, tokenizer: Any) -> Any:

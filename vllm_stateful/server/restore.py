@@ -66,21 +66,9 @@ async def restore_sessions(
     records.sort(key=lambda r: -r.scalars["last_used_at"])
     restored: list[tuple[float, Session]] = []
     for record in records:
-        session = session_of(record)
-        session.restored = {"from": "state_dir", "mode": mode, "kv": "pending" if session.token_ids else "none"}
-        if session.data_parallel_rank >= service.bridge.dp_size:  # saved with more ranks than run now
-            session.data_parallel_rank = least_loaded(service.store.all(), service.bridge.dp_size)
-        service.store.adopt(session)
-        service.ledger.restore(session.key, session.tenant, session.token_ids)
-        for fid, body in record.flash:
-            try:
-                restore_flash(session, fid, body)
-            except Exception:
-                logger.exception("vllm-stateful: flash query %s of session %s not restored", fid, session.id)
-        if record.appends:
-            await ingestor.requeue(session, [body for _, body in record.appends])
+        source = {"from": "state_dir", "mode": mode}
+        session = await restore_record(service, ingestor, restore_flash, record, source)
         restored.append((record.scalars["last_used_at"], session))
-        service.metrics.restored.inc()
     if restored:
         logger.info("vllm-stateful: restored %d sessions from %s (%s)", len(restored), store.path, mode)
     task = None
@@ -88,6 +76,34 @@ async def restore_sessions(
         order = [s for _, s in restored]
         task = asyncio.get_running_loop().create_task(_rebuild(service, order))
     return len(restored), task
+
+
+async def restore_record(
+    service: SessionService,
+    ingestor: Ingestor,
+    restore_flash: FlashRestorer,
+    record: SessionRecord,
+    source: dict[str, Any],
+) -> Session:
+    """Bring one stored session into the server: in the store, charged if it fits, its flash
+    queries registered and its acknowledged appends queued again. ``source`` says where from
+    (the session's ``restored`` field); its KV is rebuilt on first use."""
+    assert service.ledger is not None
+    session = session_of(record)
+    session.restored = {**source, "kv": "pending" if session.token_ids else "none"}
+    if session.data_parallel_rank >= service.bridge.dp_size:  # saved with more ranks than run now
+        session.data_parallel_rank = least_loaded(service.store.all(), service.bridge.dp_size)
+    service.store.adopt(session)
+    service.ledger.restore(session.key, session.tenant, session.token_ids)
+    for fid, body in record.flash:
+        try:
+            restore_flash(session, fid, body)
+        except Exception:
+            logger.exception("vllm-stateful: flash query %s of session %s not restored", fid, session.id)
+    if record.appends:
+        await ingestor.requeue(session, [body for _, body in record.appends])
+    service.metrics.restored.inc()
+    return session
 
 
 async def rebuild_kv(service: SessionService, session: Session) -> bool:

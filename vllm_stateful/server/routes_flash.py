@@ -50,7 +50,7 @@ WAIT_PATTERN = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 @guarded
 async def register_flash_query(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     body = await session_body(state, raw_request, "prompt")
     query = flash_query_of(state, body)
     ensure_open(session)
@@ -118,7 +118,7 @@ async def _check_fits(state: StatefulState, session: Session, build, max_tokens:
 @guarded
 async def list_flash_queries(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     return JSONResponse({"object": "list", "data": [q.to_public(session.version) for q in session.flash.values()]})
 
 
@@ -129,7 +129,7 @@ async def get_flash_query(session_id: str, flash_query_id: str, raw_request: Req
     that fresh (``wait_s`` alone: for the session's current version). ``?include_tokens=true`` adds
     ``answer_token_ids``."""
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     query = _own_query(session, flash_query_id)
     params = raw_request.query_params
     wait_s = _number(params.get("wait_s"), "wait_s", WAIT_PATTERN, state.config.flash_max_wait_s)
@@ -148,7 +148,7 @@ async def get_flash_query(session_id: str, flash_query_id: str, raw_request: Req
 @guarded
 async def delete_flash_query(session_id: str, flash_query_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     query = _own_query(session, flash_query_id)
     state.flash.unregister(session, query)
     await state.service.durable.flash(session, query.id, None)
@@ -162,7 +162,7 @@ async def session_events(session_id: str, raw_request: Request) -> Response:
     ``?last_event_id=``) within the replay window. Ends after the session's lifecycle event, or without
     one when the server shuts down (the client resumes elsewhere with ``Last-Event-ID``)."""
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     hub = session.events
     last = raw_request.headers.get("last-event-id") or raw_request.query_params.get("last_event_id")
     last_id = _number(last, "Last-Event-ID", ID_PATTERN)

@@ -18,8 +18,9 @@ from vllm_stateful.server.protocol import (
     template_messages,
 )
 from vllm_stateful.server.routes_flash import flash_query_of
-from vllm_stateful.server.routes_sessions import check_ttl, own_session, session_body
-from vllm_stateful.server.state import stateful_state
+from vllm_stateful.server.routes_sessions import check_ttl, claim, own_session, session_body
+from vllm_stateful.server.state import StatefulState, stateful_state
+from vllm_stateful.sessions.store import Session
 
 router = APIRouter()
 
@@ -28,7 +29,7 @@ router = APIRouter()
 @guarded
 async def fork_session(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    parent = own_session(state, raw_request, session_id)
+    parent = await own_session(state, raw_request, session_id)
     req = validated(ForkRequest, await session_body(state, raw_request))
     if req.id is not None:
         checked_id(req.id, "id")
@@ -42,7 +43,7 @@ async def fork_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def rewind_session(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     req = validated(RewindRequest, await session_body(state, raw_request))
     await state.ops.rewind(session, req.version)
     return JSONResponse(state.service.describe(session))
@@ -53,7 +54,7 @@ async def rewind_session(session_id: str, raw_request: Request) -> Response:
 async def move_session(session_id: str, raw_request: Request) -> Response:
     """Rebalancing under data parallelism: the session's KV is rebuilt on another rank."""
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     req = validated(MoveRequest, await session_body(state, raw_request))
     await state.ops.move(session, req.data_parallel_rank)
     state.service.metrics.refresh(state.service)
@@ -64,7 +65,7 @@ async def move_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def export_session(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     return JSONResponse(await state.ops.export(session))
 
 
@@ -74,6 +75,15 @@ async def import_session(raw_request: Request) -> Response:
     state = stateful_state(raw_request)
     tenant = state.tenancy.tenant_of(raw_request.headers)
     body = await session_body(state, raw_request, "token_ids")
+    if isinstance(body.get("id"), str):
+        await claim(state, raw_request, tenant, body["id"])  # an id another replica holds is taken, then 409
+    session = await import_export(state, tenant, body)
+    state.service.metrics.refresh(state.service)
+    return JSONResponse(state.service.describe(session), status_code=201)
+
+
+async def import_export(state: StatefulState, tenant: str, body: dict) -> Session:
+    """A new session of ``tenant`` from an export (validated here; see ``SessionOps.import_``)."""
     req = validated(ImportRequest, body)
     checked_id(req.id, "id")
     check_token_ids(req.token_ids, state.bridge.max_token_id, "token_ids")
@@ -92,6 +102,4 @@ async def import_session(raw_request: Request) -> Response:
         for query in queries:
             state.flash.register(session, query)
 
-    session = await state.ops.import_(tenant, data, register)
-    state.service.metrics.refresh(state.service)
-    return JSONResponse(state.service.describe(session), status_code=201)
+    return await state.ops.import_(tenant, data, register)

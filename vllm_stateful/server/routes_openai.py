@@ -40,11 +40,13 @@ from vllm_stateful.server.protocol import (
     check_token_ids,
     template_messages,
 )
+from vllm_stateful.server.routes_sessions import claim
 from vllm_stateful.server.state import StatefulState, stateful_state
 from vllm_stateful.server.turn_types import TurnInput
 from vllm_stateful.sessions.options import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
+    drop_router_defaults,
     refusal_message,
     unsupported_fields,
 )
@@ -74,12 +76,18 @@ async def completions(raw_request: Request) -> Response:
 async def _openai_request(raw_request: Request, chat: bool) -> Response:
     state = stateful_state(raw_request, require_ready=False)
     limit = state.config.max_request_body_bytes
-    header_id = raw_request.headers.get(SESSION_HEADER)
+    alias = state.config.session_header
+    routed_id = raw_request.headers.get(alias) if alias else None  # the header a router hashes
+    header_id = raw_request.headers.get(SESSION_HEADER, routed_id)
     body_bytes = await read_body(raw_request, limit if header_id is not None else None)
     body = await parse_object(body_bytes, state.bridge.parse_json)
     named = [body.pop(f) for f in SESSION_BODY_FIELDS if f in body]
     session_id = next((v for v in named if v is not None), header_id)
+    if routed_id is not None and session_id != routed_id:  # the router would place it by another id
+        raise bad_request(f"header '{alias}' and the request name different sessions", param=alias)
     commit = body.pop(COMMIT_BODY_FIELD, True)
+    if session_id is not None:
+        drop_router_defaults(body)
     parsed = validated(state.chat_request_cls if chat else state.completion_request_cls, body)
     reserved = reserved_keys(parsed.vllm_xargs)
     if reserved:
@@ -162,6 +170,7 @@ async def _run_session_request(
     commit: bool,
 ) -> Response:
     service = state.service
+    await claim(state, raw_request, tenant, session_id)
     session, created = service.open_session(tenant, session_id, commit)
     model = parsed.model or state.bridge.served_model_names[0]
     shape = ResponseShape(chat, model, bool(body.get("return_token_ids")), body.get("request_id"))

@@ -36,9 +36,20 @@ async def session_body(state: StatefulState, raw_request: Request, ids_field: st
     return body
 
 
-def own_session(state: StatefulState, raw_request: Request, session_id: str) -> Session:
+async def own_session(state: StatefulState, raw_request: Request, session_id: str) -> Session:
+    """The caller's session ``session_id`` (taken over from another replica if one holds it); 404."""
     tenant = state.tenancy.tenant_of(raw_request.headers)
-    return state.service.store.get(tenant, checked_id(session_id, "session_id"))
+    session_id = checked_id(session_id, "session_id")
+    await claim(state, raw_request, tenant, session_id)
+    return state.service.store.get(tenant, session_id)
+
+
+async def claim(state: StatefulState, raw_request: Request, tenant: str, session_id: str) -> None:
+    """With replicas (``shared_state_root``): a session this replica does not hold is taken over
+    from the replica that does (``server/handoff.py``) before anything looks it up or creates it."""
+    store = state.service.store
+    if state.handoff is not None and not store.contains(tenant, session_id):
+        await state.handoff.claim(tenant, session_id, raw_request.headers, lambda: store.contains(tenant, session_id))
 
 
 def check_ttl(state: StatefulState, ttl_s: float | None) -> None:
@@ -60,6 +71,8 @@ async def create_session(raw_request: Request) -> Response:
     if isinstance(req.prompt, list):
         check_token_ids(req.prompt, state.bridge.max_token_id, "prompt")
     service = state.service
+    if req.id is not None:
+        await claim(state, raw_request, tenant, req.id)  # held by another replica: taken, then 409
     session = service.store.create(tenant, req.id, req.ttl_s)
     try:
         if msgs or req.prompt is not None:
@@ -111,7 +124,7 @@ async def list_sessions(raw_request: Request) -> Response:
 async def get_session(session_id: str, raw_request: Request) -> Response:
     """``?include_tokens=true`` adds the session's token history (``token_ids``); owner only, like every route."""
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     body = state.service.describe(session)
     if raw_request.query_params.get("include_tokens", "").lower() in ("1", "true"):
         body["token_ids"] = list(session.token_ids)
@@ -122,7 +135,12 @@ async def get_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def delete_session(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
+    if_version = raw_request.query_params.get("if_version")
+    if if_version is not None and str(session.version) != if_version:  # no await until close removes it
+        raise SessionError(
+            409, f"session '{session_id}' is at version {session.version}, not {if_version}", "version_changed"
+        )
     return JSONResponse(await state.service.close(session))
 
 
@@ -130,7 +148,7 @@ async def delete_session(session_id: str, raw_request: Request) -> Response:
 @guarded
 async def append(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
-    session = own_session(state, raw_request, session_id)
+    session = await own_session(state, raw_request, session_id)
     req = validated(AppendRequest, await session_body(state, raw_request, "token_ids"))
     messages = template_messages(req.messages) if req.messages else None
     if req.token_ids is not None:

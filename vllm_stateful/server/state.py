@@ -11,6 +11,7 @@ from fastapi import Request
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.flash_runner import FlashRunner
+from vllm_stateful.server.handoff import Handoff
 from vllm_stateful.server.ingest import Ingestor
 from vllm_stateful.server.service import SessionService
 from vllm_stateful.server.session_ops import SessionOps
@@ -32,6 +33,7 @@ class StatefulState:
     chat_request_cls: type
     completion_request_cls: type
     tasks: list[Any] = field(default_factory=list)
+    handoff: Handoff | None = None  # replicas sharing a state root (server/handoff.py)
 
 
 def stateful_state(raw_request: Request, require_ready: bool = True) -> StatefulState:

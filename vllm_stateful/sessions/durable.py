@@ -111,6 +111,7 @@ class DurableStore:
         (model, vocabulary) must match what the store was created with: tokens of one model
         are meaningless to another (ValueError)."""
         self.path = path
+        self.identity = dict(identity)
         self._lock_file = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-stateful-durable")
         if path == ":memory:":
@@ -275,34 +276,46 @@ class DurableStore:
         """Every stored session, whole, oldest first. A session whose token chunks do not add up
         to its ``n_tokens`` (cannot happen with whole transactions) is returned cut to what adds
         up. Of two incarnations under one id (a close whose delete never ran), the newer wins."""
-        db = self._db
+        rows = self._db.execute(f"SELECT key, {', '.join(SCALARS)} FROM sessions ORDER BY created_at").fetchall()
         out: dict[tuple[str, str], SessionRecord] = {}
-        for row in db.execute(f"SELECT key, {', '.join(SCALARS)} FROM sessions ORDER BY created_at").fetchall():
-            key, scalars = row[0], dict(zip(SCALARS, row[1:]))
-            tokens: list[int] = []
-            for start, blob in db.execute("SELECT start, ids FROM tokens WHERE key = ? ORDER BY start", (key,)):
-                if start != len(tokens) or start >= scalars["n_tokens"]:
-                    break
-                tokens += _ids(blob)
-            tokens = tokens[: scalars["n_tokens"]]
-            messages = [
-                json.loads(b) for (b,) in db.execute("SELECT body FROM messages WHERE key = ? ORDER BY idx", (key,))
-            ][: scalars["n_messages"]]
-            points = [
-                Checkpoint(*r)
-                for r in db.execute(
-                    "SELECT version, n_tokens, n_messages, pending_chat_text FROM checkpoints WHERE key = ? "
-                    "ORDER BY version",
-                    (key,),
-                )
-            ]
-            rows = db.execute("SELECT seq, body FROM appends WHERE key = ? ORDER BY seq", (key,))
-            appends = [(s, json.loads(b)) for s, b in rows]
-            flash = [(f, json.loads(b)) for f, b in db.execute("SELECT fid, body FROM flash WHERE key = ?", (key,))]
-            scalars["n_tokens"], scalars["n_messages"] = len(tokens), len(messages)
-            record = SessionRecord(key, scalars, tokens, messages, points, appends, flash)
-            out[(scalars["tenant"], scalars["id"])] = record
+        for row in rows:
+            record = self._record(row[0], dict(zip(SCALARS, row[1:])))
+            out[(record.scalars["tenant"], record.scalars["id"])] = record
         return list(out.values())
+
+    def find(self, tenant: str, session_id: str) -> SessionRecord | None:
+        """The stored session ``session_id`` of ``tenant`` (its newest incarnation), whole."""
+        row = self._db.execute(
+            f"SELECT key, {', '.join(SCALARS)} FROM sessions WHERE tenant = ? AND id = ? "
+            "ORDER BY created_at DESC LIMIT 1",
+            (tenant, session_id),
+        ).fetchone()
+        return None if row is None else self._record(row[0], dict(zip(SCALARS, row[1:])))
+
+    def _record(self, key: str, scalars: dict[str, Any]) -> SessionRecord:
+        db = self._db
+        tokens: list[int] = []
+        for start, blob in db.execute("SELECT start, ids FROM tokens WHERE key = ? ORDER BY start", (key,)):
+            if start != len(tokens) or start >= scalars["n_tokens"]:
+                break
+            tokens += _ids(blob)
+        tokens = tokens[: scalars["n_tokens"]]
+        messages = [
+            json.loads(b) for (b,) in db.execute("SELECT body FROM messages WHERE key = ? ORDER BY idx", (key,))
+        ][: scalars["n_messages"]]
+        points = [
+            Checkpoint(*r)
+            for r in db.execute(
+                "SELECT version, n_tokens, n_messages, pending_chat_text FROM checkpoints WHERE key = ? "
+                "ORDER BY version",
+                (key,),
+            )
+        ]
+        rows = db.execute("SELECT seq, body FROM appends WHERE key = ? ORDER BY seq", (key,))
+        appends = [(s, json.loads(b)) for s, b in rows]
+        flash = [(f, json.loads(b)) for f, b in db.execute("SELECT fid, body FROM flash WHERE key = ?", (key,))]
+        scalars["n_tokens"], scalars["n_messages"] = len(tokens), len(messages)
+        return SessionRecord(key, scalars, tokens, messages, points, appends, flash)
 
 
 def default_state_dir(model_identity: str) -> str:

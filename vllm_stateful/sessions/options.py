@@ -77,6 +77,24 @@ WHY = {
 }
 
 
+# Fields vllm-router (0.1.x, SGLang's request schema) adds to every chat and completions body it
+# forwards, at values that change nothing. vLLM ignores them; a session request drops them at
+# exactly these values (any other value is refused like every unknown option).
+ROUTER_NEUTRAL_FIELDS = {
+    "no_stop_trim": False,
+    "return_hidden_states": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "include_reasoning": True,
+}
+
+
+def drop_router_defaults(body: dict[str, Any]) -> None:
+    for name, neutral in ROUTER_NEUTRAL_FIELDS.items():
+        if name in body and body[name] is neutral:
+            del body[name]
+
+
 def unsupported_fields(
     explicitly_set: Iterable[str], values: Mapping[str, Any], defaults: Mapping[str, Any], honoured: frozenset[str]
 ) -> list[str]:

@@ -1,0 +1,186 @@
+"""Replicas behind a session-affinity router: taking over a session another replica holds.
+
+Setup: every replica keeps its durable state in its own directory under one root
+on a volume they all mount (``state_dir = shared_state_root/<replica>``), and
+says where it answers (``advertise_url``, written to ``peer.json`` in its state
+dir). The router sends each session to one replica; when the ring changes (a
+replica left, or came back), a session's requests reach a replica that does not
+hold it. Before answering "not found" or creating the session anew, that replica
+claims it here:
+
+* from a replica that is gone (its state dir's lock is free): the session's
+  stored record is copied into this replica's store, then deleted from the
+  other's, with the other's lock held throughout (no two replicas take one
+  session, and the dead one cannot restart half-way);
+* from a live replica (its lock is held): pulled over HTTP with the caller's
+  own credentials: ``GET /v1/sessions/{id}/export`` there, import here (saved),
+  then ``DELETE /v1/sessions/{id}?if_version=V`` there, which refuses if the
+  session changed after the export; then the copy here is dropped and the
+  caller gets 409 ``session_moving`` (retry: the next claim sees the newer state),
+  or, if it was closed there meanwhile, the session is not found.
+
+Either way the session keeps its tokens, messages, version, rewind points, flash
+queries and acknowledged appends; its KV is rebuilt on first use
+(``restored.from: "replica"``, ``recomputed_tokens``). Contract: a session is in
+at most one replica's store once a claim returns, and a claim never loses an
+acknowledged change (copy first, delete second; a crash in between leaves two
+copies of the same state, the gone replica's never served again unless it
+restarts before its sessions are claimed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from vllm_stateful.sessions.durable import DB_NAME, DurableStore, SessionRecord, StateDirInUse
+from vllm_stateful.sessions.store import Session, SessionError
+
+logger = logging.getLogger(__name__)
+
+PEER_FILE = "peer.json"
+# headers of the caller forwarded to the replica a session is pulled from (its credentials)
+FORWARDED = ("authorization",)
+
+Adopt = Callable[[SessionRecord, dict[str, Any]], Awaitable[Session]]  # a taken record -> live session here
+Import = Callable[[str, dict[str, Any]], Awaitable[Session]]  # (tenant, export) -> live session here
+Close = Callable[[Session], Awaitable[Any]]
+
+
+class Handoff:
+    def __init__(
+        self,
+        own: DurableStore,
+        root: str,
+        advertise_url: str | None,
+        adopt: Adopt,
+        import_: Import,
+        close: Close,
+        tenant_header: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        own_dir = Path(own.path).resolve()
+        self.root = Path(root).resolve()
+        if own_dir.parent != self.root:
+            raise ValueError(
+                f"stateful.state_dir ({own_dir}) must be a directory directly inside stateful.shared_state_root "
+                f"({self.root}), one per replica"
+            )
+        self.own = own
+        self.own_dir = own_dir
+        self.adopt = adopt
+        self.import_ = import_
+        self.close = close
+        self.forwarded = FORWARDED + ((tenant_header.lower(),) if tenant_header else ())
+        self.timeout_s = timeout_s
+        self._lock = asyncio.Lock()
+        self.taken = 0
+        self.pulled = 0
+        self._write_peer_file(advertise_url)
+
+    def _write_peer_file(self, url: str | None) -> None:
+        tmp = self.own_dir / (PEER_FILE + ".new")
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        os.replace(tmp, self.own_dir / PEER_FILE)
+
+    def peers(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.own_dir and (p / DB_NAME).exists())
+
+    async def claim(
+        self, tenant: str, session_id: str, headers: Mapping[str, str], present: Callable[[], bool]
+    ) -> bool:
+        """Bring session ``session_id`` of ``tenant`` here from another replica if one holds it;
+        True when it is here now. ``present()``: whether this replica holds it already."""
+        async with self._lock:
+            if present():
+                return True
+            live: list[Path] = []
+            for peer in self.peers():
+                try:
+                    if await self._take_from_gone(peer, tenant, session_id):
+                        return True
+                except StateDirInUse:
+                    live.append(peer)
+                except Exception:
+                    logger.exception("vllm-stateful: could not read the state dir of replica %s", peer.name)
+            for peer in live:
+                if await self._pull_from_live(peer, tenant, session_id, headers):
+                    return True
+            return False
+
+    async def _take_from_gone(self, peer: Path, tenant: str, session_id: str) -> bool:
+        store = await asyncio.to_thread(DurableStore, str(peer), self.own.identity)  # StateDirInUse: alive
+        try:
+            record = await store.run(store.find, tenant, session_id)
+            if record is None:
+                return False
+            await self.own.run(self.own.put, record)  # saved here first: a crash now leaves two copies
+            await store.run(store.delete, record.key)
+        finally:
+            await asyncio.to_thread(store.close)
+        await self.adopt(record, {"from": "replica", "replica": peer.name})
+        self.taken += 1
+        logger.info("vllm-stateful: took over session %s from gone replica %s", session_id, peer.name)
+        return True
+
+    async def _pull_from_live(self, peer: Path, tenant: str, session_id: str, headers: Mapping[str, str]) -> bool:
+        if not await asyncio.to_thread(_holds, peer, tenant, session_id):
+            return False
+        url = _peer_url(peer)
+        if url is None:
+            raise SessionError(
+                409, f"session '{session_id}' is held by replica {peer.name}, which advertises no URL "
+                "(stateful.advertise_url); send it there", "session_elsewhere",
+            )  # fmt: skip
+        import httpx
+
+        forwarded = {k: v for k, v in headers.items() if k.lower() in self.forwarded}
+        async with httpx.AsyncClient(base_url=url, headers=forwarded, timeout=self.timeout_s) as client:
+            got = await client.get(f"/v1/sessions/{session_id}/export")
+            if got.status_code == 404:
+                return False  # closed meanwhile
+            if got.status_code != 200:
+                raise SessionError(
+                    503 if got.status_code >= 500 else 409,
+                    f"replica {peer.name} holds session '{session_id}' and did not hand it over "
+                    f"({got.status_code}); retry", "session_moving", retry_after=1.0,
+                )  # fmt: skip
+            export = got.json()
+            session = await self.import_(tenant, export)
+            dropped = await client.delete(f"/v1/sessions/{session_id}", params={"if_version": export["version"]})
+        if dropped.status_code == 200:
+            session.restored = {"from": "replica", "replica": peer.name, "kv": "pending"}
+            self.pulled += 1
+            logger.info("vllm-stateful: pulled session %s from live replica %s", session_id, peer.name)
+            return True
+        await self.close(session)  # the other copy changed, stayed, or was closed: it decides
+        if dropped.status_code == 404:
+            return False  # closed there meanwhile (deleted, expired): not resurrected here
+        raise SessionError(
+            409, f"session '{session_id}' changed on replica {peer.name} while moving here; retry",
+            "session_moving", retry_after=1.0,
+        )  # fmt: skip
+
+
+def _holds(peer: Path, tenant: str, session_id: str) -> bool:
+    """Whether a live replica's store holds the session (read-only, beside its writer)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{peer / DB_NAME}?mode=ro", uri=True, timeout=5)
+    try:
+        row = db.execute("SELECT 1 FROM sessions WHERE tenant = ? AND id = ? LIMIT 1", (tenant, session_id))
+        return row.fetchone() is not None
+    finally:
+        db.close()
+
+
+def _peer_url(peer: Path) -> str | None:
+    try:
+        return json.loads((peer / PEER_FILE).read_text()).get("url") or None
+    except (OSError, ValueError):
+        return None
