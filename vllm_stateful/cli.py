@@ -105,9 +105,28 @@ def data_parallel_size(args: Sequence[str]) -> int:
     return 1
 
 
-def cpu_binding(dp: int, cores: int, given: str | None) -> str:
+def usable_cores() -> list[int]:
+    """The cores this process may run on (a container's cpuset, ``taskset``), in order."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _core_list(ids: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def cpu_binding(dp: int, cores: Sequence[int], given: str | None) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``dp`` ranks: each rank needs its own core list
-    (``0|1``; one list for all makes vLLM fail at startup). Contiguous, equal shares of ``cores``."""
+    (``0|1``; one list for all makes vLLM fail at startup). Equal shares of ``cores`` in order."""
     if given is not None:
         if dp > 1 and given not in ("auto", "nobind") and len(given.split("|")) != dp:
             raise SystemExit(
@@ -115,10 +134,12 @@ def cpu_binding(dp: int, cores: int, given: str | None) -> str:
                 f"for {dp} data-parallel ranks; give one per rank separated by '|', e.g. '0|1', or unset it"
             )
         return given
-    if dp > cores:
-        raise SystemExit(f"vllm-stateful: --data-parallel-size {dp} needs at least {dp} CPU cores; this has {cores}")
-    share = cores // dp
-    return "|".join(f"{r * share}-{(r + 1) * share - 1}" if share > 1 else str(r * share) for r in range(dp))
+    if dp > len(cores):
+        raise SystemExit(
+            f"vllm-stateful: --data-parallel-size {dp} needs at least {dp} CPU cores; this process may use {len(cores)}"
+        )
+    share = len(cores) // dp
+    return "|".join(_core_list(cores[r * share : (r + 1) * share]) for r in range(dp))
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -155,7 +176,7 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
         defaults.append(("--api-server-count", ["--api-server-count", "1"]))
     if is_cpu_build():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        binding = cpu_binding(dp, os.cpu_count() or 1, os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+        binding = cpu_binding(dp, usable_cores(), os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
         if demo_dtype is not None:
             dtype, reason = demo_dtype, "the demo model's own dtype"

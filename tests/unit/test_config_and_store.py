@@ -161,13 +161,14 @@ def test_serve_with_data_parallel_ranks_keeps_one_api_server_and_binds_cores_per
 
     monkeypatch.setattr(cli, "is_cpu_build", lambda: True)
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli, "usable_cores", lambda: [0, 1])
     argv = cli.serve_argv(["/m", "--data-parallel-size", "2"])
     assert argv[argv.index("--api-server-count") + 1] == "1"
     assert cli.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
-    assert cli.cpu_binding(2, 8, None) == "0-3|4-7"
-    assert cli.cpu_binding(1, 2, None) == "0-1"
-    assert cli.cpu_binding(2, 8, "0-1|2-3") == "0-1|2-3"
-    for bad_dp, cores, given in ((3, 2, None), (2, 2, "0-1")):
+    assert cli.cpu_binding(2, list(range(8)), None) == "0-3|4-7"
+    assert cli.cpu_binding(2, [2, 3, 6, 7], None) == "2-3|6-7"  # a cpuset: only the cores it allows
+    assert cli.cpu_binding(1, [0, 1, 3], None) == "0-1,3"
+    assert cli.cpu_binding(2, list(range(8)), "0-1|2-3") == "0-1|2-3"
+    for bad_dp, cores, given in ((3, [0, 1], None), (2, [0, 1], "0-1")):
         with pytest.raises(SystemExit):
             cli.cpu_binding(bad_dp, cores, given)

@@ -69,10 +69,17 @@ class EngineBridge:
         self.has_offload_tier = "Offloading" in connector or "LMCache" in connector
         parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
         self.dp_size: int = int(getattr(parallel, "data_parallel_size", 1) or 1)
-        if self.dp_size > 1 and not hasattr(engine_client.engine_core, "_call_utility_async"):
+        core = engine_client.engine_core
+        if self.dp_size > 1 and not hasattr(core, "_call_utility_async"):
             raise RuntimeError(
                 "vllm-stateful: this vLLM's engine client cannot address one data-parallel rank "
                 "(AsyncMPClient._call_utility_async, vLLM 0.32); run with --data-parallel-size 1"
+            )
+        if self.dp_size > 1 and len(getattr(core, "core_engines", ())) != self.dp_size:
+            raise RuntimeError(
+                f"vllm-stateful: this API server reaches {len(getattr(core, 'core_engines', ()))} of "
+                f"{self.dp_size} data-parallel ranks (external or hybrid load balancing, "
+                "--data-parallel-size-local); sessions need one API server that reaches every rank"
             )
 
     async def call(self, op: str, rank: int = 0, **args: Any) -> Any:

@@ -96,6 +96,7 @@ class Durability:
         try:
             await self.store.run(fn, *args)
             session.saved = session.saved or whole
+            session.revision += 1
         except Exception as exc:
             logger.exception("vllm-stateful: could not save session %s", session.id)
             if session.is_open:

@@ -14,10 +14,11 @@ claims it here:
   session, and the dead one cannot restart half-way);
 * from a live replica (its lock is held): pulled over HTTP with the caller's
   own credentials: ``GET /v1/sessions/{id}/export`` there, import here (saved),
-  then ``DELETE /v1/sessions/{id}?if_version=V`` there, which refuses if the
-  session changed after the export; then the copy here is dropped and the
-  caller gets 409 ``session_moving`` (retry: the next claim sees the newer state),
-  or, if it was closed there meanwhile, the session is not found.
+  then ``DELETE /v1/sessions/{id}?if_revision=R`` there, which refuses if the
+  session changed after the export (any saved change bumps its revision); then
+  the copy here is dropped and the caller gets 409 ``session_moving`` (retry:
+  the next claim sees the newer state). Both requests carry ``X-Stateful-Handoff``,
+  so the other replica answers from what it holds and never claims back.
 
 Either way the session keeps its tokens, messages, version, rewind points, flash
 queries and acknowledged appends; its KV is rebuilt on first use
@@ -38,12 +39,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from vllm_stateful.sessions.durable import DB_NAME, DurableStore, SessionRecord, StateDirInUse
 from vllm_stateful.sessions.store import Session, SessionError
 
 logger = logging.getLogger(__name__)
 
 PEER_FILE = "peer.json"
+# marks a replica's handoff request (export, delete) to another: answered from what that replica
+# holds, never by claiming the session itself (which would pull it back)
+HANDOFF_HEADER = "x-stateful-handoff"
 # headers of the caller forwarded to the replica a session is pulled from (its credentials)
 FORWARDED = ("authorization",)
 
@@ -77,8 +83,10 @@ class Handoff:
         self.import_ = import_
         self.close = close
         self.forwarded = FORWARDED + ((tenant_header.lower(),) if tenant_header else ())
-        self.timeout_s = timeout_s
-        self._lock = asyncio.Lock()
+        self.timeout = httpx.Timeout(timeout_s, connect=3.0)
+        # one claim per session at a time; one takeover per gone replica at a time
+        self._claims: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}  # lock, claims using it
+        self._peers: dict[Path, asyncio.Lock] = {}
         self.taken = 0
         self.pulled = 0
         self._write_peer_file(advertise_url)
@@ -95,34 +103,48 @@ class Handoff:
         self, tenant: str, session_id: str, headers: Mapping[str, str], present: Callable[[], bool]
     ) -> bool:
         """Bring session ``session_id`` of ``tenant`` here from another replica if one holds it;
-        True when it is here now. ``present()``: whether this replica holds it already."""
-        async with self._lock:
-            if present():
-                return True
-            live: list[Path] = []
-            for peer in self.peers():
-                try:
-                    if await self._take_from_gone(peer, tenant, session_id):
-                        return True
-                except StateDirInUse:
-                    live.append(peer)
-                except Exception:
-                    logger.exception("vllm-stateful: could not read the state dir of replica %s", peer.name)
-            for peer in live:
-                if await self._pull_from_live(peer, tenant, session_id, headers):
+        True when it is here now. ``present()``: whether this replica holds it already. 409/503
+        ``session_moving`` (retry) when a move could not finish; the session is then where it was."""
+        key = (tenant, session_id)
+        lock, users = self._claims.get(key, (asyncio.Lock(), 0))
+        self._claims[key] = (lock, users + 1)
+        try:
+            async with lock:
+                if present():
                     return True
-            return False
+                live: list[Path] = []
+                for peer in self.peers():
+                    try:
+                        if await self._take_from_gone(peer, tenant, session_id):
+                            return True
+                    except StateDirInUse:
+                        live.append(peer)
+                    except ValueError:  # another model's state dir under the root: never holds ours
+                        continue
+                    except Exception:
+                        logger.exception("vllm-stateful: could not read the state dir of replica %s", peer.name)
+                for peer in live:
+                    if await self._pull_from_live(peer, tenant, session_id, headers):
+                        return True
+                return False
+        finally:
+            lock, users = self._claims[key]
+            if users == 1:
+                del self._claims[key]
+            else:
+                self._claims[key] = (lock, users - 1)
 
     async def _take_from_gone(self, peer: Path, tenant: str, session_id: str) -> bool:
-        store = await asyncio.to_thread(DurableStore, str(peer), self.own.identity)  # StateDirInUse: alive
-        try:
-            record = await store.run(store.find, tenant, session_id)
-            if record is None:
-                return False
-            await self.own.run(self.own.put, record)  # saved here first: a crash now leaves two copies
-            await store.run(store.delete, record.key)
-        finally:
-            await asyncio.to_thread(store.close)
+        async with self._peers.setdefault(peer, asyncio.Lock()):
+            store = await asyncio.to_thread(DurableStore, str(peer), self.own.identity)  # StateDirInUse: alive
+            try:
+                record = await store.run(store.find, tenant, session_id)
+                if record is None:
+                    return False
+                await self.own.run(self.own.put, record)  # saved here first: a crash now leaves two copies
+                await store.run(store.delete, record.key)
+            finally:
+                await asyncio.to_thread(store.close)
         await self.adopt(record, {"from": "replica", "replica": peer.name})
         self.taken += 1
         logger.info("vllm-stateful: took over session %s from gone replica %s", session_id, peer.name)
@@ -137,34 +159,51 @@ class Handoff:
                 409, f"session '{session_id}' is held by replica {peer.name}, which advertises no URL "
                 "(stateful.advertise_url); send it there", "session_elsewhere",
             )  # fmt: skip
-        import httpx
-
         forwarded = {k: v for k, v in headers.items() if k.lower() in self.forwarded}
-        async with httpx.AsyncClient(base_url=url, headers=forwarded, timeout=self.timeout_s) as client:
-            got = await client.get(f"/v1/sessions/{session_id}/export")
-            if got.status_code == 404:
-                return False  # closed meanwhile
-            if got.status_code != 200:
-                raise SessionError(
-                    503 if got.status_code >= 500 else 409,
-                    f"replica {peer.name} holds session '{session_id}' and did not hand it over "
-                    f"({got.status_code}); retry", "session_moving", retry_after=1.0,
-                )  # fmt: skip
-            export = got.json()
-            session = await self.import_(tenant, export)
-            dropped = await client.delete(f"/v1/sessions/{session_id}", params={"if_version": export["version"]})
+        path = f"/v1/sessions/{_path_segment(session_id)}"
+        session: Session | None = None
+        try:
+            async with httpx.AsyncClient(
+                base_url=url, headers={**forwarded, HANDOFF_HEADER: "1"}, timeout=self.timeout
+            ) as client:
+                got = await client.get(path + "/export")
+                if got.status_code == 404:
+                    return False  # closed there meanwhile
+                if got.status_code != 200:
+                    raise _moving(session_id, peer, f"its export answered {got.status_code}")
+                export = got.json()
+                if export.get("id") != session_id or not isinstance(export.get("revision"), str):
+                    raise _moving(session_id, peer, "its export is not of this session")
+                session = await self.import_(tenant, export)
+                dropped = await client.delete(path, params={"if_revision": export["revision"]})
+        except httpx.HTTPError as exc:
+            if session is not None:
+                await self.close(session)
+            raise _moving(session_id, peer, f"it did not answer ({type(exc).__name__})", 503) from exc
+        except BaseException:
+            if session is not None:
+                await self.close(session)
+            raise
         if dropped.status_code == 200:
             session.restored = {"from": "replica", "replica": peer.name, "kv": "pending"}
             self.pulled += 1
             logger.info("vllm-stateful: pulled session %s from live replica %s", session_id, peer.name)
             return True
-        await self.close(session)  # the other copy changed, stayed, or was closed: it decides
-        if dropped.status_code == 404:
-            return False  # closed there meanwhile (deleted, expired): not resurrected here
-        raise SessionError(
-            409, f"session '{session_id}' changed on replica {peer.name} while moving here; retry",
-            "session_moving", retry_after=1.0,
-        )  # fmt: skip
+        await self.close(session)  # the other copy changed, moved on or was closed: it decides
+        raise _moving(session_id, peer, f"it changed there meanwhile ({dropped.status_code})")
+
+
+def _moving(session_id: str, peer: Path, why: str, status: int = 409) -> SessionError:
+    return SessionError(
+        status, f"session '{session_id}' is moving from replica {peer.name} and could not be moved here: {why}; "
+        "retry", "session_moving", retry_after=1.0,
+    )  # fmt: skip
+
+
+def _path_segment(session_id: str) -> str:
+    """``session_id`` as one URL path segment (ids are A-Za-z0-9._:-; '.' and '..' would be
+    collapsed by URL normalization)."""
+    return "%2E" * len(session_id) if session_id in (".", "..") else session_id
 
 
 def _holds(peer: Path, tenant: str, session_id: str) -> bool:

@@ -146,16 +146,25 @@ def open_state_dir(config: Any, model: str, tokenizer: Any) -> Any:
     tokenizer's vocabulary: token ids saved under one vocabulary are refused under another."""
     import hashlib
     import json
+    import time
 
     from vllm_stateful.config import STATE_DIR_OFF
-    from vllm_stateful.sessions.durable import DurableStore, default_state_dir
+    from vllm_stateful.sessions.durable import DurableStore, StateDirInUse, default_state_dir
 
     if config.state_dir == STATE_DIR_OFF:
         return None
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
     identity = {"vocabulary": hashlib.sha256(vocab).hexdigest()[:32]}
     path = config.state_dir or default_state_dir(f"{model}\0{identity['vocabulary']}")
-    return DurableStore(path, identity)
+    # replicas: another one may hold this dir's lock for a moment while taking a session over
+    attempts = 15 if config.shared_state_root is not None else 1
+    for attempt in range(attempts):
+        try:
+            return DurableStore(path, identity)
+        except StateDirInUse:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
 
 
 def durable_secret(durable: Any) -> bytes | None:

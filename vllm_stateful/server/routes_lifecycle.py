@@ -33,6 +33,7 @@ async def fork_session(session_id: str, raw_request: Request) -> Response:
     req = validated(ForkRequest, await session_body(state, raw_request))
     if req.id is not None:
         checked_id(req.id, "id")
+        await claim(state, raw_request, parent.tenant, req.id)  # held by another replica: taken, then 409
     check_ttl(state, req.ttl_s)
     child = await state.ops.fork(parent, req.id, req.ttl_s)
     state.service.metrics.refresh(state.service)
@@ -76,7 +77,7 @@ async def import_session(raw_request: Request) -> Response:
     tenant = state.tenancy.tenant_of(raw_request.headers)
     body = await session_body(state, raw_request, "token_ids")
     if isinstance(body.get("id"), str):
-        await claim(state, raw_request, tenant, body["id"])  # an id another replica holds is taken, then 409
+        await claim(state, raw_request, tenant, checked_id(body["id"], "id"))  # held elsewhere: taken, then 409
     session = await import_export(state, tenant, body)
     state.service.metrics.refresh(state.service)
     return JSONResponse(state.service.describe(session), status_code=201)

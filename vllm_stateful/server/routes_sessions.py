@@ -11,8 +11,11 @@ from fastapi.responses import JSONResponse, Response
 
 from vllm_stateful.engine.session_pins import token_digest
 from vllm_stateful.server.errors import bad_request
+from vllm_stateful.server.handoff import HANDOFF_HEADER
 from vllm_stateful.server.http import cancel_on_disconnect, checked_id, guarded, parse_object, read_body, validated
 from vllm_stateful.server.protocol import AppendRequest, CreateSessionRequest, check_token_ids, template_messages
+from vllm_stateful.server.session_kv import finish_then_cancel
+from vllm_stateful.server.session_ops import revision_tag
 from vllm_stateful.server.state import StatefulState, stateful_state
 from vllm_stateful.server.turn_types import TurnInput
 from vllm_stateful.sessions.store import Session, SessionError
@@ -46,10 +49,14 @@ async def own_session(state: StatefulState, raw_request: Request, session_id: st
 
 async def claim(state: StatefulState, raw_request: Request, tenant: str, session_id: str) -> None:
     """With replicas (``shared_state_root``): a session this replica does not hold is taken over
-    from the replica that does (``server/handoff.py``) before anything looks it up or creates it."""
+    from the replica that does (``server/handoff.py``) before anything looks it up or creates it.
+    Not for another replica's handoff requests (they ask what this one holds), and never stopped
+    half-way by a client leaving."""
     store = state.service.store
-    if state.handoff is not None and not store.contains(tenant, session_id):
-        await state.handoff.claim(tenant, session_id, raw_request.headers, lambda: store.contains(tenant, session_id))
+    if state.handoff is None or store.contains(tenant, session_id) or HANDOFF_HEADER in raw_request.headers:
+        return
+    claimed = state.handoff.claim(tenant, session_id, raw_request.headers, lambda: store.contains(tenant, session_id))
+    await finish_then_cancel(claimed)
 
 
 def check_ttl(state: StatefulState, ttl_s: float | None) -> None:
@@ -136,11 +143,9 @@ async def get_session(session_id: str, raw_request: Request) -> Response:
 async def delete_session(session_id: str, raw_request: Request) -> Response:
     state = stateful_state(raw_request)
     session = await own_session(state, raw_request, session_id)
-    if_version = raw_request.query_params.get("if_version")
-    if if_version is not None and str(session.version) != if_version:  # no await until close removes it
-        raise SessionError(
-            409, f"session '{session_id}' is at version {session.version}, not {if_version}", "version_changed"
-        )
+    if_revision = raw_request.query_params.get("if_revision")
+    if if_revision is not None and revision_tag(session) != if_revision:  # no await until close removes it
+        raise SessionError(409, f"session '{session_id}' changed since revision {if_revision}", "revision_changed")
     return JSONResponse(await state.service.close(session))
 
 

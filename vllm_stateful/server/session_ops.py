@@ -39,6 +39,11 @@ from vllm_stateful.sessions.store import Session, SessionError
 EXPORT_FORMAT = "vllm-stateful.session.v1"
 
 
+def revision_tag(session: Session) -> str:
+    """Names one saved state of one incarnation (``Session.revision``)."""
+    return f"{session.key}:{session.revision}"
+
+
 class SessionOps:
     def __init__(self, service: SessionService) -> None:
         self.service = service
@@ -178,19 +183,21 @@ class SessionOps:
             if rank == session.data_parallel_rank:
                 return session
             info = await service.kv.call(session, "leave")  # nothing admitted before pins there again
+            # its KV left: cold from here on, whatever follows (kv_tokens reports the rebuild)
+            service.kv.apply(session, info, session.kv_tokens)
             ensure_open(session)
             record = record_of(session)
             record.scalars["data_parallel_rank"] = rank
-            await finish_then_cancel(self._save_move(session, record, rank, info))
+            await finish_then_cancel(self._save_move(session, record, rank))
             service.metrics.moves.inc()
             return session
 
-    async def _save_move(self, session: Session, record: SessionRecord, rank: int, info: dict[str, int]) -> None:
+    async def _save_move(self, session: Session, record: SessionRecord, rank: int) -> None:
+        """Save the new rank, then apply it (no await between)."""
         service = self.service
         assert service.ledger is not None
         await service.durable.put(session, record)
         ensure_open(session)
-        service.kv.apply(session, info, session.kv_tokens)  # no pin left: cold, and kv_tokens reports the rebuild
         service.ledger.move(session.key, rank, session.tenant, session.token_ids)
         session.data_parallel_rank = rank
         session.events.publish("moved", {"version": session.version, "data_parallel_rank": rank})
@@ -215,6 +222,7 @@ class SessionOps:
                 "checkpoints": [vars(p) for p in session.checkpoints],
                 "flash_queries": [flash_body(q) for q in session.flash.values()],
                 "data_parallel_rank": session.data_parallel_rank,  # informative: an import is placed anew
+                "revision": revision_tag(session),  # DELETE ?if_revision= removes exactly this state
             }
 
     async def import_(self, tenant: str, data: dict[str, Any], register: Callable[[Session], None]) -> Session:

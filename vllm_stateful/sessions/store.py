@@ -105,6 +105,9 @@ class Session:
     exclusive: bool = False
     # the data-parallel rank whose engine holds the session's KV: every request of it runs there
     data_parallel_rank: int = 0
+    # bumped by every write of the session to the state dir: with ``key``, names one saved state
+    # (a handoff deletes the copy it moved only if it is still that state)
+    revision: int = 0
 
     @property
     def context_tokens(self) -> int:
