@@ -75,5 +75,9 @@ bench-multi-tenant: setup
 bench-lifecycle: setup
 	$(BIN)/python benchmarks/lifecycle.py $(BENCH_ARGS)
 
+.PHONY: bench-scale-out
+bench-scale-out: setup
+	$(BIN)/python benchmarks/scale_out.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -50,8 +50,8 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from servers import ManagedServer, free_port, serve_argv  # type: ignore[no-redef]
 
 HEADER = "X-Session-ID"
-FIELDS = ["setup", "engines", "cores_per_engine", "turns", "seconds", "turns_per_s", "ratio", "p50_s", "p95_s",
-          "recomputing_follow_ups", "sessions_per_engine"]  # fmt: skip
+FIELDS = ["setup", "engines", "cores_per_engine", "turns", "seconds", "wall_s", "turns_per_s", "ratio", "p50_s",
+          "p95_s", "recomputing_follow_ups", "sessions_per_engine", "cpu_seconds"]  # fmt: skip
 
 
 def options() -> argparse.Namespace:
@@ -82,6 +82,7 @@ class Load:
 
     async def run(self, url: str) -> dict[str, Any]:
         a = self.args
+        wall = time.perf_counter()
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             await asyncio.gather(
                 *(self._turn(client, s, self._tokens(s, 0, a.prompt_tokens)) for s in range(a.sessions))
@@ -92,7 +93,8 @@ class Load:
         latencies = sorted(x for r in results for x, _ in r)
         recomputing = sum(1 for r in results for _, rec in r if rec)
         turns = len(latencies)
-        return {"turns": turns, "seconds": round(seconds, 3), "turns_per_s": round(turns / seconds, 3),
+        return {"turns": turns, "seconds": round(seconds, 3), "wall_s": round(time.perf_counter() - wall, 3),
+                "turns_per_s": round(turns / seconds, 3),
                 "p50_s": round(statistics.median(latencies), 4),
                 "p95_s": round(latencies[min(turns - 1, int(0.95 * turns))], 4),
                 "recomputing_follow_ups": recomputing}  # fmt: skip
@@ -130,6 +132,7 @@ class Setups:
         args.kv_blocks = 0
         self.common = mt.server_args(args, mt.serving_dtype(args.model)) + ["--session-header", HEADER]
         self.cores = os.cpu_count() or 1
+        self.groups: list[int] = []  # process groups of the current setup's servers and router
 
     def start(self, name: str, stack: ExitStack) -> tuple[str, list[str], int, int]:
         """(URL to load, the servers' URLs, engines, cores per engine) of setup ``name``; its
@@ -163,6 +166,7 @@ class Setups:
                           f"http://127.0.0.1:{port}/v1")
         )  # fmt: skip
         server.wait_ready(900)
+        self.groups.append(server.pid)
         return server.base_url
 
     def _router(self, stack: ExitStack, urls: list[str]) -> str:
@@ -175,7 +179,29 @@ class Setups:
             ManagedServer(argv, {}, self.out / "logs" / "router.log", f"http://127.0.0.1:{port}/v1")
         )
         router.wait_ready(60)
+        self.groups.append(router.pid)
         return router.base_url
+
+
+ROLES = (("VLLM::Worker", "model worker"), ("VLLM::EngineCor", "engine core"), ("VLLM::DPCoordin", "DP coordinator"),
+         ("router", "router"), ("", "API server"))  # fmt: skip
+
+
+def cpu_seconds(groups: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the processes of ``groups``, by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getpgid(proc.pid) not in groups:
+                continue
+            times = proc.cpu_times()
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+        role = next(r for prefix, r in ROLES if prefix in (proc.info["name"] or ""))
+        out[role] = out.get(role, 0.0) + times.user + times.system
+    return out
 
 
 def spread(servers: list[str], engines: int) -> list[int]:
@@ -197,10 +223,15 @@ def main() -> None:
         with ExitStack() as stack:
             url, servers, engines, cores = setups.start(name, stack)
             print(f"[scale-out] {name}: {args.sessions} sessions x {args.turns} turns ...", flush=True)
+            before = cpu_seconds(setups.groups)
             result = asyncio.run(load.run(url))
+            after = cpu_seconds(setups.groups)
+            setups.groups.clear()
             per_engine = spread(servers, engines)
+        # CPU seconds per role during the load (first turns included), as a share of the run's wall time
+        busy = {k: round(after.get(k, 0.0) - before.get(k, 0.0), 2) for k in after}
         rows.append({"setup": name, "engines": engines, "cores_per_engine": cores, **result,
-                     "sessions_per_engine": "/".join(map(str, per_engine))})  # fmt: skip
+                     "sessions_per_engine": "/".join(map(str, per_engine)), "cpu_seconds": busy})  # fmt: skip
         print(f"[scale-out] {name}: {result['turns_per_s']} turns/s, p50 {result['p50_s']} s", flush=True)
     base = next((r["turns_per_s"] for r in rows if r["setup"] == "1 engine"), rows[0]["turns_per_s"])
     for r in rows:
@@ -225,13 +256,15 @@ def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, out: Pat
         f"Machine: {machine.get('cpu_model')} ({machine.get('cores')} cores; ISA {isa}).",
         "",
         "| setup | engines x cores | turns/s | vs 1 engine | p50 turn (s) | p95 turn (s) | sessions per engine "
-        "| follow-ups that recomputed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| follow-ups that recomputed | CPU-s by role during the load (wall s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cpu = ", ".join(f"{k} {v}" for k, v in sorted(r["cpu_seconds"].items(), key=lambda kv: -kv[1]))
         lines.append(
             f"| {r['setup']} | {r['engines']} x {r['cores_per_engine']} | {r['turns_per_s']} | {r['ratio']}x "
-            f"| {r['p50_s']} | {r['p95_s']} | {r['sessions_per_engine']} | {r['recomputing_follow_ups']} |"
+            f"| {r['p50_s']} | {r['p95_s']} | {r['sessions_per_engine']} | {r['recomputing_follow_ups']} "
+            f"| {cpu} ({r['wall_s']}) |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     try:

@@ -74,6 +74,11 @@ class ManagedServer:
                 pass
             time.sleep(1.0)
 
+    @property
+    def pid(self) -> int:
+        """The server's process (and process group) id."""
+        return self._proc.pid
+
     def log_tail(self, lines: int = 30) -> str:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -142,7 +142,7 @@ class Handoff:
                 if record is None:
                     return False
                 await self.own.run(self.own.put, record)  # saved here first: a crash now leaves two copies
-                await store.run(store.delete, record.key)
+                await store.run(store.delete_all_of, tenant, session_id)  # older incarnations too
             finally:
                 await asyncio.to_thread(store.close)
         await self.adopt(record, {"from": "replica", "replica": peer.name})

@@ -53,8 +53,10 @@ async def claim(state: StatefulState, raw_request: Request, tenant: str, session
     Not for another replica's handoff requests (they ask what this one holds), and never stopped
     half-way by a client leaving."""
     store = state.service.store
-    if state.handoff is None or store.contains(tenant, session_id) or HANDOFF_HEADER in raw_request.headers:
+    if state.handoff is None or store.contains(tenant, session_id):
         return
+    if HANDOFF_HEADER in raw_request.headers and raw_request.method in ("GET", "DELETE"):
+        return  # another replica's export or delete: about what this one holds (never a create)
     claimed = state.handoff.claim(tenant, session_id, raw_request.headers, lambda: store.contains(tenant, session_id))
     await finish_then_cancel(claimed)
 

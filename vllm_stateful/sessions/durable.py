@@ -245,6 +245,17 @@ class DurableStore:
             for table in CHILD_TABLES:
                 db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
 
+    def delete_all_of(self, tenant: str, session_id: str) -> None:
+        """Remove every incarnation stored under ``(tenant, session_id)`` (one transaction)."""
+        with self._tx() as db:
+            keys = [
+                k for (k,) in db.execute("SELECT key FROM sessions WHERE tenant = ? AND id = ?", (tenant, session_id))
+            ]
+            for key in keys:
+                db.execute("DELETE FROM sessions WHERE key = ?", (key,))
+                for table in CHILD_TABLES:
+                    db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
+
     @staticmethod
     def _upsert(db: sqlite3.Connection, key: str, scalars: dict[str, Any], only: Sequence[str] = SCALARS) -> None:
         """Insert the session's row, or update the ``only`` columns of a stored one."""
