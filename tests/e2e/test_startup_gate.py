@@ -36,7 +36,8 @@ def test_sliding_window_model_is_refused(tiny_model_path, tmp_path):
     assert SUPPORTED in output and "sliding-window" in output, output[-3000:]
 
 
-def test_several_api_servers_or_ranks_are_refused_before_starting(tiny_model_path):
-    for flags in (["--api-server-count", "2"], ["--data-parallel-size", "2"]):
+def test_several_api_servers_are_refused_before_starting(tiny_model_path):
+    # several data-parallel ranks are served (tests/e2e/test_data_parallel.py); several API servers are not
+    for flags in (["--api-server-count", "2"], ["--data-parallel-size", "2", "--api-server-count", "2"]):
         done = _serve(tiny_model_path, *flags, timeout_s=60)
-        assert done.returncode != 0 and "not supported yet" in done.stderr, done.stderr[-2000:]
+        assert done.returncode != 0 and "(--api-server-count 1)" in done.stderr, done.stderr[-2000:]

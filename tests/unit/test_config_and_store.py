@@ -72,6 +72,10 @@ def test_store_lifecycle_and_expiry():
         s.turn_in_flight = False
         s.active_request_ids.add("a-running-query")  # running work counts as use
         assert store.expired(now=s.last_used_at + 11) == []
+        s.active_request_ids.clear()
+        async with s.write_lock:  # a create filling it (tokenizing, admitting) is use too
+            assert store.expired(now=s.last_used_at + 11) == []
+        assert [x.id for x in store.expired(now=s.last_used_at + 11)] == ["s1"]
         assert store.remove(s) and s.state == "closed" and not store.contains("t1", "s1")
 
     asyncio.run(run())

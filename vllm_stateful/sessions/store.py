@@ -129,7 +129,10 @@ class Session:
         self.last_used_at = time.time()
 
     def expired(self, now: float) -> bool:
-        return self.ttl_s > 0 and not self.busy and now - self.last_used_at > self.ttl_s
+        """Idle past its TTL. A session whose write lock is held (a create filling it, a turn
+        preparing, a whole-session operation) is in use, not idle."""
+        idle = not self.busy and not self.write_lock.locked()
+        return self.ttl_s > 0 and idle and now - self.last_used_at > self.ttl_s
 
     def to_public(self) -> dict[str, Any]:
         return {
