@@ -213,11 +213,18 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "--chat-template", str(CHAT_TEMPLATE),
         "--additional-config", json.dumps({"stateful": plugin}),
     ]  # fmt: skip
+    with served(cmd, env, port, log, tiny_model_path) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], env: dict, port: int, log: Path, model_path: str):
+    """A server started from ``cmd`` on ``port`` for the block, once it answers; stopped after."""
     proc = launch(cmd, env, log)
     root = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, root, log)
-        yield Server(root + "/v1", root, "tiny", tiny_model_path, log)
+        yield Server(root + "/v1", root, "tiny", model_path, log)
     finally:
         stop_group(proc)
 

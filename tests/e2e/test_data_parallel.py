@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import Server, free_port, launch, stop_group, wait_ready
+from tests.e2e.conftest import Server, free_port, served
 
 pytestmark = pytest.mark.e2e
 
@@ -41,14 +41,8 @@ def dp_server(tiny_model_path, tmp_path_factory):
     ]  # fmt: skip
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1", PYTHONUNBUFFERED="1")
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # the CLI binds one core per rank
-    log = tmp / "server.log"
-    proc = launch(cmd, env, log)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, root, log)
-        yield Server(root + "/v1", root, "tiny", tiny_model_path, log)
-    finally:
-        stop_group(proc)
+    with served(cmd, env, port, tmp / "server.log", tiny_model_path) as server:
+        yield server
 
 
 def _turn(server: Server, sid: str, prompt: list[int]) -> dict:
