@@ -194,8 +194,9 @@ def test_user_queries_are_never_batched_with_flash_work(stateful_server):
     answer = query.result().json()
     pool.shutdown()
     assert answer["session"]["version"] == 1 and len(answer["choices"][0]["token_ids"]) == 8, answer
-    # the flash answer was not there when the query finished: it had waited the whole time
-    assert server.get(f"/v1/sessions/{sid}/flash_queries/{fq['id']}").json()["answer"] is None
+    # The engine's own counts say the flash request waited every step the query ran and never shared
+    # one with it (whether its answer is already there when this process looks depends on how long
+    # the machine takes to schedule it: a 2-core runner has paused test processes for seconds).
     after = server.integrity()["counters"]
     assert after.get("flash_held_steps", 0) - counters.get("flash_held_steps", 0) >= 8
     assert after.get("flash_shared_steps", 0) == counters.get("flash_shared_steps", 0)

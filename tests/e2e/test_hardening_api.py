@@ -150,28 +150,27 @@ def test_id_reused_after_delete_never_sees_or_loses_the_old_incarnation(stateful
 
 
 def test_append_to_a_recreated_id_lands_in_the_new_incarnation(stateful_server):
-    """The old incarnation's ingestion is still pending (it yields to a running query) when the id is
-    deleted and created again; the new session's append must be its own, and ingested."""
-    url = stateful_server.base_url
+    """The old incarnation's ingestion is still pending (vLLM is paused, with a query of another
+    session admitted) when the id is deleted and created again; the new session's append must be
+    its own, and ingested once the engine runs again."""
     assert stateful_server.post("/v1/sessions", json={"id": "reuse-q", "prompt": [5] * 20}).status_code == 201
-    long_query = {"model": "tiny", "prompt": [6], "max_tokens": 1500, "ignore_eos": True, "stateful": "reuse-q",
-                  "stateful_commit": False}  # fmt: skip
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        query = pool.submit(httpx.post, url + "/completions", json=long_query, headers=AUTH, timeout=120)
-        wait_until(lambda: stateful_server.integrity()["running"] > 0, what="query running")
-        time.sleep(0.5)
-        sid = "reuse-2"
+    stateful_server.idle()
+    query = {"model": "tiny", "prompt": [6], "max_tokens": 200, "ignore_eos": True, "stateful": "reuse-q",
+             "stateful_commit": False}  # fmt: skip
+    sid = "reuse-2"
+    with stateful_server.held_request("/v1/completions", query) as answer:
         assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
         assert stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [901]}).status_code == 202
         assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
         assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
-        r = stateful_server.post(
-            f"/v1/sessions/{sid}/append", json={"token_ids": [2001, 2002], "wait": True}, timeout=30
-        )
-        assert r.status_code == 200, r.text
-        assert query.result().status_code == 200
-    s = stateful_server.session(sid, tokens=True)
-    assert s["token_ids"] == [2001, 2002] and s["version"] == 1 and s["queued_tokens"] == 0
+        r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [2001, 2002]})
+        assert r.status_code == 202, r.text
+        s = stateful_server.session(sid, tokens=True)
+        assert s["token_ids"] == [] and s["queued_tokens"] == 2, s  # acknowledged, not ingested yet
+    assert answer.result().status_code == 200
+    s = wait_until(lambda: (b := stateful_server.session(sid, tokens=True))["queued_tokens"] == 0 and b, what="ingest")
+    assert s["token_ids"] == [2001, 2002] and s["version"] == 1, s
+    assert stateful_server.idle()["api_sessions"][sid] == 1  # its one block, pinned
     for name in (sid, "reuse-q"):
         assert stateful_server.delete(f"/v1/sessions/{name}").status_code == 200
     stateful_server.integrity()

@@ -335,8 +335,9 @@ def test_query_cut_short_by_delete_is_a_404(stateful_server, stream):
         return
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(url, json=body, headers=AUTH, timeout=120)))
-    t.start()
-    wait_until(lambda: stateful_server.integrity()["running"] > 0, what="query running")
-    assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
+    with stateful_server.paused():  # the query is admitted and cannot finish before the DELETE, on any machine
+        t.start()
+        wait_until(lambda: (b := stateful_server.integrity())["waiting"] + b["running"] > 0, what="query admitted")
+        assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
     t.join(60)
     assert_error(result["r"], 404, "session_not_found")
