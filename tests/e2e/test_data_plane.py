@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import INGEST_QUEUE_TOKENS, KEY_A
+from tests.e2e.conftest import INGEST_QUEUE_TOKENS, KEY_A, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
@@ -166,3 +166,53 @@ def test_appends_queued_behind_a_turn_are_coalesced_into_one_prefill(stateful_se
     # one prefill for the ten queued appends, one for the last
     assert _metric(stateful_server, "vllm_stateful:ingest_batches_total") - batches_before == 2
     stateful_server.delete(f"/v1/sessions/{sid}")
+
+
+def test_ingested_consistency_answers_now_and_says_how_far_behind(stateful_server, reference):
+    """``consistency: "ingested"``: a read-only query does not wait for acknowledged appends; it
+    answers over what is ingested and reports that version and how many it does not see. The
+    default (read-your-writes) waits and sees them."""
+    server = stateful_server
+    sid = "dp-consistency"
+    history = server.fresh_session(sid, 64, seed=21)
+    extra, question = list(range(500, 540)), [901, 902, 903]
+
+    def query(consistency: str | None) -> httpx.Response:
+        body = {"model": "tiny", "prompt": question, "max_tokens": 3, "temperature": 0, "stateful": sid,
+                "stateful_commit": False, "return_token_ids": True}  # fmt: skip
+        if consistency is not None:
+            body["consistency"] = consistency
+        return server.post("/v1/completions", json=body)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with server.paused():  # the append is acknowledged but cannot be ingested yet
+            r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": extra})
+            assert r.status_code == 202 and r.json()["version"] == 2, r.text
+            now = pool.submit(query, "ingested")
+            # the query reached the engine beside the ingestion: it did not wait for it
+            wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] >= 2, what="query admitted")
+        answer = now.result()
+    finally:
+        pool.shutdown(wait=True)
+    assert answer.status_code == 200, answer.text
+    s = answer.json()["session"]
+    assert s["version"] == 1 and s["versions_behind"] == 1 and s["context_tokens"] == len(history) + len(question)
+    assert answer.json()["choices"][0]["token_ids"] == reference.greedy(history + question, 3)
+
+    waited = query(None)  # read-your-writes: sees the append
+    assert waited.status_code == 200, waited.text
+    s = waited.json()["session"]
+    assert s["version"] == 2 and "versions_behind" not in s
+    assert s["context_tokens"] == len(history) + len(extra) + len(question)
+    assert waited.json()["choices"][0]["token_ids"] == reference.greedy(history + extra + question, 3)
+
+    for bad in ("eventual", 1, None):
+        body = {"model": "tiny", "prompt": question, "max_tokens": 1, "stateful": sid, "stateful_commit": False}
+        r = server.post("/v1/completions", json={**body, "consistency": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "consistency", r.text
+    r = server.post("/v1/completions", json={"model": "tiny", "prompt": question, "max_tokens": 1, "stateful": sid,
+                                             "consistency": "ingested"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_in_session", r.text
+    assert server.session(sid)["version"] == 2  # refusals changed nothing
+    assert server.delete(f"/v1/sessions/{sid}").status_code == 200

@@ -13,6 +13,9 @@ from vllm_stateful.server.errors import bad_request
 SESSION_BODY_FIELDS = ("stateful", "ark_stateful")
 SESSION_HEADER = "x-stateful-session"
 COMMIT_BODY_FIELD = "stateful_commit"
+# A read-only query's view of appends: every acknowledged one (default), or what is ingested now.
+CONSISTENCY_FIELD = "consistency"
+CONSISTENCY_MODES = ("read_your_writes", "ingested")
 
 
 class _Strict(BaseModel):

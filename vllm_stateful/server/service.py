@@ -194,6 +194,7 @@ class SessionService:
         priority: int = 0,
         session_id: str | None = None,
         flash: bool = False,
+        read_your_writes: bool = True,
     ) -> AsyncIterator[tuple[TurnResult, RequestOutput | None]]:
         """Run one request on the session, yielding (result, delta) per engine output.
 
@@ -208,6 +209,9 @@ class SessionService:
         request). ``flash``: a background flash evaluation -- it reads what is
         committed now (no read-your-writes wait), runs in the engine's flash
         class (only on spare capacity), and is not client use of the session.
+        ``read_your_writes=False`` (read-only queries, ``consistency: "ingested"``): no wait for
+        acknowledged appends; the answer reads what is ingested now and says how many versions
+        it is behind (``versions_behind``).
         """
         assert self.ledger is not None
         user_query = not commit and not flash  # a client's read-only query
@@ -221,7 +225,7 @@ class SessionService:
                 )
             if commit:
                 session.turn_in_flight = flagged = True
-            if not flash:
+            if not flash and (commit or read_your_writes):
                 await self.wait_ingested(session, session.acked_seq)
             if commit:
                 await self._acquire(session)
@@ -249,6 +253,8 @@ class SessionService:
             result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version, read_seq=read_seq)
             if user_query:
                 result.flash_hit = False
+                if not read_your_writes:
+                    result.versions_behind = session.version - read_version  # acknowledged, not yet ingested
             if user_query and not stream and self.cached_answer is not None:
                 if self.cached_answer(result, turn_input.token_ids, params):
                     yield result, None

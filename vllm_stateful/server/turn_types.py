@@ -37,6 +37,7 @@ class TurnResult:
     version: int = 0  # the version the request read, or, once committed, the one it made
     read_seq: int = 0  # the session's commit_seq when the request read it
     flash_hit: bool | None = None  # read-only queries: answered from a flash query's cache
+    versions_behind: int | None = None  # consistency "ingested": acknowledged versions the answer does not see
 
     @property
     def new_tokens(self) -> int:
@@ -54,6 +55,7 @@ class TurnResult:
             "new_tokens": self.new_tokens,
             "recomputed_tokens": self.recomputed_tokens,
             **({} if self.flash_hit is None else {"flash_hit": self.flash_hit}),
+            **({} if self.versions_behind is None else {"versions_behind": self.versions_behind}),
         }
 
     def usage(self) -> dict[str, Any]:
