@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 import uuid
@@ -79,6 +80,8 @@ class ProviderRun:
     append_retries: int = 0
     token_accounting: str = ""
     wall_s: float = 0.0
+    warm_requests: int = 0  # stateless-warming: prefix-cache warming requests sent
+    versions_behind: list[int] = field(default_factory=list)  # stateful-ingested: per answer
 
 
 def _retry_after(resp: httpx.Response, default: float = 0.2) -> float:
@@ -178,11 +181,38 @@ class StatelessProvider(_Provider):
         return Answer(sent, sent, lat, ttft, int(usage["completion_tokens"]))
 
 
+class WarmingStatelessProvider(StatelessProvider):
+    """Stock vLLM used carefully: as ticks arrive, every ``warm_every`` of them, a ``max_tokens: 1``
+    request with the feed so far keeps vLLM's prefix cache warm (one in flight at a time; a batch
+    that arrives while one runs is covered by the next), so a question prefills only its tail."""
+
+    warm_every = 4
+
+    async def open(self, feed: rep.Feed) -> None:
+        await super().open(feed)
+        self.seen = 0
+        self.warm_requests = 0
+        self._warming: asyncio.Task | None = None
+
+    async def append(self, tick: rep.Tick) -> None:
+        self.seen += 1
+        if self.seen % self.warm_every == 0 and (self._warming is None or self._warming.done()):
+            text = self.feed.text_through(tick.idx)
+            self._warming = asyncio.create_task(self._complete({"prompt": text, "max_tokens": 1}, None))
+            self.warm_requests += 1
+
+    async def finish(self, run: ProviderRun) -> None:
+        if self._warming is not None:
+            await self._warming
+        run.warm_requests = self.warm_requests
+
+
 class StatefulProvider(_Provider):
     """vllm-stateful: ticks are appended to one session; questions are read-only session queries."""
 
     poll_interval_s = 0.05
     settle_s = 3.0
+    consistency: str | None = None  # "ingested": questions do not wait for the append backlog
 
     async def open(self, feed: rep.Feed) -> None:
         await super().open(feed)
@@ -193,6 +223,7 @@ class StatefulProvider(_Provider):
         self.acks: list[float] = []
         self.samples: list[tuple[float, int]] = []
         self.retries = 0
+        self.versions_behind: list[int] = []  # consistency "ingested": appends each answer did not see
         self._poller = asyncio.create_task(self._poll())
 
     async def _count_tokens(self, texts: list[str]) -> list[int]:
@@ -234,8 +265,11 @@ class StatefulProvider(_Provider):
             "max_tokens": self.max_tokens,
             "stateful": self.session_id,
             "stateful_commit": False,
+            **({"consistency": self.consistency} if self.consistency else {}),
         }
         lat, ttft, usage, session = await self._complete(body, received)
+        if session and "versions_behind" in session:
+            self.versions_behind.append(int(session["versions_behind"]))
         if not session:
             raise BenchError(f"completion on session {self.session_id} has no 'session' object: not vllm-stateful?")
         return Answer(
@@ -274,6 +308,8 @@ class StatefulProvider(_Provider):
             targets.append(self.base_tokens + cum + extra * (k + 1))
         run.append_lags = rep.ingest_lags(self.acks, targets, self.samples)
         run.append_retries = self.retries
+        if self.versions_behind:
+            run.versions_behind = list(self.versions_behind)
 
     async def close(self) -> None:
         if getattr(self, "_poller", None):
@@ -364,13 +400,16 @@ def make_provider(
     poll_interval_s: float = 0.05,
     api_key: str | None = None,
 ) -> _Provider:
-    if kind == "stateful":
+    if kind in ("stateful", "stateful-ingested"):
         p = StatefulProvider(name, api_base, model, max_tokens, api_key=api_key)
         p.poll_interval_s = poll_interval_s
+        p.consistency = "ingested" if kind == "stateful-ingested" else None
         return p
     if kind == "stateless":
         return StatelessProvider(name, api_base, model, max_tokens, api_key=api_key)
-    raise ValueError(f"unknown provider kind {kind!r} (stateful|stateless)")
+    if kind == "stateless-warming":
+        return WarmingStatelessProvider(name, api_base, model, max_tokens, api_key=api_key)
+    raise ValueError(f"unknown provider kind {kind!r} (stateful|stateful-ingested|stateless|stateless-warming)")
 
 
 # ---------------------------------------------------------------- servers
@@ -416,7 +455,19 @@ def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -
         f"# Streaming market-data benchmark\n\ncommand: `{command}`"
         f"; {cfg['ticks']} ticks at {cfg['rate']}/s, {cfg['questions']} questions, max_tokens {cfg['max_tokens']}\n\n"
     )
-    (out_dir / "summary.md").write_text(header + rep.markdown_report(table, summaries, largest, cfg["baseline"]))
+    notes = "".join(
+        f"\n{run.provider}: {run.warm_requests} prefix-cache warming requests (max_tokens 1, the feed so far)\n"
+        for run in runs
+        if run.warm_requests
+    ) + "".join(
+        f"\n{run.provider}: answers were {statistics.median(run.versions_behind)} versions behind the acknowledged "
+        f"feed at the median, {max(run.versions_behind)} at most (consistency: ingested)\n"
+        for run in runs
+        if run.versions_behind
+    )
+    (out_dir / "summary.md").write_text(
+        header + rep.markdown_report(table, summaries, largest, cfg["baseline"]) + notes
+    )
     extra = {
         run.provider: {
             "append_retries": run.append_retries,
@@ -424,6 +475,12 @@ def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -
             "token_accounting": run.token_accounting,
             "appends_never_covered": sum(x is None for x in run.append_lags),
             "recomputed_tokens": run.recomputed_tokens if any(x is not None for x in run.recomputed_tokens) else None,
+            **({"warm_requests": run.warm_requests} if run.warm_requests else {}),
+            **(
+                {"versions_behind": run.versions_behind, "versions_behind_max": max(run.versions_behind)}
+                if run.versions_behind
+                else {}
+            ),
         }
         for run in runs
     }

@@ -216,7 +216,7 @@ class FakeServer:
             sid = body.get("stateful")
             if sid is None:
                 if body["prompt"] != "warm up":
-                    self.events.append(("ask", body["prompt"]))
+                    self.events.append(("warm" if body["max_tokens"] == 1 else "ask", body["prompt"]))
                 return self._sse(n, None)
             assert body["stateful_commit"] is False
             self.events.append(("ask", body["prompt"]))
@@ -228,6 +228,7 @@ class FakeServer:
                     "context_tokens": self.sessions[sid] + n,
                     "new_tokens": n,
                     "recomputed_tokens": 0,
+                    **({"versions_behind": 0} if body.get("consistency") == "ingested" else {}),
                 },
             )
         return httpx.Response(404, json={"error": {"message": path}})
@@ -236,7 +237,7 @@ class FakeServer:
 def _run(kind: str, feed: rep.Feed, server: FakeServer) -> sb.ProviderRun:
     prov = sb.make_provider(kind, kind, "http://fake/v1", None, 2, poll_interval_s=0.001)
     prov.client = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    if kind == "stateful":
+    if kind.startswith("stateful"):
         prov.settle_s = 0.05
     return asyncio.run(sb.run_provider(prov, feed, rate=2000.0))
 
@@ -278,6 +279,26 @@ def test_stateless_driver_sends_the_full_feed():
         == [sum(words[: q.after_tick + 1]) + FakeServer.count(q.prompt) for q in feed.questions]
     )
     assert all(r.ingest_lag_s is None for r in run.rows) and run.append_lags == []
+
+
+def test_warming_driver_keeps_the_prefix_cache_warm_and_still_sends_the_full_feed():
+    feed = rep.make_feed(30, 4, seed=2)
+    server = FakeServer()
+    run = _run("stateless-warming", feed, server)
+    asks = [e[1] for e in server.events if e[0] == "ask"]
+    assert asks == [feed.text_through(q.after_tick) + q.prompt for q in feed.questions]
+    warms = [e[1] for e in server.events if e[0] == "warm"]
+    # every 4th tick at most (one in flight at a time), each the feed through that tick
+    assert 1 <= len(warms) == run.warm_requests <= 30 // 4
+    assert all(w in {feed.text_through(i) for i in range(3, 30, 4)} for w in warms)
+
+
+def test_ingested_driver_asks_without_waiting_and_records_how_far_behind():
+    feed = rep.make_feed(30, 4, seed=2)
+    server = FakeServer()
+    run = _run("stateful-ingested", feed, server)
+    assert [r.question_idx for r in run.rows] == [0, 1, 2, 3]
+    assert run.versions_behind == [0, 0, 0, 0]
 
 
 def test_driver_surfaces_server_errors_and_still_closes():
