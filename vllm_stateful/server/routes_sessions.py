@@ -13,6 +13,7 @@ from vllm_stateful.engine.session_pins import token_digest
 from vllm_stateful.server.errors import bad_request
 from vllm_stateful.server.handoff import HANDOFF_HEADER
 from vllm_stateful.server.http import cancel_on_disconnect, checked_id, guarded, parse_object, read_body, validated
+from vllm_stateful.server.lifecycle import Maintenance
 from vllm_stateful.server.protocol import AppendRequest, CreateSessionRequest, check_token_ids, template_messages
 from vllm_stateful.server.session_kv import finish_then_cancel
 from vllm_stateful.server.session_ops import revision_tag
@@ -192,6 +193,11 @@ async def integrity(raw_request: Request) -> Response:
         raise SessionError(404, "debug routes are off (stateful.debug_routes)", "not_found")
     tenant = state.tenancy.tenant_of(raw_request.headers)
     per_rank = await state.bridge.call_all("integrity", digests=True)
+    if [one["kv_epoch"] for one in per_rank] != state.service.kv_epochs:
+        # a drop (cache reset, weight update) the background loop has not noticed yet is not a problem:
+        # notice it now, as that loop would, and look again
+        await Maintenance(state.service).notice_kv_drops()
+        per_rank = await state.bridge.call_all("integrity", digests=True)
     engine = _merge_ranks(per_rank)
     sessions = state.service.store.all()
     by_key = {s.key: s for s in sessions}
