@@ -134,10 +134,14 @@ def launched_server(
     log_path: Path,
     env: dict[str, str],
     startup_timeout_s: float = 900,
+    pids: list[int] | None = None,
 ) -> Iterator[str]:
-    """Run one server for the ``with`` block; yields its ``.../v1`` base URL once it answers."""
+    """Run one server for the ``with`` block; yields its ``.../v1`` base URL once it answers
+    (and appends the server's process id to ``pids`` if given, e.g. for a profiler)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
     with ManagedServer(serve_argv(kind, model_path, served_name, port, args), env, log_path, base) as server:
         server.wait_ready(startup_timeout_s)
+        if pids is not None:
+            pids.append(server.pid)
         yield base

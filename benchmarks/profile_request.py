@@ -1,0 +1,225 @@
+"""Where one session request's time goes, as its context grows: a sampled CPU profile by stage.
+
+Starts one vllm-stateful server (``--model``, default ``tiny``), grows one session to each context
+in ``--contexts`` (default 1k, 8k, 32k tokens), then sends ``--requests`` read-only 16-token turns
+(``stateful_commit: false``, so the context stays put) while py-spy samples every process of the
+server (API server, engine core, worker) at ``--rate`` Hz. Each sample's stack is put in one stage
+(``STAGES``: first match from the innermost frame outwards wins) and each stage's CPU time is divided
+by the number of requests. ``forward`` is split into the attention read (frames in attention code)
+and the rest of the model. Client latency (mean, p50) is measured at the same time.
+
+Reading the table: everything except ``forward_*`` and ``idle_loop`` is per-request overhead; a
+stage that grows with context outside the attention read is an O(history) step to remove.
+
+    python benchmarks/profile_request.py [--model tiny] [--contexts 1000,8000,32000] [--requests 40]
+
+Needs py-spy (``pip install py-spy``) and permission to ptrace the server (same user, or root).
+Writes ``profile.csv``, ``summary.md``, ``machine.json`` and the raw collapsed stacks per context
+to ``--out-dir`` (default ``benchmarks/results/profile_request``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from flash_benchmark import machine_info
+from servers import detect_device, launched_server
+
+REPO = Path(__file__).resolve().parent.parent
+SESSION = "profile"
+
+# (stage, substrings of a frame "function (file:line)"); checked from the innermost frame outwards,
+# so a hashing frame inside request creation counts as hashing. Order within the tuple does not matter.
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("forward_attention", ("attention", "attn", "paged_attention", "flash_attn", "sdpa")),
+    ("forward_other", ("execute_model", "model_runner", "forward (", "torch/nn/")),
+    ("engine_block_hashing", ("block_hash", "hash_block_tokens", "sha256", "xxhash", "cbor")),
+    ("engine_request_creation", ("preprocess_add_request", "from_engine_core_request", "Request.__init__")),
+    (
+        "engine_prefix_lookup",
+        ("get_computed_blocks", "_get_local_prefix_cache_hit", "common_prefix_len", "find_longest_cache_hit"),
+    ),  # fmt: skip
+    ("engine_scheduling", ("schedule (", "allocate_slots", "update_from_output", "_free_request")),
+    ("ipc_serialization", ("msgspec", "serial_utils", "encode (", "decode (", "zmq", "pickle")),
+    ("api_render_tokenize", ("tokeniz", "render", "chat_template", "apply_chat", "encode_prompt")),
+    ("api_output_processing", ("output_processor", "detokeniz", "logprobs", "OutputProcessor")),
+    ("api_plugin", ("vllm_stateful/server", "vllm_stateful/sessions")),
+    ("api_http_json", ("uvicorn", "starlette", "fastapi", "h11", "json", "pydantic")),
+)
+OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith("forward")] + ["other"]
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage of one sampled stack (outermost frame first)."""
+    for frame in reversed(frames):
+        for stage, needles in STAGES:
+            if any(n in frame for n in needles):
+                return stage
+    return "other"
+
+
+def is_idle(frames: list[str]) -> bool:
+    """A stack parked in a wait (poll, select, queue get, sleep): not request work."""
+    innermost = frames[-1] if frames else ""
+    waits = ("poll (", "select (", "wait (", "_wait_for_tstate_lock", "sleep", "get (", "recv", "epoll")
+    return any(w in innermost for w in waits)
+
+
+def tally(collapsed: str) -> Counter[str]:
+    """Samples per stage from py-spy's ``--format raw`` output (``frame;frame;... count`` lines)."""
+    counts: Counter[str] = Counter()
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frames = stack.split(";")
+        counts["idle_loop" if is_idle(frames) else stage_of(frames)] += int(n)
+    return counts
+
+
+@dataclass(frozen=True)
+class Measured:
+    context: int
+    requests: int
+    latency_mean_s: float
+    latency_p50_s: float
+    seconds_per_request: dict[str, float]
+
+    def overhead_s(self) -> float:
+        return sum(self.seconds_per_request.get(s, 0.0) for s in OVERHEAD_STAGES)
+
+
+class Sampler:
+    """py-spy recording every process of the server's tree until ``stop``."""
+
+    def __init__(self, pid: int, rate: int, out: Path) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.out = out
+        argv = [exe, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", str(rate),
+                "--format", "raw", "--output", str(out), "--duration", "3600"]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(2.0)  # attach to every process before the first request
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=120)
+        if not self.out.exists():
+            raise RuntimeError(f"py-spy wrote nothing: {err.decode(errors='replace')[-2000:]}")
+        return self.out.read_text()
+
+
+def grow(client: httpx.Client, context: int, rng: random.Random, have: int) -> int:
+    """Append random tokens until the session holds ``context``; returns its size."""
+    while have < context:
+        chunk = [rng.randrange(100, 3000) for _ in range(min(4000, context - have))]
+        r = client.post(f"/sessions/{SESSION}/append", json={"token_ids": chunk, "wait": True}, timeout=600)
+        r.raise_for_status()
+        have += len(chunk)
+    return have
+
+
+def turns(client: httpx.Client, model: str, n: int, rng: random.Random) -> list[float]:
+    """``n`` read-only 16-token turns, one at a time; client latency of each."""
+    out = []
+    for _ in range(n):
+        body = {"model": model, "prompt": [rng.randrange(100, 3000) for _ in range(16)], "max_tokens": 1,
+                "temperature": 0, "stateful": SESSION, "stateful_commit": False}  # fmt: skip
+        start = time.perf_counter()
+        r = client.post("/completions", json=body, timeout=600)
+        out.append(time.perf_counter() - start)
+        r.raise_for_status()
+    return out
+
+
+def measure(base: str, pid: int, model: str, contexts: list[int], n: int, rate: int, out_dir: Path) -> list[Measured]:
+    rng = random.Random(0)
+    results = []
+    with httpx.Client(base_url=base) as client:
+        client.post("/sessions", json={"id": SESSION}).raise_for_status()
+        have = 0
+        for context in contexts:
+            have = grow(client, context, rng, have)
+            turns(client, model, 5, rng)  # warm-up at this size
+            sampler = Sampler(pid, rate, out_dir / f"stacks-{context}.txt")
+            latencies = turns(client, model, n, rng)
+            counts = tally(sampler.stop())
+            per_request = {stage: samples / rate / n for stage, samples in counts.items()}
+            results.append(Measured(have, n, statistics.mean(latencies), statistics.median(latencies), per_request))
+            print(f"context {have}: p50 {results[-1].latency_p50_s * 1000:.1f} ms, "
+                  f"overhead {results[-1].overhead_s() * 1000:.1f} ms/request", flush=True)  # fmt: skip
+        client.delete(f"/sessions/{SESSION}")
+    return results
+
+
+def table(results: list[Measured]) -> str:
+    stages = [s for s, _ in STAGES] + ["other", "idle_loop"]
+    head = "| stage (CPU ms per request) | " + " | ".join(f"{r.context} tok" for r in results)
+    lines = [head + f" | {results[-1].context}/{results[0].context} |", "|---" * (len(results) + 2) + "|"]
+
+    def row(name: str, values: list[float]) -> str:
+        ratio = f"{values[-1] / values[0]:.2f}x" if values[0] > 0 else "-"
+        return f"| {name} | " + " | ".join(f"{v * 1000:.2f}" for v in values) + f" | {ratio} |"
+
+    for stage in stages:
+        lines.append(row(stage, [r.seconds_per_request.get(stage, 0.0) for r in results]))
+    lines.append(row("**overhead (all but forward and idle)**", [r.overhead_s() for r in results]))
+    lines.append(row("client latency p50", [r.latency_p50_s for r in results]))
+    lines.append(row("client latency mean", [r.latency_mean_s for r in results]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | small | a model directory")
+    p.add_argument("--contexts", default="1000,8000,32000")
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "profile_request")
+    args = p.parse_args(argv)
+    from vllm_stateful.demo_model import ensure_demo_model
+
+    model_path = str(ensure_demo_model(args.model)) if args.model in ("tiny", "small") else args.model
+    contexts = sorted(int(c) for c in args.contexts.split(","))
+    max_len = max(contexts) + 512
+    server_args = ["--block-size", "32", "--max-model-len", str(max_len), "--enforce-eager",
+                   "--additional-config", json.dumps({"stateful": {"max_ingest_queue_tokens": 8192}})]  # fmt: skip
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log = args.out_dir / "server.log"
+    pids: list[int] = []
+    with launched_server("stateful", model_path, "bench", server_args, log, env, pids=pids) as base:
+        results = measure(base, pids[0], "bench", contexts, args.requests, args.rate, args.out_dir)
+    with open(args.out_dir / "profile.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["context_tokens", "stage", "cpu_s_per_request"])
+        for r in results:
+            for stage, s in sorted(r.seconds_per_request.items()):
+                w.writerow([r.context, stage, f"{s:.6f}"])
+            w.writerow([r.context, "client_latency_p50", f"{r.latency_p50_s:.6f}"])
+    info = machine_info()
+    (args.out_dir / "machine.json").write_text(json.dumps(info, indent=2))
+    summary = (
+        f"# Per-request CPU profile by stage ({args.model}, {args.requests} read-only 16-token turns per context, "
+        f"max_tokens 1, py-spy at {args.rate} Hz over every server process)\n\n{table(results)}\n\n"
+        f"Machine: {info['cpu_model']}, {info['cores']} cores, ISA {' '.join(info['isa_flags'])}\n"
+    )
+    (args.out_dir / "summary.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
