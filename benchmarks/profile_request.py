@@ -44,7 +44,8 @@ SESSION = "profile"
 # (stage, substrings of a frame "function (file:line)"); checked from the innermost frame outwards,
 # so a hashing frame inside request creation counts as hashing. Order within the tuple does not matter.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("forward_attention", ("attention", "attn", "paged_attention", "flash_attn", "sdpa")),
+    ("worker_busy_poll", ("SpinCondition.wait", "sched_yield", "should_warn", "acquire_read.<locals>.check")),
+    ("forward_attention", ("attention", "Attention", "attn", "Attn", "sdpa")),
     ("forward_other", ("execute_model", "model_runner", "forward (", "torch/nn/")),
     ("engine_block_hashing", ("block_hash", "hash_block_tokens", "sha256", "xxhash", "cbor")),
     ("engine_request_creation", ("preprocess_add_request", "from_engine_core_request", "Request.__init__")),
@@ -57,24 +58,31 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("api_render_tokenize", ("tokeniz", "render", "chat_template", "apply_chat", "encode_prompt")),
     ("api_output_processing", ("output_processor", "detokeniz", "logprobs", "OutputProcessor")),
     ("api_plugin", ("vllm_stateful/server", "vllm_stateful/sessions")),
-    ("api_http_json", ("uvicorn", "starlette", "fastapi", "h11", "json", "pydantic")),
+    ("api_http_json", ("uvicorn", "starlette", "fastapi", "h11", "json", "pydantic", "httptools")),
+    # the event loop itself (uvloop runs in C: its own callbacks and its epoll wait look the same)
+    ("api_event_loop_other", ("Runner.run (",)),
 )
-OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith("forward")] + ["other"]
+OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith(("forward", "worker_busy"))] + ["other"]
 
 
 def stage_of(frames: list[str]) -> str:
-    """The stage of one sampled stack (outermost frame first)."""
+    """The stage of one sampled stack (outermost frame first). A busy-poll frame anywhere in the
+    stack wins (vLLM's CPU worker spins on its shared-memory queue between steps: CPU time, no work)."""
+    poll, *others = STAGES
+    if any(n in frame for frame in frames for n in poll[1]):
+        return poll[0]
     for frame in reversed(frames):
-        for stage, needles in STAGES:
+        for stage, needles in others:
             if any(n in frame for n in needles):
                 return stage
     return "other"
 
 
 def is_idle(frames: list[str]) -> bool:
-    """A stack parked in a wait (poll, select, queue get, sleep): not request work."""
+    """A stack parked in a wait (poll, select, queue get, sleep, an idle pool thread): not request work."""
     innermost = frames[-1] if frames else ""
-    waits = ("poll (", "select (", "wait (", "_wait_for_tstate_lock", "sleep", "get (", "recv", "epoll")
+    waits = ("poll (", "select (", "wait (", "_wait_for_tstate_lock", "sleep", "get (", "recv", "epoll",
+             "_worker (concurrent/futures/thread.py:81)")  # fmt: skip
     return any(w in innermost for w in waits)
 
 
@@ -121,21 +129,35 @@ class Sampler:
         return self.out.read_text()
 
 
-def grow(client: httpx.Client, context: int, rng: random.Random, have: int) -> int:
-    """Append random tokens until the session holds ``context``; returns its size."""
+def text_tokens(model_path: str, n: int) -> list[int]:
+    """``n`` token ids of ordinary text (the demo tokenizer's corpus, repeated). Random ids would
+    decode to broken UTF-8, which makes vLLM's incremental detokenizer prime itself over the whole
+    prompt (O(history) in stock vLLM too): a real but unrepresentative cost."""
+    from transformers import AutoTokenizer
+
+    from vllm_stateful.demo_model import _corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer.encode(" ".join(_corpus()), add_special_tokens=False)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def grow(client: httpx.Client, context: int, tokens: list[int], have: int) -> int:
+    """Append the next of ``tokens`` until the session holds ``context``; returns its size."""
     while have < context:
-        chunk = [rng.randrange(100, 3000) for _ in range(min(4000, context - have))]
+        chunk = tokens[have : min(have + 4000, context)]
         r = client.post(f"/sessions/{SESSION}/append", json={"token_ids": chunk, "wait": True}, timeout=600)
         r.raise_for_status()
         have += len(chunk)
     return have
 
 
-def turns(client: httpx.Client, model: str, n: int, rng: random.Random) -> list[float]:
-    """``n`` read-only 16-token turns, one at a time; client latency of each."""
+def turns(client: httpx.Client, model: str, n: int, tokens: list[int], rng: random.Random) -> list[float]:
+    """``n`` read-only 16-token turns (text taken from ``tokens``), one at a time; client latency of each."""
     out = []
     for _ in range(n):
-        body = {"model": model, "prompt": [rng.randrange(100, 3000) for _ in range(16)], "max_tokens": 1,
+        start = rng.randrange(0, len(tokens) - 16)
+        body = {"model": model, "prompt": tokens[start : start + 16], "max_tokens": 1,
                 "temperature": 0, "stateful": SESSION, "stateful_commit": False}  # fmt: skip
         start = time.perf_counter()
         r = client.post("/completions", json=body, timeout=600)
@@ -144,17 +166,19 @@ def turns(client: httpx.Client, model: str, n: int, rng: random.Random) -> list[
     return out
 
 
-def measure(base: str, pid: int, model: str, contexts: list[int], n: int, rate: int, out_dir: Path) -> list[Measured]:
+def measure(
+    base: str, pid: int, model: str, tokens: list[int], contexts: list[int], n: int, rate: int, out_dir: Path
+) -> list[Measured]:
     rng = random.Random(0)
     results = []
     with httpx.Client(base_url=base) as client:
         client.post("/sessions", json={"id": SESSION}).raise_for_status()
         have = 0
         for context in contexts:
-            have = grow(client, context, rng, have)
-            turns(client, model, 5, rng)  # warm-up at this size
+            have = grow(client, context, tokens, have)
+            turns(client, model, 5, tokens, rng)  # warm-up at this size
             sampler = Sampler(pid, rate, out_dir / f"stacks-{context}.txt")
-            latencies = turns(client, model, n, rng)
+            latencies = turns(client, model, n, tokens, rng)
             counts = tally(sampler.stop())
             per_request = {stage: samples / rate / n for stage, samples in counts.items()}
             results.append(Measured(have, n, statistics.mean(latencies), statistics.median(latencies), per_request))
@@ -165,7 +189,7 @@ def measure(base: str, pid: int, model: str, contexts: list[int], n: int, rate: 
 
 
 def table(results: list[Measured]) -> str:
-    stages = [s for s, _ in STAGES] + ["other", "idle_loop"]
+    stages = [s for s, _ in STAGES[1:]] + ["other", STAGES[0][0], "idle_loop"]
     head = "| stage (CPU ms per request) | " + " | ".join(f"{r.context} tok" for r in results)
     lines = [head + f" | {results[-1].context}/{results[0].context} |", "|---" * (len(results) + 2) + "|"]
 
@@ -175,7 +199,7 @@ def table(results: list[Measured]) -> str:
 
     for stage in stages:
         lines.append(row(stage, [r.seconds_per_request.get(stage, 0.0) for r in results]))
-    lines.append(row("**overhead (all but forward and idle)**", [r.overhead_s() for r in results]))
+    lines.append(row("**overhead (all but forward, busy poll and idle)**", [r.overhead_s() for r in results]))
     lines.append(row("client latency p50", [r.latency_p50_s for r in results]))
     lines.append(row("client latency mean", [r.latency_mean_s for r in results]))
     return "\n".join(lines)
@@ -201,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     log = args.out_dir / "server.log"
     pids: list[int] = []
     with launched_server("stateful", model_path, "bench", server_args, log, env, pids=pids) as base:
-        results = measure(base, pids[0], "bench", contexts, args.requests, args.rate, args.out_dir)
+        tokens = text_tokens(model_path, max(contexts))
+        results = measure(base, pids[0], "bench", tokens, contexts, args.requests, args.rate, args.out_dir)
     with open(args.out_dir / "profile.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["context_tokens", "stage", "cpu_s_per_request"])

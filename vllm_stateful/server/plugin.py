@@ -57,6 +57,7 @@ class StatefulEndpointPlugin:
 
         from vllm_stateful.config import StatefulConfig
         from vllm_stateful.engine.support import unsupported_reason
+        from vllm_stateful.server import detokenizer_prime
         from vllm_stateful.server.bridge import EngineBridge
         from vllm_stateful.server.durability import Durability
         from vllm_stateful.server.flash_runner import FlashRunner
@@ -74,6 +75,7 @@ class StatefulEndpointPlugin:
         reason = _unsupported_frontend(args, unsupported_reason)
         if reason:
             raise RuntimeError(f"vllm-stateful: {reason}")
+        detokenizer_prime.install()  # O(tail), not O(context), per request (patches/README.md, note 5)
         api_keys = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         names = getattr(args, "served_model_name", None) or [args.model]
         bridge = EngineBridge(engine_client, names, *_chat_template(args))
