@@ -79,5 +79,15 @@ bench-lifecycle: setup
 bench-scale-out: setup
 	$(BIN)/python benchmarks/scale_out.py $(BENCH_ARGS)
 
+# 8 concurrent sessions x 150 turns of 16 in / 8 out (SGLang's session-latency shape) vs stock vLLM + prefix caching
+.PHONY: bench-session-latency
+bench-session-latency: setup
+	$(BIN)/python benchmarks/session_latency.py $(BENCH_ARGS)
+
+# per-request CPU time by stage at 1k/8k/32k tokens of context (py-spy over every server process)
+.PHONY: bench-profile
+bench-profile: setup
+	$(BIN)/python benchmarks/profile_request.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -135,10 +135,10 @@ def text_tokens(model_path: str, n: int) -> list[int]:
     prompt (O(history) in stock vLLM too): a real but unrepresentative cost."""
     from transformers import AutoTokenizer
 
-    from vllm_stateful.demo_model import _corpus
+    from vllm_stateful.demo_model import corpus_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = tokenizer.encode(" ".join(_corpus()), add_special_tokens=False)
+    ids = tokenizer.encode(corpus_text(), add_special_tokens=False)
     return (ids * (n // len(ids) + 1))[:n]
 
 

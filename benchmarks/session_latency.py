@@ -81,10 +81,29 @@ class TurnRow:
 # ---------------------------------------------------------------- pure helpers
 
 
-def session_chunks(seed: int, session: int, turns: int, input_len: int) -> list[list[int]]:
-    """The new token ids of every turn of one session: seeded, different for every session."""
+def session_chunks(
+    seed: int, session: int, turns: int, input_len: int, text: list[int] | None = None
+) -> list[list[int]]:
+    """The new token ids of every turn of one session, different for every session: consecutive
+    slices of ``text`` (token ids of ordinary text, as SGLang's test uses) from a seeded offset, or
+    seeded random ids without it. Random ids often end inside a character, which makes vLLM's
+    detokenizer decode the whole prompt per request (patches/README.md, note 5): not what text costs."""
     rng = random.Random(seed * 1_000_003 + session)
-    return [[rng.randrange(TOKEN_LOW, TOKEN_HIGH) for _ in range(input_len)] for _ in range(turns)]
+    if text is None:
+        return [[rng.randrange(TOKEN_LOW, TOKEN_HIGH) for _ in range(input_len)] for _ in range(turns)]
+    need = turns * input_len
+    start = rng.randrange(len(text))
+    ids = (text * (need // len(text) + 2))[start : start + need]
+    return [ids[i * input_len : (i + 1) * input_len] for i in range(turns)]
+
+
+def text_token_ids(model_path: str) -> list[int]:
+    """The demo corpus tokenized by the served model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from vllm_stateful.demo_model import corpus_text
+
+    return AutoTokenizer.from_pretrained(model_path).encode(corpus_text(), add_special_tokens=False)
 
 
 def window_turns(turns: int, head: int, tail: int) -> tuple[list[int], list[int]]:
@@ -271,7 +290,7 @@ def model_path(model: str) -> str:
 def warmup_chunks(args: argparse.Namespace) -> list[list[list[int]]]:
     """The untimed warm-up round: as many sessions, ``--warmup-turns`` turns, other token ids."""
     n, size = args.warmup_turns, args.input_len
-    return [session_chunks(args.seed, WARMUP_OFFSET + s, n, size) for s in range(args.sessions)]
+    return [session_chunks(args.seed, WARMUP_OFFSET + s, n, size, args.text) for s in range(args.sessions)]
 
 
 def bench_provider(name: str, args: argparse.Namespace, chunks: list[list[list[int]]]) -> list[TurnRow]:
@@ -377,6 +396,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head", type=int, default=10, help="turns averaged after turn 1")
     p.add_argument("--tail", type=int, default=10, help="last turns averaged")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-ids", action="store_true", help="random token ids instead of slices of text")
     p.add_argument("--warmup-turns", type=int, default=3, help="untimed turns of other sessions first (0: none)")
     p.add_argument("--providers", default=f"{STATEFUL},{APC}", help="comma-separated: " + ", ".join(PROVIDERS))
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "session_latency")
@@ -387,6 +407,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
     if a.turns < 2 or a.sessions < 1:
         p.error("need --turns >= 2 and --sessions >= 1")
+    a.text = None  # token ids of text to slice turns from (main loads them from the model's tokenizer)
     return a
 
 
@@ -394,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     args = options(argv)
     command = "python benchmarks/session_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    chunks = [session_chunks(args.seed, s, args.turns, args.input_len) for s in range(args.sessions)]
+    args.text = None if args.random_ids else text_token_ids(model_path(args.model))
+    chunks = [session_chunks(args.seed, s, args.turns, args.input_len, args.text) for s in range(args.sessions)]
     rows = [row for name in args.providers for row in bench_provider(name, args, chunks)]
     check = correctness(rows)
     print(write_outputs(rows, args, check, command.strip()))

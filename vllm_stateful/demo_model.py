@@ -90,6 +90,11 @@ def _corpus() -> list[str]:
     return lines
 
 
+def corpus_text() -> str:
+    """The demo tokenizer's training text (deterministic): ordinary text for benchmarks."""
+    return " ".join(_corpus())
+
+
 def build_tokenizer(vocab_size: int):
     """Train a byte-level BPE tokenizer (deterministic) with ChatML specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

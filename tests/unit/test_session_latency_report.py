@@ -165,6 +165,15 @@ def test_warmup_sessions_use_other_token_ids():
     assert not {tuple(c) for turns in warm for c in turns} & {tuple(c) for turns in real for c in turns}
 
 
+def test_text_chunks_are_consecutive_slices_starting_apart():
+    text = list(range(1000, 1500))
+    a, b = sl.session_chunks(0, 0, 40, 16, text), sl.session_chunks(0, 1, 40, 16, text)
+    flat = [t for c in a for t in c]
+    assert all(len(c) == 16 for c in a) and len(flat) == 640
+    assert all(y == x + 1 or (x, y) == (1499, 1000) for x, y in zip(flat, flat[1:]))  # wraps around the text
+    assert a[0][0] != b[0][0]  # no two sessions share a prefix
+
+
 def test_options_validate_providers():
     assert sl.options(["--providers", "stateful"]).providers == ["stateful"]
     with pytest.raises(SystemExit):
