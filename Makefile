@@ -89,5 +89,10 @@ bench-session-latency: setup
 bench-profile: setup
 	$(BIN)/python benchmarks/profile_request.py $(BENCH_ARGS)
 
+# ingestion tokens/s vs stock vLLM prefilling the same tokens after the same cached context
+.PHONY: bench-ingest
+bench-ingest: setup
+	$(BIN)/python benchmarks/ingest_vs_prefill.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

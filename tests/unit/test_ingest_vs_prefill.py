@@ -1,0 +1,29 @@
+"""The ingestion-vs-prefill benchmark's table: medians per (context, chunk), tokens/s and ours ÷ stock."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCH) not in sys.path:  # script folder: its modules import each other by bare name
+    sys.path.insert(0, str(BENCH))
+
+import ingest_vs_prefill as ivp  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def test_table_uses_medians_and_reports_ours_over_stock():
+    rows = [
+        {"provider": "stateful", "context": 1000, "chunk": 100, "repeat": r, "seconds": s}
+        for r, s in enumerate((0.5, 0.2, 9.0))
+    ] + [
+        {"provider": "vllm", "context": 1000, "chunk": 100, "repeat": r, "seconds": s}
+        for r, s in enumerate((0.25, 0.1, 0.3))
+    ]
+    lines = ivp.table(rows).splitlines()
+    assert lines[2] == "| 1000 | 100 | 200 | 400 | 0.50 |"  # medians 0.5 s and 0.25 s
+    assert len(lines) == 3
