@@ -15,7 +15,7 @@ stage that grows with context outside the attention read is an O(history) step t
 
 Needs py-spy (``pip install py-spy``) and permission to ptrace the server (same user, or root).
 Writes ``profile.csv``, ``summary.md``, ``machine.json`` and the raw collapsed stacks per context
-to ``--out-dir`` (default ``benchmarks/results/profile_request``).
+(``stacks-N.txt``, large: not committed) to ``--out-dir`` (default ``benchmarks/results/profile_request``).
 """
 
 from __future__ import annotations
