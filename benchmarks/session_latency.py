@@ -362,7 +362,8 @@ def write_outputs(rows: list[TurnRow], args: argparse.Namespace, check: dict[str
     machine = machine_info()
     write_csv(rows, out / "turns.csv")
     plot(rows, *window_turns(args.turns, args.head, args.tail), out / "latency.png")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "text"}
+    config["text"] = "random ids" if args.text is None else f"{len(args.text)} token ids of the demo corpus"
     summary = {"command": command, "config": config, "machine": machine, "providers": table_rows,
                "correctness": check}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
