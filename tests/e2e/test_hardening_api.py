@@ -161,6 +161,7 @@ def test_append_to_a_recreated_id_lands_in_the_new_incarnation(stateful_server):
     with stateful_server.held_request("/v1/completions", query) as answer:
         assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
         assert stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [901]}).status_code == 202
+        assert stateful_server.session(sid)["queued_tokens"] == 1  # still pending when the id is deleted
         assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
         assert stateful_server.post("/v1/sessions", json={"id": sid}).status_code == 201
         r = stateful_server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [2001, 2002]})

@@ -201,6 +201,7 @@ def test_a_turn_running_across_a_weight_update_does_not_pin_old_kv(stateful_serv
     for attempt in range(3):  # the turn must still be running when vLLM pauses (a starved runner may be late)
         sid = f"lifecycle-inflight-{attempt}"
         stateful_server.fresh_session(sid, 150, seed=11)
+        stateful_server.idle()  # the only request in the engine will be this turn
         if _turn_across_weight_update(stateful_server, sid):
             break
         stateful_server.delete(f"/v1/sessions/{sid}")
@@ -227,7 +228,7 @@ def _turn_across_weight_update(server, sid: str) -> bool:
             assert '"text"' in next(lines)  # computing (the session's quota is 1536 tokens)
             r = httpx.post(server.root + "/pause", params={"mode": "keep", "clear_cache": "false"}, timeout=60)
             assert r.status_code == 200, r.text
-            if (b := server.integrity())["running"] + b["waiting"] == 0:
+            if (b := server.integrity())["running"] + b["waiting"] == 0 or server.session(sid)["version"] != 1:
                 return False
             r = httpx.post(server.root + "/collective_rpc", json={"method": "reload_weights"}, timeout=120)
             assert r.status_code == 200, r.text
@@ -327,31 +328,48 @@ def test_abandoned_non_streaming_turns_are_aborted_and_commit_nothing(stateful_s
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_query_cut_short_by_delete_is_a_404(stateful_server, stream):
-    sid = f"cut-query-{int(stream)}"
-    stateful_server.fresh_session(sid, 40, seed=19)
-    body = {
-        "model": "tiny",
-        "prompt": [5],
-        "max_tokens": 1500,
-        "ignore_eos": True,
-        "stateful": sid,
-        "stateful_commit": False,
-        "stream": stream,
-    }
-    url = stateful_server.base_url + "/completions"
-    if stream:
-        with httpx.stream("POST", url, json=body, headers=AUTH, timeout=120) as resp:
-            lines = resp.iter_lines()
-            next(lines)
-            assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]" and '"session_not_found"' in rest[-2]
-        return
+    """Non-streaming: a query admitted (vLLM paused) when its session is deleted gets the 404.
+    Streaming: a query already streaming when vLLM pauses and its session is deleted ends its
+    stream with the same error, then [DONE]."""
+    for attempt in range(3):  # streaming: the query must still be in the engine at the pause
+        sid = f"cut-query-{int(stream)}-{attempt}"
+        stateful_server.fresh_session(sid, 40, seed=19)
+        stateful_server.idle()
+        if not stream:
+            return _cut_admitted_query(stateful_server, sid)
+        if _cut_streaming_query(stateful_server, sid):
+            return
+        stateful_server.delete(f"/v1/sessions/{sid}")
+    pytest.fail("the streamed query finished before vLLM paused, three times")
+
+
+def _cut_query_body(sid: str, stream: bool) -> dict:
+    return {"model": "tiny", "prompt": [5], "max_tokens": 1400, "ignore_eos": True, "stateful": sid,
+            "stateful_commit": False, "stream": stream}  # fmt: skip
+
+
+def _cut_admitted_query(server, sid: str) -> None:
     result: dict = {}
+    url, body = server.base_url + "/completions", _cut_query_body(sid, False)
     t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(url, json=body, headers=AUTH, timeout=120)))
-    with stateful_server.paused():  # the query is admitted and cannot finish before the DELETE, on any machine
+    with server.paused():  # admitted, and cannot finish before the DELETE on any machine
         t.start()
-        wait_until(lambda: (b := stateful_server.integrity())["waiting"] + b["running"] > 0, what="query admitted")
-        assert stateful_server.delete(f"/v1/sessions/{sid}").status_code == 200
+        wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] > 0, what="query admitted")
+        assert server.delete(f"/v1/sessions/{sid}").status_code == 200
     t.join(60)
     assert_error(result["r"], 404, "session_not_found")
+
+
+def _cut_streaming_query(server, sid: str) -> bool:
+    """False (nothing asserted) when the query had finished before vLLM paused."""
+    url, body = server.base_url + "/completions", _cut_query_body(sid, True)
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=120) as resp:
+        lines = resp.iter_lines()
+        assert '"text"' in next(lines)  # streaming
+        with server.paused():
+            if (b := server.integrity())["waiting"] + b["running"] == 0:
+                return False
+            assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and '"session_not_found"' in rest[-2], rest[-2:]
+    return True

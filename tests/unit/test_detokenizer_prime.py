@@ -69,13 +69,16 @@ def test_tail_request_keeps_the_last_tokens_and_leaves_short_prompts_alone():
     assert tail_request(embeds, decode) is embeds
     inside_a_character = _Request("d", list(range(100)))
     assert tail_request(inside_a_character, lambda ids: "ab\ufffd") is inside_a_character
+    only_special_tokens = _Request("e", list(range(100)))  # decoded with skip_special_tokens: nothing
+    assert tail_request(only_special_tokens, lambda ids: "") is only_special_tokens
 
 
-def test_install_wraps_once():
+def test_install_wraps_once(monkeypatch):
     from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
 
     from vllm_stateful.server import detokenizer_prime
 
+    monkeypatch.setattr(FastIncrementalDetokenizer, "__init__", FastIncrementalDetokenizer.__init__)  # restored after
     detokenizer_prime.install()
     first = FastIncrementalDetokenizer.__init__
     detokenizer_prime.install()

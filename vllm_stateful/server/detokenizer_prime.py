@@ -12,7 +12,8 @@ unless they end inside a character (then the whole prompt, as vLLM does). The
 generated text is the same (unit-tested against full priming on text and on
 random byte-level token sequences).
 
-Installed by the endpoint plugin, so only in an API server with sessions switched on.
+Installed by the endpoint plugin, so only in an API server with sessions switched on; there it
+serves every request, session or not (the same text, less work).
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ PRIME_TOKENS = 32
 
 
 def tail_request(request: Any, decode: Callable[[list[int]], str], keep: int = PRIME_TOKENS) -> Any:
-    """``request`` with only its last ``keep`` prompt tokens, when they decode to whole characters;
-    otherwise (a prompt ending inside a character, where vLLM's stream re-emits earlier prompt text)
-    the same object, so the output stays exactly vLLM's."""
+    """``request`` with only its last ``keep`` prompt tokens, when they decode to some text ending in a
+    whole character; otherwise the same object, so the output stays vLLM's: a prompt ending inside a
+    character (vLLM's stream re-emits earlier prompt text) or in ``keep`` skipped special tokens
+    (a SentencePiece decoder would treat the first generated token as the start of the text)."""
     import msgspec
 
     ids = getattr(request, "prompt_token_ids", None)
     if ids is None or len(ids) <= keep:
         return request
     tail = list(ids[-keep:])
-    if decode(tail).endswith("\ufffd"):
+    text = decode(tail)
+    if not text or text.endswith("\ufffd"):  # all special (skipped) tokens, or ends inside a character
         return request
     return msgspec.structs.replace(request, prompt_token_ids=tail)
 

@@ -193,7 +193,8 @@ async def integrity(raw_request: Request) -> Response:
         raise SessionError(404, "debug routes are off (stateful.debug_routes)", "not_found")
     tenant = state.tenancy.tenant_of(raw_request.headers)
     per_rank = await state.bridge.call_all("integrity", digests=True)
-    if [one["kv_epoch"] for one in per_rank] != state.service.kv_epochs:
+    drops_noticed = [r for r, one in enumerate(per_rank) if one["kv_epoch"] != state.service.kv_epochs[r]]
+    if drops_noticed:
         # a drop (cache reset, weight update) the background loop has not noticed yet is not a problem:
         # notice it now, as that loop would, and look again
         await Maintenance(state.service).notice_kv_drops()
@@ -235,6 +236,7 @@ async def integrity(raw_request: Request) -> Response:
         "running": engine["running"],
         "waiting": engine["waiting"],
         "kv_epoch": engine["kv_epoch"],
+        "drops_noticed": drops_noticed,  # ranks whose KV drop this report noticed before the background loop
         "counters": engine["counters"],
         "sessions": sorted(s.id for s in own.values() if s.key in engine["sessions"]),
         "api_sessions": {s.id: s.pinned_blocks for s in own.values()},
