@@ -24,18 +24,15 @@ from pathlib import Path
 
 import httpx
 from flash_benchmark import machine_info
+from flash_report import machine_line
 from servers import detect_device, launched_server
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def text_ids(model_path: str, n: int, offset: int) -> list[int]:
-    """``n`` token ids of ordinary text starting ``offset`` tokens into the demo corpus (repeated)."""
-    from transformers import AutoTokenizer
-
-    from vllm_stateful.demo_model import corpus_text
-
-    ids = AutoTokenizer.from_pretrained(model_path).encode(corpus_text(), add_special_tokens=False)
+def text_ids(corpus: list[int], n: int, offset: int) -> list[int]:
+    """``n`` token ids of ordinary text starting ``offset`` tokens into ``corpus`` (repeated)."""
+    ids = corpus
     start = offset % len(ids)
     return (ids * ((start + n) // len(ids) + 1))[start : start + n]
 
@@ -67,10 +64,10 @@ def stock(base: str, history: list[int], chunk: list[int]) -> float:
         return _post(c, "/completions", {**body, "prompt": history + chunk})
 
 
-def run(kind: str, base: str, cases: list[tuple[int, int, int]], model_path: str) -> list[dict]:
+def run(kind: str, base: str, cases: list[tuple[int, int, int]], corpus: list[int]) -> list[dict]:
     rows = []
     for i, (context, size, repeat) in enumerate(cases):
-        tokens = text_ids(model_path, context + size, offset=7919 * (i + 1))
+        tokens = text_ids(corpus, context + size, offset=7919 * (i + 1))
         history, chunk = tokens[:context], tokens[context:]
         secs = ours(base, history, chunk, f"ivp-{i}") if kind == "stateful" else stock(base, history, chunk)
         rows.append({"provider": kind, "context": context, "chunk": size, "repeat": repeat, "seconds": secs})
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "ingest_vs_prefill")
     args = p.parse_args(argv)
-    from vllm_stateful.demo_model import ensure_demo_model, serving_dtype
+    from vllm_stateful.demo_model import corpus_token_ids, ensure_demo_model, serving_dtype
 
     model_path = str(ensure_demo_model(args.model)) if args.model in ("tiny", "small") else args.model
     contexts, chunks = [int(c) for c in args.contexts.split(",")], [int(s) for s in args.chunks.split(",")]
@@ -107,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--block-size", "32", "--max-model-len", "10240", "--enforce-eager", "--dtype", dtype]
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = corpus_token_ids(model_path)
     rows = []
     for kind, extra in (("stateful", []), ("vllm", ["--enable-prefix-caching"])):
         log = args.out_dir / "logs" / f"{kind}.log"
         with launched_server(kind, model_path, "bench", common + extra, log, env) as base:
-            rows += run(kind, base, cases, model_path)
+            rows += run(kind, base, cases, corpus)
     with open(args.out_dir / "ingest_vs_prefill.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = (
         f"# Ingestion vs stock prefill ({args.model}, {dtype}, median of {args.repeats})\n\n"
         f"Command: `python benchmarks/ingest_vs_prefill.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-        f"{table(rows)}\n\nMachine: {info['cpu_model']}, {info['cores']} cores, ISA {' '.join(info['isa_flags'])}\n"
+        f"{table(rows)}\n\n{machine_line(info)}\n"
     )
     (args.out_dir / "summary.md").write_text(summary)
     print(summary)

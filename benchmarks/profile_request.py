@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 from flash_benchmark import machine_info
+from flash_report import machine_line
 from servers import detect_device, launched_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,12 +134,9 @@ def text_tokens(model_path: str, n: int) -> list[int]:
     """``n`` token ids of ordinary text (the demo tokenizer's corpus, repeated). Random ids would
     decode to broken UTF-8, which makes vLLM's incremental detokenizer prime itself over the whole
     prompt (O(history) in stock vLLM too): a real but unrepresentative cost."""
-    from transformers import AutoTokenizer
+    from vllm_stateful.demo_model import corpus_token_ids
 
-    from vllm_stateful.demo_model import corpus_text
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = tokenizer.encode(corpus_text(), add_special_tokens=False)
+    ids = corpus_token_ids(model_path)
     return (ids * (n // len(ids) + 1))[:n]
 
 
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = (
         f"# Per-request CPU profile by stage ({args.model}, {args.requests} read-only 16-token turns per context, "
         f"max_tokens 1, py-spy at {args.rate} Hz over every server process)\n\n{table(results)}\n\n"
-        f"Machine: {info['cpu_model']}, {info['cores']} cores, ISA {' '.join(info['isa_flags'])}\n"
+        f"{machine_line(info)}\n"
     )
     (args.out_dir / "summary.md").write_text(summary)
     print(summary)

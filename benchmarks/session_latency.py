@@ -97,15 +97,6 @@ def session_chunks(
     return [ids[i * input_len : (i + 1) * input_len] for i in range(turns)]
 
 
-def text_token_ids(model_path: str) -> list[int]:
-    """The demo corpus tokenized by the served model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from vllm_stateful.demo_model import corpus_text
-
-    return AutoTokenizer.from_pretrained(model_path).encode(corpus_text(), add_special_tokens=False)
-
-
 def window_turns(turns: int, head: int, tail: int) -> tuple[list[int], list[int]]:
     """(head turns, tail turns), 1-based: head = 2..head+1 (turn 1 skipped), tail = the last ``tail``."""
     head_turns = list(range(2, min(turns, head + 1) + 1))
@@ -416,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     args = options(argv)
     command = "python benchmarks/session_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    args.text = None if args.random_ids else text_token_ids(model_path(args.model))
+    from vllm_stateful.demo_model import corpus_token_ids
+
+    args.text = None if args.random_ids else corpus_token_ids(model_path(args.model))
     chunks = [session_chunks(args.seed, s, args.turns, args.input_len, args.text) for s in range(args.sessions)]
     rows = [row for name in args.providers for row in bench_provider(name, args, chunks)]
     check = correctness(rows)

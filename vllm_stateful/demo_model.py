@@ -95,6 +95,13 @@ def corpus_text() -> str:
     return " ".join(_corpus())
 
 
+def corpus_token_ids(model_path: str | os.PathLike) -> list[int]:
+    """``corpus_text`` tokenized by the tokenizer in ``model_path`` (no special tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path)).encode(corpus_text(), add_special_tokens=False)
+
+
 def build_tokenizer(vocab_size: int):
     """Train a byte-level BPE tokenizer (deterministic) with ChatML specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
