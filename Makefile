@@ -94,5 +94,15 @@ bench-profile: setup
 bench-ingest: setup
 	$(BIN)/python benchmarks/ingest_vs_prefill.py $(BENCH_ARGS)
 
+# the small model's prefill/decode in bfloat16 vs serve's dtype choice, natively and on an emulated AVX2-only CPU
+.PHONY: bench-dtype
+bench-dtype: setup
+	$(BIN)/python benchmarks/dtype_prefill.py $(BENCH_ARGS)
+
+# every benchmark above at the smallest size on the tiny model (does each command still run and write its table?)
+.PHONY: bench-smoke
+bench-smoke: setup
+	benchmarks/smoke.sh $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import shlex
 import sys
 import time
@@ -28,15 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks import report, stateful_benchmark
-    from benchmarks.servers import ManagedServer, detect_device, free_port, serve_argv
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import report  # type: ignore[no-redef]
-    import stateful_benchmark  # type: ignore[no-redef]
-    from servers import ManagedServer, detect_device, free_port, serve_argv  # type: ignore[no-redef]
+import report
+import stateful_benchmark
+from harness.config import REPO_ROOT, load_config, merge
+from harness.machine import detect_device, machine_info, machine_line, model_dir
+from harness.results import command_line, write_text
+from harness.servers import ManagedServer, free_port, serve_argv
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench_chat.yaml"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "chat"
 WARMUP_PROMPT = "Warm-up: count from one to five."
@@ -58,23 +55,6 @@ class RunSpec:
             raise ValueError(f"run {self.label!r}: provider must be stateful or stateless")
         if (self.provider == "stateful") != report.is_session_provider(self.label):
             raise ValueError(f"run {self.label!r}: session runs, and only they, need a 'stateful' label")
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``over`` into a copy of ``base``: mappings merge, everything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def load_config(path: str | os.PathLike, device: str) -> dict[str, Any]:
-    """The YAML at ``path`` with its ``device`` section (``cpu``/``gpu``) merged over the top level."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    sections = {k: raw.pop(k, None) or {} for k in ("cpu", "gpu")}
-    return merge(raw, sections[device])
 
 
 def server_command(
@@ -131,7 +111,7 @@ def write_report(rows: Sequence[report.Row], out_dir: Path, header: str) -> str:
     line = report.one_line_summary(summaries)
     body = [header, "", report.format_markdown(summaries), "", line, ""]
     body += [f"![{p}]({p})" for p in report.PLOT_FILES]
-    (out_dir / "summary.md").write_text("\n".join(body) + "\n")
+    write_text("\n".join(body) + "\n", out_dir / "summary.md")
     return line
 
 
@@ -197,11 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if not specs:
         raise SystemExit(f"no runs selected (--only {args.only})")
-    model_path = cfg["model"]["path"]
-    if not model_path:
-        from vllm_stateful.demo_model import ensure_demo_model
-
-        model_path = str(ensure_demo_model(cfg["model"]["demo_size"]))
+    model_path = str(model_dir(cfg["model"]["path"] or cfg["model"]["demo_size"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     wl = cfg["workload"]
     rows: list[report.Row] = []
@@ -217,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"model `{model_path}`, device {device}, {wl['topics']} topics x {wl['turns']} turns, "
         f"max_tokens {wl['max_tokens']}, temperature {wl['temperature']}, "
         f"server flags `{shlex.join(map(str, [*cfg['server']['args'], *cfg['server'].get('extra_args', [])]))}`\n\n"
-        f"command: `{shlex.join(['python', 'benchmarks/compare.py', *sys.argv[1:]])}`"
+        f"command: `{command_line()}`\n\n{machine_line(machine_info())}"
         + (f"\n\nFAILED runs (see server-<label>.log): {', '.join(failed)}" if failed else "")
     )
     if rows:

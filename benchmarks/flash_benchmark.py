@@ -32,29 +32,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import flash_report as fr
 import httpx
+import streaming_benchmark as sb
+import streaming_report as rep
+from harness.config import add_typed_options, load_config, override, select
+from harness.http import BenchError, Streamed, check
+from harness.machine import cpu_env, detect_device, machine_info, machine_line, model_dir
+from harness.results import columns_of, out_path, summary_header, write_json, write_rows, write_text
+from harness.servers import launched_server
 
-try:
-    from benchmarks import flash_report as fr
-    from benchmarks import streaming_benchmark as sb
-    from benchmarks import streaming_report as rep
-    from benchmarks.servers import detect_device, launched_server
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import flash_report as fr  # type: ignore[no-redef]
-    import streaming_benchmark as sb  # type: ignore[no-redef]
-    import streaming_report as rep  # type: ignore[no-redef]
-    from servers import detect_device, launched_server  # type: ignore[no-redef]
-
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "benchmarks/results/flash"
+COLUMNS = columns_of(fr.FlashRow)
 
 
 class FlashProvider(sb.StatefulProvider):
@@ -77,11 +72,11 @@ class FlashProvider(sb.StatefulProvider):
             body = {"name": f"q{q.idx}", "prompt": q.prompt, "max_tokens": self.max_tokens, "ignore_eos": True}
             resp = await self.client.post(url, json=body)
             if resp.status_code == 429:
-                raise sb.BenchError(
+                raise BenchError(
                     f"{len(self.fids) + 1} flash queries on one session refused ({resp.text[:200]}); serve with "
                     '--additional-config \'{"stateful": {"max_flash_queries_per_session": N}}\' or fewer --questions'
                 )
-            self.fids[q.prompt] = sb._check(resp, 201)["id"]
+            self.fids[q.prompt] = check(resp, 201)["id"]
 
     async def _seen(self, resp: httpx.Response) -> None:
         """Response hook: the version each acknowledged append made (its 202 body)."""
@@ -96,7 +91,7 @@ class FlashProvider(sb.StatefulProvider):
         resp = await self.client.get(url, params={"include_tokens": "true"})
         lat = time.perf_counter() - t0
         received.set()
-        body = sb._check(resp, 200)
+        body = check(resp, 200)
         self.evaluations[fid] = int(body.get("evaluations") or 0)
         computed = body.get("computed_at")
         self.extras[q.idx] = {
@@ -120,9 +115,9 @@ class StatefulQuery(sb.StatefulProvider):
         await super().open(feed)
         self.extras: dict[int, dict[str, Any]] = {}
 
-    async def _complete(self, body: dict[str, Any], received: Any) -> tuple[float, float | None, dict, dict | None]:
+    async def _complete(self, body: dict[str, Any], received: Any) -> Streamed:
         out = await super()._complete(body, received)
-        self._session_obj = out[3] or {}
+        self._session_obj = out.session or {}
         return out
 
     async def ask(self, q: rep.Question, received: Any) -> sb.Answer:
@@ -139,33 +134,17 @@ def to_rows(run: sb.ProviderRun, extras: dict[int, dict[str, Any]], feed: rep.Fe
     ]
 
 
-def machine_info() -> dict[str, Any]:
-    """Device (``servers.detect_device``), CPU model and ISA flags, cores, GPU name if any."""
-    try:
-        model, isa = fr.parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        model, isa = None, []
-    info = {"device": detect_device(), "cpu_model": model or platform.processor() or platform.machine()}
-    info.update(isa_flags=isa, cores=os.cpu_count(), arch=platform.machine(), gpu=None)
-    if info["device"] == "gpu":
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def run_all(cfg: dict[str, Any], wanted: list[str], feed: rep.Feed, base_url: str | None, model_name: str | None):
     """Run the wanted providers (stateful ones on one server); yields (name, run, extras, provider)."""
     srv = cfg["server"]
     args = {p["name"]: p.get("args", []) for p in cfg["providers"]}
-    env = {k: str(v) for k, v in srv.get("cpu_env", {}).items()} if detect_device() == "cpu" else {}
-    log_dir = ROOT / Path(cfg["log_dir"]).parent / "flash"
+    env = cpu_env(overrides=srv.get("cpu_env"))
+    log_dir = out_path(Path(cfg["log_dir"]).parent / "flash")
 
     def launch(kind: str, name: str, extra: list[str]):
-        model_dir = sb.resolve_model(str(cfg["model"]))
-        argv = [*srv["common_args"], *extra]
-        log = log_dir / f"server-{name}.log"
-        return launched_server(kind, str(model_dir), model_dir.name, argv, log, env, srv["startup_timeout_s"])
+        model = model_dir(str(cfg["model"]))
+        argv, log = [*srv["common_args"], *extra], log_dir / f"server-{name}.log"
+        return launched_server(kind, str(model), model.name, argv, log, env, srv["startup_timeout_s"])
 
     def one(name: str, api_base: str, model: str | None):
         cls = {fr.FLASH: FlashProvider, fr.STATEFUL_QUERY: StatefulQuery}.get(name)
@@ -195,17 +174,13 @@ def run_all(cfg: dict[str, Any], wanted: list[str], feed: rep.Feed, base_url: st
 
 
 def write_outputs(rows: list[fr.FlashRow], runs: dict[str, Any], cfg: dict, machine: dict, out: Path) -> str:
-    fr.write_csv(rows, out / "flash.csv")
+    write_rows(rows, out / "flash.csv", COLUMNS)
     rep.plot_latency(rows, out / "flash.png", title="Answer latency vs context (streaming feed)")
     stats = fr.latency_table(rows)
     fresh, abl = fr.freshness(rows), fr.ablation_table(stats)
-    table = fr.markdown_report(stats, fresh, abl, fr.machine_line(machine))
-    command = " ".join(["python", "benchmarks/flash_benchmark.py", *sys.argv[1:]])
-    head = (
-        f"# Flash-query benchmark (streaming feed)\n\ncommand: `{command}`; {cfg['ticks']} ticks at {cfg['rate']}/s, "
-        f"{cfg['questions']} questions, max_tokens {cfg['max_tokens']}\n\n"
-    )
-    (out / "summary.md").write_text(head + table)
+    table = fr.markdown_report(stats, fresh, abl, machine_line(machine))
+    details = f"{cfg['ticks']} ticks at {cfg['rate']}/s, {cfg['questions']} questions, max_tokens {cfg['max_tokens']}"
+    write_text(summary_header("Flash-query benchmark (streaming feed)", details) + table, out / "summary.md")
     summary = {
         "config": cfg,
         "machine": machine,
@@ -214,35 +189,28 @@ def write_outputs(rows: list[fr.FlashRow], runs: dict[str, Any], cfg: dict, mach
         "ablation": [asdict(a) for a in abl],
         "runs": runs,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(summary, out / "summary.json")
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default {sb.DEFAULT_CONFIG})")
-    for flag, typ in (("model", str), ("seed", int), ("ticks", int), ("questions", int), ("rate", float)):
-        ap.add_argument("--" + flag, type=typ, default=None)
+    add_typed_options(ap, (("model", str), ("seed", int), ("ticks", int), ("questions", int), ("rate", float)))
     ap.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="per answer (flash: 1-256)")
     ap.add_argument("--out", dest="out_dir", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--providers", default=",".join(fr.PROVIDERS), help="comma-separated subset of %(default)s")
     ap.add_argument("--base-url", default=None, help="running vllm-stateful server (…/v1) for flash/stateful-query")
     ap.add_argument("--model-name", default=None, help="served model name with --base-url (default: first listed)")
     a = ap.parse_args(argv)
-    cfg = sb.load_config(a.config)
     keys = ("model", "seed", "ticks", "questions", "rate", "max_tokens", "out_dir")
-    cfg.update({k: getattr(a, k) for k in keys if getattr(a, k) is not None})
-    wanted = a.providers.split(",")
-    if set(wanted) - set(fr.PROVIDERS):
-        raise SystemExit(f"unknown providers {sorted(set(wanted) - set(fr.PROVIDERS))}; known: {list(fr.PROVIDERS)}")
+    cfg = override(load_config(a.config or sb.DEFAULT_CONFIG, detect_device()), a, keys)
+    wanted = select(fr.PROVIDERS, a.providers)
     feed = rep.make_feed(cfg["ticks"], cfg["questions"], cfg["seed"], jitter=cfg["question_jitter"])
-    out = Path(cfg["out_dir"]) if Path(cfg["out_dir"]).is_absolute() else ROOT / cfg["out_dir"]
-    machine = machine_info()
+    out, machine = out_path(cfg["out_dir"]), machine_info()
     rows: list[fr.FlashRow] = []
     runs: dict[str, Any] = {}
-    for name, run, extras, prov in run_all(
-        cfg, [p for p in fr.PROVIDERS if p in wanted], feed, a.base_url, a.model_name
-    ):
+    for name, run, extras, prov in run_all(cfg, wanted, feed, a.base_url, a.model_name):
         rows += to_rows(run, extras, feed)
         runs[name] = {
             "wall_s": run.wall_s,
@@ -251,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "flash_evaluations": sum(getattr(prov, "evaluations", {}).values()) or None,
             "flash_hits": sum(bool(e.get("flash_hit")) for e in extras.values()) if name == fr.STATEFUL_QUERY else None,
         }
-        fr.write_csv(rows, out / "flash.csv")  # keep partial results
+        write_rows(rows, out / "flash.csv", COLUMNS)  # keep partial results
     print(write_outputs(rows, runs, cfg, machine, out))
     return 0
 

@@ -1,5 +1,5 @@
-"""Pure helpers for the flash-query benchmark (``flash_benchmark.py``): rows, CSV, latency per
-context third, answer freshness, the two-factor ablation, the machine line and the Markdown summary.
+"""Pure helpers for the flash-query benchmark (``flash_benchmark.py``): rows, latency per context
+third, answer freshness, the two-factor ablation and the Markdown summary.
 
 Nothing here talks to a server or imports vLLM; tested in ``tests/unit/test_flash_report.py``.
 
@@ -13,22 +13,16 @@ speed-up to split (``pc/fl <= 1``).
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
-try:
-    from benchmarks.streaming_report import QueryRow, percentile
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from streaming_report import QueryRow, percentile  # type: ignore[no-redef]
+from streaming_report import QueryRow, percentile
 
 FLASH, STATEFUL_QUERY, PREFIX_CACHE = "flash", "stateful-query", "vllm-prefix-cache"
 PROVIDERS = (FLASH, STATEFUL_QUERY, PREFIX_CACHE)
 THIRDS = ("early", "middle", "late")
-ISA_PREFIXES = ("sse4", "avx", "amx", "fma", "f16c", "asimd", "sve", "neon", "bf16", "vnni")
 
 
 @dataclass
@@ -58,18 +52,6 @@ def third_of(after_tick: int, n_ticks: int) -> str:
 
 def versions_behind(current: int | None, answer: int | None) -> int | None:
     return None if current is None or answer is None else current - answer
-
-
-def write_csv(rows: Iterable[FlashRow], path: str | Path) -> Path:
-    """One row per question per provider, columns in ``FlashRow`` field order; None is empty."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[x.name for x in fields(FlashRow)])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
-    return path
 
 
 @dataclass(frozen=True)
@@ -157,26 +139,6 @@ def ablation_table(stats: Sequence[LatencyStat]) -> list[Ablation]:
         if all(k in p50 for k in keys):
             out.append(ablation(*(p50[k] for k in keys), third=label))
     return out
-
-
-def parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
-    """(CPU model, sorted vector/matrix ISA flags) from ``/proc/cpuinfo`` text (x86 or Arm)."""
-    model, flags = None, set()
-    for line in text.splitlines():
-        key, _, value = (s.strip() for s in line.partition(":"))
-        if model is None and key in ("model name", "Model", "Hardware", "cpu model"):
-            model = value or None
-        elif key in ("flags", "Features") and not flags:
-            flags = {f for f in value.split() if f.startswith(ISA_PREFIXES)}
-    return model, sorted(flags)
-
-
-def machine_line(info: dict) -> str:
-    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
-    isa = " ".join(info.get("isa_flags") or []) or "n/a"
-    return (
-        f"machine: {info.get('device')}, CPU {info.get('cpu_model') or 'unknown'} x{info.get('cores')}{gpu}; ISA {isa}"
-    )
 
 
 def _f(x: float | None, fmt: str = ".3f") -> str:

@@ -14,32 +14,26 @@ this costs; before them, ingestion waited up to 2 s for any query). Writes CSV +
 from __future__ import annotations
 
 import argparse
-import csv
 import random
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from flash_benchmark import machine_info
-from servers import detect_device, launched_server
+from harness.config import int_list
+from harness.http import append_wait, check, post_timed
+from harness.machine import cpu_env, machine_info, machine_line, model_dir
+from harness.results import out_path, summary_header, write_rows, write_text
+from harness.servers import launched_server
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def timed(client: httpx.Client, url: str, body: dict) -> tuple[float, dict]:
-    start = time.perf_counter()
-    resp = client.post(url, json=body)
-    resp.raise_for_status()
-    return time.perf_counter() - start, resp.json()
+COLUMNS = ("context_tokens", "op", "tokens", "seconds")
 
 
 def probe(base: str, contexts: list[int], append_sizes: list[int], query_tokens: int, max_tokens: int) -> list[dict]:
     rng = random.Random(0)
     client = httpx.Client(timeout=600)
     sid = "ingest-probe"
-    client.post(f"{base}/sessions", json={"id": sid}).raise_for_status()
+    check(client.post(f"{base}/sessions", json={"id": sid}), 200, 201)
 
     def ids(n: int) -> list[int]:
         return [rng.randrange(100, 3000) for _ in range(n)]
@@ -47,32 +41,19 @@ def probe(base: str, contexts: list[int], append_sizes: list[int], query_tokens:
     rows, context = [], 0
     for target in contexts:
         while context < target:
-            _, body = timed(client, f"{base}/sessions/{sid}/append", {"token_ids": ids(500), "wait": True})
+            _, body = append_wait(client, f"{base}/sessions/{sid}/append", ids(500))
             context = body["context_tokens"]
         for n in append_sizes:
-            secs, body = timed(client, f"{base}/sessions/{sid}/append", {"token_ids": ids(n), "wait": True})
+            secs, body = append_wait(client, f"{base}/sessions/{sid}/append", ids(n))
             rows.append({"context_tokens": context, "op": f"append {n}", "tokens": n, "seconds": secs})
             context = body["context_tokens"]
         for gen in (1, max_tokens):
-            query = {
-                "model": "bench",
-                "prompt": ids(query_tokens),
-                "max_tokens": gen,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stateful": sid,
-                "stateful_commit": False,
-            }
-            secs, body = timed(client, f"{base}/completions", query)
+            query = {"model": "bench", "prompt": ids(query_tokens), "max_tokens": gen, "temperature": 0,
+                     "ignore_eos": True, "stateful": sid, "stateful_commit": False}  # fmt: skip
+            secs, body = post_timed(client, f"{base}/completions", query)
             assert body["session"]["recomputed_tokens"] == 0
-            rows.append(
-                {
-                    "context_tokens": context,
-                    "op": f"query {query_tokens}+{gen}",
-                    "tokens": query_tokens,
-                    "seconds": secs,
-                }
-            )
+            rows.append({"context_tokens": context, "op": f"query {query_tokens}+{gen}", "tokens": query_tokens,
+                         "seconds": secs})  # fmt: skip
     client.delete(f"{base}/sessions/{sid}")
     return rows
 
@@ -90,7 +71,7 @@ def cross_session(base: str, append_tokens: int, threads: int, max_tokens: int, 
     def ask() -> None:
         with httpx.Client(timeout=600) as c:
             while not stop.is_set():
-                c.post(f"{base}/completions", json=query).raise_for_status()
+                check(c.post(f"{base}/completions", json=query))
 
     rows = []
     for label, load in (("other session idle", 0), (f"other session queried ({threads} clients)", threads)):
@@ -100,7 +81,7 @@ def cross_session(base: str, append_tokens: int, threads: int, max_tokens: int, 
         time.sleep(1.0 if load else 0.0)
         for _ in range(repeats):
             ids = [rng.randrange(100, 3000) for _ in range(append_tokens)]
-            secs, _ = timed(client, f"{base}/sessions/probe-b/append", {"token_ids": ids, "wait": True})
+            secs, _ = append_wait(client, f"{base}/sessions/probe-b/append", ids)
             rows.append({"context_tokens": 0, "op": f"append {append_tokens}, {label}", "tokens": append_tokens,
                          "seconds": secs})  # fmt: skip
         stop.set()
@@ -115,41 +96,25 @@ def cross_session(base: str, append_tokens: int, threads: int, max_tokens: int, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="tiny | small | a model directory")
-    p.add_argument("--contexts", default="1000,3000,6000")
-    p.add_argument("--append-sizes", default="17,70,300")
+    p.add_argument("--contexts", type=int_list, default="1000,3000,6000")
+    p.add_argument("--append-sizes", type=int_list, default="17,70,300")
     p.add_argument("--query-tokens", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--query-threads", type=int, default=3, help="clients querying the other session")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "ingest_probe")
+    p.add_argument("--out-dir", type=Path, default=out_path("benchmarks/results/ingest_probe"))
     args = p.parse_args(argv)
-    from vllm_stateful.demo_model import ensure_demo_model
-
-    model_path = str(ensure_demo_model(args.model)) if args.model in ("tiny", "small") else args.model
-    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
     common = ["--block-size", "32", "--max-model-len", "8192", "--enforce-eager"]
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with launched_server("stateful", model_path, "bench", common, args.out_dir / "server.log", env) as base:
-        rows = probe(
-            base,
-            [int(x) for x in args.contexts.split(",")],
-            [int(x) for x in args.append_sizes.split(",")],
-            args.query_tokens,
-            args.max_tokens,
-        )
+    model = str(model_dir(args.model))
+    with launched_server("stateful", model, "bench", common, args.out_dir / "server.log", cpu_env()) as base:
+        rows = probe(base, args.contexts, args.append_sizes, args.query_tokens, args.max_tokens)
         rows += cross_session(base, 70, args.query_threads, args.max_tokens)
-    with open(args.out_dir / "ingest_probe.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["context_tokens", "op", "tokens", "seconds"])
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(rows, args.out_dir / "ingest_probe.csv", COLUMNS)
     lines = ["| context tokens | operation | seconds | tokens/s |", "|---:|---|---:|---:|"]
     lines += [
         f"| {r['context_tokens']} | {r['op']} | {r['seconds']:.3f} | {r['tokens'] / r['seconds']:.0f} |" for r in rows
     ]
-    cmd = "python benchmarks/ingest_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (args.out_dir / "summary.md").write_text(
-        f"# Ingest and query cost vs context\n\nCommand: `{cmd.strip()}`; "
-        f"model `{args.model}`; machine: {machine_info()}\n\n" + "\n".join(lines) + "\n"
-    )
+    head = summary_header("Ingest and query cost vs context", f"model `{args.model}`", machine_line(machine_info()))
+    write_text(head + "\n".join(lines) + "\n", args.out_dir / "summary.md")
     print("\n".join(lines))
     return 0
 

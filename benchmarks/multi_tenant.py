@@ -36,19 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import multi_tenant_report as mt
+from harness.config import override
+from harness.http import BenchError, check, retry_after
+from harness.machine import cpu_env, detect_device, machine_info, model_dir, serving_dtype
+from harness.results import columns_of, command_line, out_path, write_json, write_rows, write_text
+from harness.servers import launched_server
 
-try:
-    from benchmarks import multi_tenant_report as mt
-    from benchmarks import streaming_benchmark as sb
-    from benchmarks.flash_benchmark import machine_info
-    from benchmarks.servers import detect_device, launched_server
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import multi_tenant_report as mt  # type: ignore[no-redef]
-    import streaming_benchmark as sb  # type: ignore[no-redef]
-    from flash_benchmark import machine_info  # type: ignore[no-redef]
-    from servers import detect_device, launched_server  # type: ignore[no-redef]
-
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "benchmarks/results/multi_tenant"
 OPTIONS = (  # flag, type, default, help
     ("--model", str, "small", "tiny|small (demo models) or a model directory"),
@@ -96,14 +90,14 @@ class Server:
             if resp.status_code not in (429, 503) or time.perf_counter() - t0 > give_up_s:
                 return resp
             self.retries += 1
-            await asyncio.sleep(sb._retry_after(resp))
+            await asyncio.sleep(retry_after(resp))
 
     async def complete(self, prompt: list[int], max_tokens: int, **extra: Any) -> tuple[float, dict]:
         """(latency from the first send, response body) of a greedy completion."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
         t0 = time.perf_counter()
         resp = await self.post("/completions", {**body, "ignore_eos": True})
-        return time.perf_counter() - t0, sb._check(resp, 200)
+        return time.perf_counter() - t0, check(resp, 200)
 
     async def scrape(self) -> mt.Samples | None:
         try:
@@ -119,17 +113,17 @@ class Stateful(Server):
     async def create(self, sid: str, tokens: list[int]) -> int:
         resp = await self.http.post(f"{self.api}/sessions", json={"id": sid, "prompt": tokens})
         if resp.status_code != 429:
-            sb._check(resp, 200, 201)
+            check(resp, 200, 201)
         return resp.status_code
 
     async def append(self, sid: str, tokens: list[int]) -> None:
-        sb._check(await self.post(f"/sessions/{sid}/append", {"token_ids": tokens}, give_up_s=300), 200, 202)
+        check(await self.post(f"/sessions/{sid}/append", {"token_ids": tokens}, give_up_s=300), 200, 202)
 
     async def query(self, sid: str, tokens: list[int]) -> tuple[float, int, int | None, int | None]:
         lat, body = await self.complete(tokens, self.max_tokens, stateful=sid, stateful_commit=False)
         s = body.get("session") or {}
         if "context_tokens" not in s:
-            raise sb.BenchError(f"query on {sid} has no session object: not vllm-stateful? {str(body)[:300]}")
+            raise BenchError(f"query on {sid} has no session object: not vllm-stateful? {str(body)[:300]}")
         return lat, int(s["context_tokens"]), s.get("new_tokens"), s.get("recomputed_tokens")
 
     async def close(self, sid: str) -> None:
@@ -178,7 +172,7 @@ async def run_phase(srv: Server, plan: mt.Plan, n: int) -> tuple[list[mt.QueryRo
     codes = await asyncio.gather(*(srv.create(sid, list(plan.system)) for sid in sids))
     if 429 in codes:
         await asyncio.gather(*(srv.close(sid) for sid, code in zip(sids, codes) if code != 429))
-        raise sb.BenchError(f"{srv.name}: {codes.count(429)} of {n} sessions refused (429): raise --kv-blocks")
+        raise BenchError(f"{srv.name}: {codes.count(429)} of {n} sessions refused (429): raise --kv-blocks")
     before, srv.retries = await srv.scrape(), 0
     t0 = time.perf_counter()
 
@@ -186,7 +180,7 @@ async def run_phase(srv: Server, plan: mt.Plan, n: int) -> tuple[list[mt.QueryRo
         sent = time.perf_counter() - t0
         try:
             lat, ctx, prefilled, recomputed = await srv.query(sids[i], tokens)
-        except (sb.BenchError, httpx.HTTPError) as e:  # counted, and the load goes on
+        except (BenchError, httpx.HTTPError) as e:  # counted, and the load goes on
             print(f"[{srv.name}] query failed: {str(e)[:300]}", file=sys.stderr)
             return None
         return mt.QueryRow(srv.name, n, i, round(sent, 3), ctx, lat, prefilled, recomputed)
@@ -234,7 +228,7 @@ async def probe(srv: Server, system: list[int], suffix_tokens: int, cap: int, vo
         lru.append(head)
         n_prompt, cached = cached_tokens(body)
         if cached is None:
-            raise sb.BenchError("stock server sent no cached_tokens: serve with --enable-prompt-tokens-details")
+            raise BenchError("stock server sent no cached_tokens: serve with --enable-prompt-tokens-details")
         if cached < mt.full_hit_tokens(n_prompt, srv.block_size):
             return dict(sessions_fit=k - 1, first_miss_at=k, recomputed_tokens=n_prompt - cached, cap=cap)
     return dict(sessions_fit=None, first_miss_at=None, cap=cap)
@@ -243,36 +237,19 @@ async def probe(srv: Server, system: list[int], suffix_tokens: int, cap: int, vo
 def server_args(a: argparse.Namespace, dtype: str) -> list[str]:
     args = ["--block-size", str(a.block_size), "--max-model-len", str(a.max_model_len), "--dtype", dtype]
     args += ["--enable-prompt-tokens-details", "--enable-prefix-caching", *shlex.split(a.server_args)]
-    if a.kv_blocks:
+    if getattr(a, "kv_blocks", 0):  # lifecycle.py and scale_out.py have no --kv-blocks
         args += ["--num-gpu-blocks-override", str(a.kv_blocks)]
     return args + (["--enforce-eager"] if detect_device() == "cpu" else [])
 
 
-def serving_dtype(model: str) -> str:
-    from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags
-    from vllm_stateful.demo_model import serving_dtype as demo_dtype
-
-    if model in ("tiny", "small"):
-        return demo_dtype(model)
-    return choose_cpu_dtype(cpu_flags())[0] if detect_device() == "cpu" else "auto"
-
-
-def cpu_env() -> dict[str, str]:
-    """Same KV space and thread binding for both servers on a CPU (what the environment sets wins)."""
-    if detect_device() != "cpu":
-        return {}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
-    return {k: v for k, v in env.items() if k not in os.environ}
-
-
-def run_server(kind: str, a: argparse.Namespace, model_dir: Path, dtype: str, vocab: tuple, rows: list, phases: dict):
+def run_server(kind: str, a: argparse.Namespace, model: Path, dtype: str, vocab: tuple, rows: list, phases: dict):
     """Start one server, run every phase (adding to ``rows`` and ``phases``) and the probe (returned)."""
     cls = Stateful if kind == "stateful" else Stock
     system = list(mt.random_tokens(random.Random(a.seed), a.system_prompt_tokens, *vocab))
     log = Path(a.out) / f"server-{cls.name}.log"
 
     async def scenario(api: str) -> dict:
-        srv = cls(api, model_dir.name, a.block_size, a.query_max_tokens)
+        srv = cls(api, model.name, a.block_size, a.query_max_tokens)
         try:
             await srv.complete(system, 1)  # warm-up; also caches the shared prompt
             for n in a.n_list:
@@ -288,7 +265,7 @@ def run_server(kind: str, a: argparse.Namespace, model_dir: Path, dtype: str, vo
         finally:
             await srv.http.aclose()
 
-    with launched_server(kind, str(model_dir), model_dir.name, server_args(a, dtype), log, cpu_env()) as api:
+    with launched_server(kind, str(model), model.name, server_args(a, dtype), log, cpu_env()) as api:
         return asyncio.run(scenario(api))
 
 
@@ -296,13 +273,13 @@ def write_outputs(a: argparse.Namespace, rows, phases, probes: dict, meta: dict)
     """CSVs, PNG, summary.md and summary.json under ``a.out``; returns the Markdown table."""
     out = Path(a.out)
     summaries = mt.summarize(rows, phases, {server: p.get("sessions_fit") for server, p in probes.items()})
-    mt.write_queries(rows, out / "queries.csv")
-    mt.write_summary(summaries, out / "summary.csv")
+    write_rows(rows, out / "queries.csv", columns_of(mt.QueryRow))
+    write_rows(summaries, out / "summary.csv", columns_of(mt.Summary))
     mt.plot(rows, summaries, out / "multi_tenant.png")
-    (out / "summary.md").write_text(mt.markdown_report(summaries, probes, meta))
+    write_text(mt.markdown_report(summaries, probes, meta), out / "summary.md")
     phase_dump = {f"{server}/{n}": asdict(p) for (server, n), p in phases.items()}
     blob = {**meta, "summaries": [asdict(x) for x in summaries], "probes": probes, "phases": phase_dump}
-    (out / "summary.json").write_text(json.dumps(blob, indent=2, default=str))
+    write_json(blob, out / "summary.json")
     return mt.markdown_table(summaries)
 
 
@@ -312,24 +289,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.add_argument(flag, type=typ, default=None, help=f"{help_text} (default {default})")
     ap.add_argument("--quick", action="store_true", help=f"smoke run, other defaults: {QUICK}")
     a = ap.parse_args(argv)
-    for flag, _, default, _ in OPTIONS:
-        key = flag[2:].replace("-", "_")
-        if getattr(a, key) is None:
-            setattr(a, key, QUICK.get(key, default) if a.quick else default)
+    defaults = {flag[2:].replace("-", "_"): default for flag, _, default, _ in OPTIONS}
+    a = argparse.Namespace(**override({**defaults, **(QUICK if a.quick else {}), "quick": a.quick}, a, defaults))
     a.n_list = [int(x) for x in a.sessions.split(",") if x.strip()]
     if set(a.servers.split(",")) - set(NAMES):
         ap.error(f"--servers: choose from {sorted(NAMES)}")
-    a.out = str(Path(a.out) if Path(a.out).is_absolute() else ROOT / a.out)
+    a.out = str(out_path(a.out))
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    model_dir, dtype = sb.resolve_model(a.model), serving_dtype(a.model)
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    model, dtype = model_dir(a.model), serving_dtype(a.model)
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
     vocab = (min(300, vocab_size // 4), min(vocab_size - 100, 30000))  # clear of special tokens at either end
-    command = shlex.join(["python", "benchmarks/multi_tenant.py", *(sys.argv[1:] if argv is None else argv)])
-    meta = dict(command=command, model=str(model_dir), dtype=dtype, machine=machine_info())
+    meta = dict(command=command_line(), model=str(model), dtype=dtype, machine=machine_info())
     meta.update(server_args=server_args(a, dtype), config=vars(a))
     rows: list[mt.QueryRow] = []
     phases: dict[tuple[str, int], mt.PhaseMetrics] = {}
@@ -337,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     for kind in a.servers.split(","):
         try:
-            probes[NAMES[kind]] = run_server(kind, a, model_dir, dtype, vocab, rows, phases)
+            probes[NAMES[kind]] = run_server(kind, a, model, dtype, vocab, rows, phases)
         except Exception:  # noqa: BLE001 - one broken server must not lose the other's results
             traceback.print_exc()
             failed.append(kind)

@@ -1,5 +1,5 @@
 """Pure helpers for the multi-tenant benchmark (``multi_tenant.py``): the seeded Poisson workload,
-Prometheus text parsing, per-phase statistics, CSV, PNG and the Markdown summary.
+Prometheus text parsing, per-phase statistics, the rows of its CSVs, the PNG and the Markdown summary.
 
 Nothing here talks to a server or imports vLLM; tested in ``tests/unit/test_multi_tenant_report.py``.
 
@@ -20,14 +20,11 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-try:
-    from benchmarks.flash_report import machine_line
-    from benchmarks.streaming_report import percentile, write_dataclass_csv
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from flash_report import machine_line  # type: ignore[no-redef]
-    from streaming_report import percentile, write_dataclass_csv  # type: ignore[no-redef]
+from harness.machine import machine_line
+from harness.results import pyplot, save_figure, summary_header
+from streaming_report import percentile
 
 OURS, STOCK = "vllm-stateful", "vllm-prefix-cache"
 PREFIX = "vllm_stateful:"
@@ -261,14 +258,6 @@ def summarize(
     return out
 
 
-def write_queries(rows: Iterable[QueryRow], path: str | Path) -> Path:
-    return write_dataclass_csv(rows, path, QueryRow)
-
-
-def write_summary(summaries: Iterable[Summary], path: str | Path) -> Path:
-    return write_dataclass_csv(summaries, path, Summary)
-
-
 def _cell(x: object, fmt: str = ".3f") -> str:
     if x is None:
         return ""
@@ -291,10 +280,9 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
 
 def markdown_report(summaries: Sequence[Summary], probes: dict[str, dict], meta: dict) -> str:
     """summary.md: the command, model, dtype and machine (CPU model, ISA flags), the table, the probe."""
-    return "\n".join(
+    details = f"model `{meta['model']}` in {meta['dtype']}"
+    return summary_header("Multi-tenant benchmark", details, machine_line(meta["machine"])) + "\n".join(
         [
-            f"# Multi-tenant benchmark\n\ncommand: `{meta['command']}`\n",
-            f"model `{meta['model']}` in {meta['dtype']}; {machine_line(meta['machine'])}\n",
             f"server flags (both): `{' '.join(meta['server_args'])}`\n",
             markdown_table(summaries),
             "re-prefilled: tokens prefilled again although the server had been sent them before; scheduler "
@@ -309,13 +297,8 @@ def markdown_report(summaries: Sequence[Summary], probes: dict[str, dict], meta:
 
 def plot(rows: Sequence[QueryRow], summaries: Sequence[Summary], path: str | Path) -> Path:
     """PNG: p50/p95 latency vs N, latency vs context, re-prefilled tokens vs N; one colour per server."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     servers = list(dict.fromkeys([*(s.server for s in summaries), *(r.server for r in rows)]))
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, (a1, a2, a3) = pyplot().subplots(1, 3, figsize=(17, 4.8))
     for i, server in enumerate(servers):
         ss = sorted((s for s in summaries if s.server == server and s.p50_s is not None), key=lambda s: s.n_sessions)
         fit = next((s.sessions_fit for s in ss if s.sessions_fit is not None), None)
@@ -340,9 +323,4 @@ def plot(rows: Sequence[QueryRow], summaries: Sequence[Summary], path: str | Pat
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

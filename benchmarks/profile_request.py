@@ -21,7 +21,6 @@ Writes ``profile.csv``, ``summary.md``, ``machine.json`` and the raw collapsed s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import shutil
@@ -35,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from flash_benchmark import machine_info
-from flash_report import machine_line
-from servers import detect_device, launched_server
+from harness.config import int_list
+from harness.http import append_wait, check, post_timed
+from harness.machine import corpus_ids, cpu_env, machine_info, machine_line, model_dir
+from harness.results import out_path, summary_header, write_json, write_rows, write_text
+from harness.servers import launched_server
 
-REPO = Path(__file__).resolve().parent.parent
 SESSION = "profile"
 
 # (stage, substrings of a frame "function (file:line)"); checked from the innermost frame outwards,
@@ -130,22 +130,11 @@ class Sampler:
         return self.out.read_text()
 
 
-def text_tokens(model_path: str, n: int) -> list[int]:
-    """``n`` token ids of ordinary text (the demo tokenizer's corpus, repeated). Random ids would
-    decode to broken UTF-8, which makes vLLM's incremental detokenizer prime itself over the whole
-    prompt (O(history) in stock vLLM too): a real but unrepresentative cost."""
-    from vllm_stateful.demo_model import corpus_token_ids
-
-    ids = corpus_token_ids(model_path)
-    return (ids * (n // len(ids) + 1))[:n]
-
-
 def grow(client: httpx.Client, context: int, tokens: list[int], have: int) -> int:
     """Append the next of ``tokens`` until the session holds ``context``; returns its size."""
     while have < context:
         chunk = tokens[have : min(have + 4000, context)]
-        r = client.post(f"/sessions/{SESSION}/append", json={"token_ids": chunk, "wait": True}, timeout=600)
-        r.raise_for_status()
+        append_wait(client, f"/sessions/{SESSION}/append", chunk)
         have += len(chunk)
     return have
 
@@ -157,10 +146,7 @@ def turns(client: httpx.Client, model: str, n: int, tokens: list[int], rng: rand
         start = rng.randrange(0, len(tokens) - 16)
         body = {"model": model, "prompt": tokens[start : start + 16], "max_tokens": 1,
                 "temperature": 0, "stateful": SESSION, "stateful_commit": False}  # fmt: skip
-        start = time.perf_counter()
-        r = client.post("/completions", json=body, timeout=600)
-        out.append(time.perf_counter() - start)
-        r.raise_for_status()
+        out.append(post_timed(client, "/completions", body)[0])
     return out
 
 
@@ -169,8 +155,8 @@ def measure(
 ) -> list[Measured]:
     rng = random.Random(0)
     results = []
-    with httpx.Client(base_url=base) as client:
-        client.post("/sessions", json={"id": SESSION}).raise_for_status()
+    with httpx.Client(base_url=base, timeout=600) as client:
+        check(client.post("/sessions", json={"id": SESSION}), 200, 201)
         have = 0
         for context in contexts:
             have = grow(client, context, tokens, have)
@@ -203,43 +189,40 @@ def table(results: list[Measured]) -> str:
     return "\n".join(lines)
 
 
+def csv_rows(results: list[Measured]) -> list[dict]:
+    """``profile.csv``: each stage's CPU seconds per request, then the client latency p50, per context."""
+    rows = []
+    for r in results:
+        cells = [*sorted(r.seconds_per_request.items()), ("client_latency_p50", r.latency_p50_s)]
+        rows += [{"context_tokens": r.context, "stage": stage, "cpu_s_per_request": f"{s:.6f}"} for stage, s in cells]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny | small | a model directory")
     p.add_argument("--contexts", default="1000,8000,32000")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "profile_request")
+    p.add_argument("--out-dir", type=Path, default=out_path("benchmarks/results/profile_request"))
     args = p.parse_args(argv)
-    from vllm_stateful.demo_model import ensure_demo_model
-
-    model_path = str(ensure_demo_model(args.model)) if args.model in ("tiny", "small") else args.model
-    contexts = sorted(int(c) for c in args.contexts.split(","))
-    max_len = max(contexts) + 512
-    server_args = ["--block-size", "32", "--max-model-len", str(max_len), "--enforce-eager",
+    model, out = str(model_dir(args.model)), args.out_dir
+    contexts = sorted(int_list(args.contexts))
+    server_args = ["--block-size", "32", "--max-model-len", str(max(contexts) + 512), "--enforce-eager",
                    "--additional-config", json.dumps({"stateful": {"max_ingest_queue_tokens": 8192}})]  # fmt: skip
-    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    log = args.out_dir / "server.log"
     pids: list[int] = []
-    with launched_server("stateful", model_path, "bench", server_args, log, env, pids=pids) as base:
-        tokens = text_tokens(model_path, max(contexts))
-        results = measure(base, pids[0], "bench", tokens, contexts, args.requests, args.rate, args.out_dir)
-    with open(args.out_dir / "profile.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["context_tokens", "stage", "cpu_s_per_request"])
-        for r in results:
-            for stage, s in sorted(r.seconds_per_request.items()):
-                w.writerow([r.context, stage, f"{s:.6f}"])
-            w.writerow([r.context, "client_latency_p50", f"{r.latency_p50_s:.6f}"])
+    with launched_server("stateful", model, "bench", server_args, out / "server.log", cpu_env(), pids=pids) as base:
+        tokens = corpus_ids(model, max(contexts))
+        results = measure(base, pids[0], "bench", tokens, contexts, args.requests, args.rate, out)
+    write_rows(csv_rows(results), out / "profile.csv", ("context_tokens", "stage", "cpu_s_per_request"))
     info = machine_info()
-    (args.out_dir / "machine.json").write_text(json.dumps(info, indent=2))
-    summary = (
-        f"# Per-request CPU profile by stage ({args.model}, {args.requests} read-only 16-token turns per context, "
-        f"max_tokens 1, py-spy at {args.rate} Hz over every server process)\n\n{table(results)}\n\n"
-        f"{machine_line(info)}\n"
+    write_json(info, out / "machine.json")
+    title = (
+        f"Per-request CPU profile by stage ({args.model}, {args.requests} read-only 16-token turns per context, "
+        f"max_tokens 1, py-spy at {args.rate} Hz over every server process)"
     )
-    (args.out_dir / "summary.md").write_text(summary)
+    summary = summary_header(title) + f"{table(results)}\n\n{machine_line(info)}\n"
+    write_text(summary, out / "summary.md")
     print(summary)
     return 0
 

@@ -16,25 +16,13 @@ Column meanings (one row = one turn of one topic for one provider):
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-CSV_FIELDS: tuple[str, ...] = (
-    "provider",
-    "topic",
-    "turn",
-    "ttft_s",
-    "prompt_tokens",
-    "cumulative_prompt_tokens",
-    "cached_tokens",
-    "recomputed_tokens",
-    "completion_tokens",
-    "total_s",
-)
+from harness.results import columns_of, pyplot, read_rows, save_figure, write_rows
 
 #: Provider labels starting with this are session providers (prompt excludes the reused context).
 SESSION_PREFIX = "stateful"
@@ -56,10 +44,7 @@ class Row:
     total_s: float
 
 
-assert tuple(f.name for f in fields(Row)) == CSV_FIELDS
-
-_INT_FIELDS = frozenset(f.name for f in fields(Row) if f.type in ("int", int))
-_FLOAT_FIELDS = frozenset(f.name for f in fields(Row) if f.type in ("float", float))
+CSV_FIELDS: tuple[str, ...] = columns_of(Row)
 
 
 def is_session_provider(provider: str) -> bool:
@@ -105,36 +90,12 @@ def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
     """Write rows under the ``CSV_FIELDS`` header (creating parent dirs) and return the path.
 
     Floats are written with ``repr`` precision, so ``read_csv`` returns rows equal to the input."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
-    return out
+    return write_rows(rows, path, CSV_FIELDS)
 
 
 def read_csv(path: str | os.PathLike) -> list[Row]:
     """Read rows written by ``write_csv``. Raises ValueError if the header is not ``CSV_FIELDS``."""
-    with Path(path).open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != CSV_FIELDS:
-            raise ValueError(f"{path}: header {reader.fieldnames} != {list(CSV_FIELDS)}")
-        return [_row_from_strings(d) for d in reader]
-
-
-def _row_from_strings(d: dict[str, str]) -> Row:
-    values: dict[str, object] = {}
-    for name in CSV_FIELDS:
-        raw = d[name]
-        if name in _INT_FIELDS:
-            values[name] = int(raw)
-        elif name in _FLOAT_FIELDS:
-            values[name] = float(raw)
-        else:
-            values[name] = raw
-    return Row(**values)  # type: ignore[arg-type]
+    return read_rows(path, Row)
 
 
 def providers(rows: Iterable[Row]) -> list[str]:
@@ -314,27 +275,23 @@ def plot_all(rows: Sequence[Row], out_dir: str | os.PathLike, reference: str | N
     The summary chart is always written as ``turn12_summary.png`` (the file name the docs link to);
     its title names the turn actually summarized.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / name for name in PLOT_FILES]
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _lines(ax, per_turn_mean(rows, "ttft_s"), "time to first token (s)", "TTFT per turn (mean over topics)")
-    _save(fig, paths[0])
+    save_figure(fig, paths[0])
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     _lines(a1, per_turn_mean(rows, "prompt_tokens"), "tokens", "prompt tokens sent per turn")
     _lines(a2, per_turn_mean(rows, "prefilled_tokens"), "tokens", "tokens prefilled by the server per turn")
-    _save(fig, paths[1])
+    save_figure(fig, paths[1])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _lines(ax, per_turn_mean(rows, "cumulative_prefill"), "tokens", "cumulative prefill (mean over topics)")
-    _save(fig, paths[2])
+    save_figure(fig, paths[2])
 
     summaries = summarize(rows)
     names = [s.provider for s in summaries]
@@ -346,26 +303,18 @@ def plot_all(rows: Sequence[Row], out_dir: str | os.PathLike, reference: str | N
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_title(label)
     fig.suptitle(f"turn {summaries[0].turn} summary (ratios vs {pick_reference(summaries, reference)} in summary.md)")
-    _save(fig, paths[3])
+    save_figure(fig, paths[3])
     return paths
 
 
 def plot_overview(rows: Sequence[Row], path: str | os.PathLike) -> Path:
     """One PNG with three panels per turn: mean TTFT, mean prompt tokens sent, mean cumulative
     prefill (for a single benchmark run; ``plot_all`` is the comparison set). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.5))
     _lines(axes[0], per_turn_mean(rows, "ttft_s"), "seconds", "TTFT per turn")
     _lines(axes[1], per_turn_mean(rows, "prompt_tokens"), "tokens", "prompt tokens sent per turn")
     _lines(axes[2], per_turn_mean(rows, "cumulative_prefill"), "tokens", "cumulative prefill")
-    _save(fig, out)
-    return out
+    return save_figure(fig, path)
 
 
 def _lines(ax, series: dict[str, list[tuple[int, float]]], ylabel: str, title: str) -> None:
@@ -386,11 +335,3 @@ def _lines(ax, series: dict[str, list[tuple[int, float]]], ylabel: str, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import json
 import os
 import random
 import shutil
@@ -37,17 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-try:
-    from benchmarks import multi_tenant as mt
-    from benchmarks import streaming_benchmark as sb
-    from benchmarks.flash_benchmark import machine_info
-    from benchmarks.servers import ManagedServer, free_port, serve_argv
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import multi_tenant as mt  # type: ignore[no-redef]
-    import streaming_benchmark as sb  # type: ignore[no-redef]
-    from flash_benchmark import machine_info  # type: ignore[no-redef]
-    from servers import ManagedServer, free_port, serve_argv  # type: ignore[no-redef]
+import multi_tenant as mt
+from harness.http import check
+from harness.machine import machine_info, machine_line, model_dir, serving_dtype
+from harness.results import out_path, pyplot, save_figure, summary_header, write_json, write_rows, write_text
+from harness.servers import ManagedServer, free_port, launched_server
 
 HEADER = "X-Session-ID"
 FIELDS = ["setup", "engines", "cores_per_engine", "turns", "seconds", "wall_s", "turns_per_s", "ratio", "p50_s",
@@ -109,12 +101,9 @@ class Load:
 
     async def _turn(self, client: httpx.AsyncClient, s: int, prompt: list[int]) -> dict[str, Any]:
         sid = f"scale-{s}"
-        body = {"model": getattr(self.args, "served_name", "m"), "prompt": prompt, "max_tokens": self.args.max_tokens,
-                "temperature": 0,
+        body = {"model": "m", "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 0,
                 "ignore_eos": True, "stateful": sid}  # fmt: skip
-        r = await client.post("/completions", json=body, headers={HEADER: sid})
-        r.raise_for_status()
-        return r.json()["session"]
+        return check(await client.post("/completions", json=body, headers={HEADER: sid}))["session"]
 
     @staticmethod
     def _tokens(s: int, t: int, n: int) -> list[int]:
@@ -126,11 +115,9 @@ class Setups:
     """Starts each setup's servers (and router) for one ``with`` block; yields the URL to load."""
 
     def __init__(self, args: argparse.Namespace, out: Path) -> None:
-        self.args = args
         self.out = out
-        self.model = str(sb.resolve_model(args.model))
-        args.kv_blocks = 0
-        self.common = mt.server_args(args, mt.serving_dtype(args.model)) + ["--session-header", HEADER]
+        self.model = str(model_dir(args.model))
+        self.common = mt.server_args(args, serving_dtype(args.model)) + ["--session-header", HEADER]
         self.cores = os.cpu_count() or 1
         self.groups: list[int] = []  # process groups of the current setup's servers and router
 
@@ -144,7 +131,7 @@ class Setups:
                 "1 engine 1 core": ("one-core", [], "0", 1),
                 "2 DP ranks": ("dp2", ["--data-parallel-size", "2"], f"0|{1 % self.cores}", 2),
             }[name]
-            url = self._server(stack, tag, extra, {"VLLM_CPU_OMP_THREADS_BIND": bind})
+            url = self._server(stack, tag, extra, bind)
             return url, [url], engines, self.cores if name == "1 engine" else max(1, self.cores // 2)
         if name == "2 replicas":
             root = Path(tempfile.mkdtemp(prefix="vllm-stateful-replicas-"))
@@ -152,22 +139,16 @@ class Setups:
             urls = []
             for i in range(2):
                 extra = ["--state-dir", str(root / f"replica-{i}"), "--shared-state-root", str(root)]
-                urls.append(
-                    self._server(stack, f"replica-{i}", extra, {"VLLM_CPU_OMP_THREADS_BIND": str(i % self.cores)})
-                )
+                urls.append(self._server(stack, f"replica-{i}", extra, str(i % self.cores)))
             return self._router(stack, urls), urls, 2, max(1, self.cores // 2)
         raise SystemExit(f"unknown setup {name!r}")
 
-    def _server(self, stack: ExitStack, tag: str, extra: list[str], env: dict[str, str]) -> str:
-        port = free_port()
-        argv = serve_argv("stateful", self.model, "m", port, [*self.common, *extra])
-        server = stack.enter_context(
-            ManagedServer(argv, {"VLLM_CPU_KVCACHE_SPACE": "2", **env}, self.out / "logs" / f"{tag}.log",
-                          f"http://127.0.0.1:{port}/v1")
-        )  # fmt: skip
-        server.wait_ready(900)
-        self.groups.append(server.pid)
-        return server.base_url
+    def _server(self, stack: ExitStack, tag: str, extra: list[str], bind: str) -> str:
+        # the setup's own core binding, whatever the environment says (harness cpu_env would let it win)
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": bind}
+        log = self.out / "logs" / f"{tag}.log"
+        argv = [*self.common, *extra]
+        return stack.enter_context(launched_server("stateful", self.model, "m", argv, log, env, 900, pids=self.groups))
 
     def _router(self, stack: ExitStack, urls: list[str]) -> str:
         binary = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
@@ -206,7 +187,7 @@ def cpu_seconds(groups: list[int]) -> dict[str, float]:
 
 def spread(servers: list[str], engines: int) -> list[int]:
     """Sessions per engine (data-parallel rank, or replica) as the servers report them."""
-    lists = [httpx.get(u + "/sessions", timeout=30).json()["data"] for u in servers]
+    lists = [check(httpx.get(u + "/sessions", timeout=30))["data"] for u in servers]
     if len(servers) == 1:
         return [sum(1 for s in lists[0] if s["data_parallel_rank"] == r) for r in range(engines)]
     return [len(one) for one in lists]
@@ -214,8 +195,7 @@ def spread(servers: list[str], engines: int) -> list[int]:
 
 def main() -> None:
     args = options()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_path(args.out)
     setups = Setups(args, out)
     load = Load(args)
     rows: list[dict[str, Any]] = []
@@ -241,20 +221,13 @@ def main() -> None:
 
 def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
     machine = machine_info()
-    with open(out / "scale_out.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
-    config = {k: v for k, v in vars(args).items() if k not in ("kv_blocks",)}
-    (out / "summary.json").write_text(json.dumps({"config": config, "machine": machine, "rows": rows}, indent=2))
-    isa = " ".join(machine.get("isa_flags") or []) or "n/a"
+    write_rows(rows, out / "scale_out.csv", FIELDS)
+    write_json({"config": vars(args), "machine": machine, "rows": rows}, out / "summary.json")
+    load = (
+        f"model `{args.model}`; {args.sessions} sessions at once, each {args.turns} timed turns of "
+        f"{args.turn_tokens} tokens in, {args.max_tokens} out, after a {args.prompt_tokens}-token first turn"
+    )
     lines = [
-        "# Scale-out: aggregate session turns/s",
-        "",
-        f"Model `{args.model}`; {args.sessions} sessions at once, each {args.turns} timed turns of "
-        f"{args.turn_tokens} tokens in, {args.max_tokens} out, after a {args.prompt_tokens}-token first turn.",
-        f"Machine: {machine.get('cpu_model')} ({machine.get('cores')} cores; ISA {isa}).",
-        "",
         "| setup | engines x cores | turns/s | vs 1 engine | p50 turn (s) | p95 turn (s) | sessions per engine "
         "| follow-ups that recomputed | CPU-s by role during the load (wall s) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -266,22 +239,17 @@ def write_outputs(rows: list[dict[str, Any]], args: argparse.Namespace, out: Pat
             f"| {r['p50_s']} | {r['p95_s']} | {r['sessions_per_engine']} | {r['recomputing_follow_ups']} "
             f"| {cpu} ({r['wall_s']}) |"
         )
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    text = summary_header("Scale-out: aggregate session turns/s", load, machine_line(machine)) + "\n".join(lines) + "\n"
+    write_text(text, out / "summary.md")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = pyplot().subplots(figsize=(7, 3.5))
         ax.bar([r["setup"] for r in rows], [r["turns_per_s"] for r in rows], color="#4c72b0")
         ax.set_ylabel("session turns/s")
         ax.set_title(f"Scale-out on {machine.get('cores')} cores ({args.model})")
-        fig.tight_layout()
-        fig.savefig(out / "scale_out.png", dpi=120)
-    except ImportError:
+        save_figure(fig, out / "scale_out.png", dpi=120)
+    except ImportError:  # matplotlib is in the `bench` extra; the table and CSV do not need it
         pass
-    print("\n".join(lines))
+    print(text, end="")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ mean over sessions, one line per provider).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import random
 import statistics
 import sys
@@ -41,15 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness.http import post_timed
+from harness.machine import cpu_env, machine_info, machine_line, model_dir, serving_dtype
+from harness.results import command_line, out_path, pyplot, save_figure, summary_header, write_json, write_rows
+from harness.servers import launched_server
 
-try:
-    from benchmarks.flash_benchmark import machine_info
-    from benchmarks.servers import detect_device, launched_server
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from flash_benchmark import machine_info  # type: ignore[no-redef]
-    from servers import detect_device, launched_server  # type: ignore[no-redef]
-
-ROOT = Path(__file__).resolve().parents[1]
 STATEFUL, APC = "stateful", "vllm-apc"
 PROVIDERS = {STATEFUL: ("stateful", []), APC: ("vllm", ["--enable-prefix-caching"])}
 COMMON_ARGS = ["--block-size", "32", "--max-model-len", "8192", "--enforce-eager", "--enable-prompt-tokens-details"]
@@ -73,9 +67,6 @@ class TurnRow:
     recomputed_tokens: int
     latency_s: float
     output_ids: list[int] = field(default_factory=list)
-
-    def csv_row(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in FIELDS}
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -183,11 +174,9 @@ def output_mismatches(a: list[list[int]], b: list[list[int]]) -> list[int]:
 # ---------------------------------------------------------------- clients
 
 
-def _post(base: str, path: str, body: dict) -> dict:
-    r = httpx.post(base + path, json=body, timeout=600)  # a connection per request, as a plain client
-    if r.status_code not in (200, 201):
-        raise RuntimeError(f"POST {path}: {r.status_code} {r.text[:500]}")
-    return r.json()
+def _post(base: str, path: str, body: dict) -> tuple[float, dict]:
+    """(seconds to the full response, its JSON); a connection per request, as a plain client."""
+    return post_timed(httpx, base + path, body, 200, 201, timeout=600)
 
 
 def _cached(body: dict) -> int:
@@ -200,9 +189,7 @@ def _request(prompt: list[int], gen_len: int, **extra: Any) -> dict:
 
 
 def stateful_turn(base: str, sid: str, session: int, turn: int, chunk: list[int], gen_len: int) -> TurnRow:
-    start = time.perf_counter()
-    body = _post(base, "/completions", _request(chunk, gen_len, stateful=sid))
-    latency = time.perf_counter() - start
+    latency, body = _post(base, "/completions", _request(chunk, gen_len, stateful=sid))
     s = body["session"]
     return TurnRow(STATEFUL, session, turn, s["context_tokens"], len(chunk), _cached(body), s["recomputed_tokens"],
                    latency, list(body["choices"][0]["token_ids"]))  # fmt: skip
@@ -212,9 +199,7 @@ def apc_turn(base: str, history: list[int], session: int, turn: int, chunk: list
     """One stateless turn; recomputed = history tokens that had KV before it (all but the last
     generated one) minus what the prefix cache supplied."""
     prompt = history + chunk
-    start = time.perf_counter()
-    body = _post(base, "/completions", _request(prompt, gen_len))
-    latency = time.perf_counter() - start
+    latency, body = _post(base, "/completions", _request(prompt, gen_len))
     cached = _cached(body)
     recomputed = max(0, len(history) - 1 - cached)
     return TurnRow(APC, session, turn, len(prompt), len(prompt), cached, recomputed, latency,
@@ -257,27 +242,6 @@ def run_provider(
 # ---------------------------------------------------------------- servers and outputs
 
 
-def serving_dtype(model: str) -> str:
-    """The same --dtype for both servers: a demo model's own, else by the CPU's bf16 support."""
-    if model in ("tiny", "small"):
-        from vllm_stateful.demo_model import serving_dtype as demo_dtype
-
-        return demo_dtype(model)
-    if detect_device() != "cpu":
-        return "auto"
-    from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags
-
-    return choose_cpu_dtype(cpu_flags())[0]
-
-
-def model_path(model: str) -> str:
-    if model in ("tiny", "small"):
-        from vllm_stateful.demo_model import ensure_demo_model
-
-        return str(ensure_demo_model(model))
-    return model
-
-
 def warmup_chunks(args: argparse.Namespace) -> list[list[list[int]]]:
     """The untimed warm-up round: as many sessions, ``--warmup-turns`` turns, other token ids."""
     n, size = args.warmup_turns, args.input_len
@@ -286,10 +250,9 @@ def warmup_chunks(args: argparse.Namespace) -> list[list[list[int]]]:
 
 def bench_provider(name: str, args: argparse.Namespace, chunks: list[list[list[int]]]) -> list[TurnRow]:
     kind, extra = PROVIDERS[name]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
     server_args = [*COMMON_ARGS, "--dtype", serving_dtype(args.model), *extra]
     log = args.out_dir / "logs" / f"{name}.log"
-    with launched_server(kind, model_path(args.model), SERVED, server_args, log, env) as base:
+    with launched_server(kind, str(model_dir(args.model)), SERVED, server_args, log, cpu_env()) as base:
         _post(base, "/completions", _request([5, 6, 7], 2))  # warm-up, outside the measured turns
         if args.warmup_turns:
             run_provider(base, name, warmup_chunks(args), args.gen_len, prefix="warmup")
@@ -316,12 +279,7 @@ def _at(outs: list[list[int]], turn: int) -> list[int] | None:
 
 
 def plot(rows: list[TurnRow], head_turns: list[int], tail_turns: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for name, pts in mean_by_turn(rows).items():
         turns, lat = zip(*pts)
         ax.plot(turns, [x * 1000 for x in lat], label=name)
@@ -333,39 +291,26 @@ def plot(rows: list[TurnRow], head_turns: list[int], tail_turns: list[int], path
     ax.set_ylim(bottom=0)
     ax.set_title("Inter-turn latency of concurrent sessions (shaded: head and tail windows)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
-def write_csv(rows: list[TurnRow], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(r.csv_row() for r in rows)
-
-
-def write_outputs(rows: list[TurnRow], args: argparse.Namespace, check: dict[str, Any], command: str) -> str:
+def write_outputs(rows: list[TurnRow], args: argparse.Namespace, verdict: dict[str, Any]) -> str:
     """CSV, PNG, summary.md, summary.json; returns the summary table."""
     out = args.out_dir
     table_rows = summary_rows(provider_stats(rows, args.turns, args.head, args.tail))
     table = summary_table(table_rows, args.turns, args.head, args.tail)
     machine = machine_info()
-    write_csv(rows, out / "turns.csv")
+    write_rows(rows, out / "turns.csv", FIELDS)
     plot(rows, *window_turns(args.turns, args.head, args.tail), out / "latency.png")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "text"}
+    config = {k: v for k, v in vars(args).items() if k != "text"}
     config["text"] = "random ids" if args.text is None else f"{len(args.text)} token ids of the demo corpus"
-    summary = {"command": command, "config": config, "machine": machine, "providers": table_rows,
-               "correctness": check}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(
-        f"# Inter-turn latency, {args.sessions} concurrent sessions x {args.turns} turns\n\n"
-        f"Command: `{command}`; model `{args.model}` ({serving_dtype(args.model)}); {args.input_len} new tokens + "
-        f"{args.gen_len} generated (greedy, ignore_eos) per turn.\n\n"
-        f"Machine: {machine['cpu_model']} ({machine['cores']} cores, {machine['arch']}; device {machine['device']}"
-        f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ''}); ISA flags: {' '.join(machine['isa_flags'])}\n\n"
-        f"{table}\n\n{correctness_line(check)}\n"
-    )
+    write_json({"command": command_line(), "config": config, "machine": machine, "providers": table_rows,
+                "correctness": verdict}, out / "summary.json")  # fmt: skip
+    title = f"Inter-turn latency, {args.sessions} concurrent sessions x {args.turns} turns"
+    details = (f"model `{args.model}` ({serving_dtype(args.model)}); {args.input_len} new tokens + {args.gen_len} "
+               "generated (greedy, ignore_eos) per turn.")  # fmt: skip
+    head = summary_header(title, details, machine_line(machine))
+    (out / "summary.md").write_text(f"{head}{table}\n\n{correctness_line(verdict)}\n")
     return table
 
 
@@ -391,7 +336,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-ids", action="store_true", help="random token ids instead of slices of text")
     p.add_argument("--warmup-turns", type=int, default=3, help="untimed turns of other sessions first (0: none)")
     p.add_argument("--providers", default=f"{STATEFUL},{APC}", help="comma-separated: " + ", ".join(PROVIDERS))
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "session_latency")
+    p.add_argument("--out-dir", type=Path, default=out_path("benchmarks/results/session_latency"))
     a = p.parse_args(argv)
     a.providers = [x.strip() for x in a.providers.split(",") if x.strip()]
     unknown = [x for x in a.providers if x not in PROVIDERS]
@@ -405,17 +350,15 @@ def options(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = options(argv)
-    command = "python benchmarks/session_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     from vllm_stateful.demo_model import corpus_token_ids
 
-    args.text = None if args.random_ids else corpus_token_ids(model_path(args.model))
+    args.text = None if args.random_ids else corpus_token_ids(model_dir(args.model))
     chunks = [session_chunks(args.seed, s, args.turns, args.input_len, args.text) for s in range(args.sessions)]
     rows = [row for name in args.providers for row in bench_provider(name, args, chunks)]
-    check = correctness(rows)
-    print(write_outputs(rows, args, check, command.strip()))
-    print(correctness_line(check))
-    return 1 if check.get("mismatched_turns") else 0
+    verdict = correctness(rows)
+    print(write_outputs(rows, args, verdict))
+    print(correctness_line(verdict))
+    return 1 if verdict.get("mismatched_turns") else 0
 
 
 if __name__ == "__main__":

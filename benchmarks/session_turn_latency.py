@@ -5,7 +5,7 @@ vllm-stateful runs all N turns as a session (each turn sends only its new tokens
 baselines then replay the *same* token histories (greedy, so identical) with the full history each turn,
 for the first and last `--window` turns; before the last window the prefix-cache baseline replays the
 turn just before it, so its cache is as warm as it would be in a full run. Servers run one at a time,
-back to back, on one machine and one model. Writes CSV, PNG and summary.md to --out-dir.
+back to back, on one machine and one model. Writes CSV, PNG and summary.md (with the machine) to --out-dir.
 
     python benchmarks/session_turn_latency.py [--model small] [--turns 150] [--window 10]
 """
@@ -13,7 +13,6 @@ back to back, on one machine and one model. Writes CSV, PNG and summary.md to --
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import statistics
@@ -21,32 +20,23 @@ import time
 from pathlib import Path
 
 import httpx
-from servers import detect_device, launched_server
+from harness.http import check
+from harness.machine import cpu_env, machine_info, machine_line, model_dir
+from harness.results import out_path, pyplot, save_figure, summary_header, write_rows, write_text
+from harness.servers import launched_server
 
-REPO = Path(__file__).resolve().parent.parent
-FIELDS = [
-    "provider",
-    "turn",
-    "context_tokens",
-    "sent_tokens",
-    "cached_tokens",
-    "recomputed_tokens",
-    "ttft_s",
-    "total_s",
-]
+FIELDS = "provider turn context_tokens sent_tokens cached_tokens recomputed_tokens ttft_s total_s".split()
 
 
 def timed_completion(base: str, body: dict) -> tuple[dict, float, float]:
-    """Stream one completion; return (final usage/session fields, ttft, total seconds)."""
+    """Stream one completion; return (final usage/session fields and generated token_ids, ttft, total seconds)."""
     start = time.perf_counter()
     ttft, final, token_ids = None, {}, []
-    with httpx.stream(
-        "POST",
-        base + "/completions",
-        json={**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True},
-        timeout=600,
-    ) as r:
-        r.raise_for_status()
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    with httpx.stream("POST", base + "/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            r.read()
+            check(r)
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -132,12 +122,7 @@ def summarize(rows: list[dict], first: list[int], last: list[int]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for name in dict.fromkeys(r["provider"] for r in rows):
         pts = sorted((r["turn"], r["ttft_s"]) for r in rows if r["provider"] == name)
         ax.plot(
@@ -151,8 +136,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("Per-turn TTFT of one long session")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,18 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results" / "sessions")
+    p.add_argument("--out-dir", type=Path, default=out_path("benchmarks/results/sessions"))
     args = p.parse_args(argv)
-    from vllm_stateful.demo_model import ensure_demo_model
-
-    model_path = str(ensure_demo_model(args.model)) if args.model in ("tiny", "small") else args.model
+    model_path = str(model_dir(args.model))
     rng = random.Random(args.seed)
     turns = [[rng.randrange(100, 3000) for _ in range(args.new_tokens)] for _ in range(args.turns)]
     first = list(range(1, args.window + 1))
     last = list(range(args.turns - args.window + 1, args.turns + 1))
     common = ["--block-size", "32", "--max-model-len", "8192", "--enforce-eager", "--enable-prompt-tokens-details"]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"} if detect_device() == "cpu" else {}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     runs = [
         ("stateful", "stateful", []),
         ("vllm-apc", "vllm", ["--enable-prefix-caching"]),
@@ -183,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     prompts: list[list[int]] = []
     for label, kind, extra in runs:
-        with launched_server(
-            kind, model_path, "bench", common + extra, args.out_dir / "tmp" / f"{label}.log", env
-        ) as base:
+        log = args.out_dir / "tmp" / f"{label}.log"
+        with launched_server(kind, model_path, "bench", common + extra, log, cpu_env()) as base:
             timed_completion(base, {"model": "bench", "prompt": [5, 6, 7], "max_tokens": 2})  # warm-up
             if label == "stateful":
                 got, prompts = run_stateful(base, "bench", turns, args.max_tokens)
@@ -194,19 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                 got = run_stateless(label, base, "bench", prompts, first + last, args.max_tokens, warm)
             rows += got
             print(f"{label}: {len(got)} turns measured")
-    with open(args.out_dir / "turn_latency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(rows, args.out_dir / "turn_latency.csv", FIELDS)
     table = summarize(rows, first, last)
     plot(rows, args.out_dir / "turn_latency.png")
-    cmd = "python benchmarks/session_turn_latency.py " + " ".join(argv or [])
-    (args.out_dir / "summary.md").write_text(
-        f"# Per-turn latency, {args.turns}-turn session\n\n"
-        f"Command: `{cmd.strip()}`; model `{args.model}`; "
-        f"{args.new_tokens} new tokens + {args.max_tokens} generated per turn.\n\n"
-        f"{table}\n"
-    )
+    details = f"model `{args.model}`; {args.new_tokens} new tokens + {args.max_tokens} generated per turn."
+    head = summary_header(f"Per-turn latency, {args.turns}-turn session", details, machine_line(machine_info()))
+    write_text(f"{head}{table}\n", args.out_dir / "summary.md")
     print(table)
     recomputed = sum(r["recomputed_tokens"] for r in rows if r["provider"] == "stateful")
     print(f"stateful: recomputed tokens over {args.turns} turns = {recomputed}")

@@ -11,8 +11,8 @@ PROVIDER:
 - ``stateless``: a server without sessions; each turn re-sends the whole history.
 - ``openai``: any OpenAI-compatible base URL (``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``), stateless.
 
-Every provider gets the identical prompts (``TOPICS``): a system message and 12 user turns per topic,
-each depending on earlier turns. Per turn the client measures, by streaming with
+Every provider gets the identical prompts (``configs/chat_topics.yaml``): a system message and 12 user
+turns per topic, each depending on earlier turns. Per turn the client measures, by streaming with
 ``stream_options.include_usage``: TTFT, prompt tokens sent, server-reported cached and recomputed
 tokens, completion tokens and total time (CSV schema: ``report.CSV_FIELDS``).
 """
@@ -26,20 +26,17 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks import report
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import report  # type: ignore[no-redef]
+import httpx
+import report
+from harness.config import REPO_ROOT
 
 Row = report.Row
 PROVIDERS: tuple[str, ...] = ("stateful", "stateless", "openai")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
-SYSTEM_PROMPT = (
-    "You are a careful planning assistant. Keep every earlier decision in this conversation in mind, "
-    "refer back to it by name, and answer concisely with concrete numbers."
-)
+WORKLOAD = REPO_ROOT / "configs" / "chat_topics.yaml"
 
 
 @dataclass(frozen=True)
@@ -50,138 +47,15 @@ class Topic:
     turns: tuple[str, ...]
 
 
-TOPICS: tuple[Topic, ...] = (
-    Topic(
-        "travel_plan",
-        (
-            "I want to plan a two-week trip to Japan next April with my partner. We like food, hiking and "
-            "quiet towns more than big cities. Our total budget is 7000 dollars. Suggest a rough route.",
-            "Take the route you just suggested and split the 7000 dollar budget across flights, lodging, "
-            "food, transport and activities. Show the numbers per category.",
-            "Given that split, is a 14-day Japan Rail Pass worth it for your route, or are regional passes "
-            "cheaper? Compare against the transport line of your budget.",
-            "My partner is vegetarian. Which stops on the route will be hardest for her, and how should the "
-            "food budget you set change because of it?",
-            "We now want to add two nights in a traditional ryokan. Where on the route fits best, and what "
-            "would you cut from the budget to pay for it?",
-            "Write the day-by-day itinerary for the first five days, using the route, the rail decision and "
-            "the ryokan placement we agreed on.",
-            "Now the remaining nine days, keeping the same style and making sure the hiking days are not "
-            "back to back with the long train rides.",
-            "Cherry blossom season may push hotel prices up 30 percent. Redo the lodging line of the budget "
-            "with that increase and tell me if we are still under 7000.",
-            "If we are over budget, which two days of the itinerary would you shorten or drop, and why those "
-            "rather than others?",
-            "Make a packing list tailored to the hikes and the ryokan stay in the final itinerary, for April "
-            "weather at those places.",
-            "Summarize the final plan in ten bullet points: route, passes, lodging, food approach, budget "
-            "total, and the days we changed.",
-            "Finally, list the three bookings we must make first and the latest date to make each, based on "
-            "everything we decided above.",
-        ),
-    ),
-    Topic(
-        "car_purchase",
-        (
-            "I need a used car for a family of four. I drive 60 kilometers a day, mostly highway, and can "
-            "spend up to 18000 euros. Give me five candidate models with their typical prices.",
-            "From those five, drop the two with the worst reliability records and explain the choice.",
-            "For the remaining three, estimate fuel cost per year for my 60 kilometers a day at 1.80 euros per liter.",
-            "Add insurance and yearly maintenance estimates to the fuel numbers and give a total yearly cost per car.",
-            "One dealer offers the cheapest of the three with 95000 kilometers for 15500 euros. Is that a fair "
-            "price given what you said about its typical price?",
-            "What should I check on that specific car during the test drive, considering its known weak "
-            "points you mentioned?",
-            "The inspection found worn brake discs and a small oil leak. Estimate repair costs and tell me "
-            "what to offer instead of 15500.",
-            "The dealer refuses to go below 14900. Compare that deal against the second car on our list "
-            "using the yearly costs you computed.",
-            "If I finance 10000 euros over four years at 6.9 percent, what is the monthly payment, and how "
-            "does it change the comparison?",
-            "My partner now says we need a tow hitch for a small camper. Which of our three cars can tow "
-            "1200 kilograms, and does that change your recommendation?",
-            "Give me the final recommendation with price to offer, financing, and the total cost over four "
-            "years, using all the numbers above.",
-            "Draft a short message to the dealer making the offer we settled on, mentioning the defects found "
-            "in the inspection.",
-        ),
-    ),
-    Topic(
-        "band_launch",
-        (
-            "My indie rock band of four is releasing our first EP of five songs in three months. We have "
-            "2500 dollars and no label. Outline a launch plan.",
-            "Based on that plan, which platforms should we focus on first, and why those for our genre?",
-            "Split the 2500 dollars across the items in your plan and explain each amount.",
-            "We can afford one music video. Which of the five songs should it be for, and how should the "
-            "video budget you set be spent?",
-            "Create a twelve-week calendar from now to release, placing the video, the singles and the "
-            "social posts from your plan.",
-            "Our drummer can only work on weekends. Adjust the calendar so no task that needs the whole band "
-            "falls on a weekday.",
-            "Write three short social posts for the first single in the calendar, in a voice that matches "
-            "the platforms you picked.",
-            "A local venue offers a release show on week eleven for 400 dollars. Should we take it, and what "
-            "would you cut from the budget to afford it?",
-            "How many tickets do we need to sell at 12 dollars to break even on that show, including the "
-            "costs you listed?",
-            "Draft an email to three music blogs pitching the EP, mentioning the single and the release show "
-            "we decided on.",
-            "List the metrics we should track each week after release and targets for the first month, "
-            "given the budget and platforms above.",
-            "Summarize the whole launch plan on one page: budget, calendar milestones, show, and metrics.",
-        ),
-    ),
-    Topic(
-        "fitness_plan",
-        (
-            "I am 38, I sit at a desk all day, and I want to run a 10 kilometer race in 16 weeks. I can train "
-            "four days a week for 45 minutes. Where should I start?",
-            "Turn that into a weekly structure: which four days, what type of session each day, and why in that order.",
-            "Write out weeks one to four in detail with distances or times for each of the sessions you defined.",
-            "After week two my left knee aches after the long run. How should the plan for weeks three and "
-            "four change?",
-            "Add two short strength routines that protect the knee, and tell me which of the four days they "
-            "go on without overloading.",
-            "I weigh 84 kilograms and want to reach 78 by race day. How many calories per day should I eat, "
-            "given the training load you planned?",
-            "Build a sample day of meals that hits that calorie target and supports the long run day.",
-            "Weeks five to eight: write them out, building on the adjusted weeks three and four.",
-            "I have a business trip in week nine with no running track, only a hotel gym. Adapt that week.",
-            "Weeks ten to fourteen: increase the load toward race pace. What race pace should I target given "
-            "how the earlier weeks went?",
-            "Plan the taper for weeks fifteen and sixteen and the race-day routine, including what to eat "
-            "from the meal plan.",
-            "Summarize the whole sixteen-week plan in a table: week, four sessions, strength days, and the "
-            "weight target per month.",
-        ),
-    ),
-    Topic(
-        "learning_python",
-        (
-            "I am an accountant with no programming background and want to learn Python to automate my "
-            "spreadsheets. I have five hours a week. Suggest a learning path.",
-            "For the first step of that path, give me three tiny exercises using numbers from an invoice.",
-            "Here is my attempt at the first exercise: total = 0; for x in [120, 80, 45]: total = total + x. "
-            "What does it print if I add print(total), and how would you improve it?",
-            "Next, show me how to read a CSV file of invoices with columns date, client, amount, and sum the "
-            "amounts like in the exercise.",
-            "Now group the totals by client from that CSV example and print the top three clients.",
-            "The amounts in my real file use commas as decimal separators, like 1.234,56. Fix the code from "
-            "the last two answers to handle that.",
-            "Which point of the learning path are we at now, and what should I study next week given the "
-            "five hours I have?",
-            "Show me how to write the per-client totals to a new Excel file with a header row, extending the "
-            "code we built.",
-            "Add a check that flags any invoice above 10000 as a possible error and writes those to a second sheet.",
-            "My manager wants this to run every Monday. Explain the simplest way to schedule the script on "
-            "Windows, step by step.",
-            "Refactor the whole script we built into three functions with clear names, keeping the comma "
-            "fix and the 10000 check.",
-            "Review my progress over this conversation and set three goals for the next month of the path.",
-        ),
-    ),
-)
+def load_workload(path: os.PathLike | str = WORKLOAD) -> tuple[str, tuple[Topic, ...]]:
+    """The system prompt and topics of ``configs/chat_topics.yaml``."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    return data["system_prompt"], tuple(Topic(t["name"], tuple(t["turns"])) for t in data["topics"])
+
+
+SYSTEM_PROMPT, TOPICS = load_workload()
 
 
 @dataclass(frozen=True)
@@ -320,8 +194,6 @@ def resolve_model(client: Any, model: str | None) -> str:
 
 def delete_session(base_url: str, session_id: str, api_key: str | None = None) -> bool:
     """``DELETE {base_url}/sessions/{id}``; True on 2xx. Errors are returned as False, not raised."""
-    import httpx
-
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         resp = httpx.delete(f"{base_url.rstrip('/')}/sessions/{session_id}", headers=headers, timeout=30)

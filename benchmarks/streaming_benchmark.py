@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -43,20 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import streaming_report as rep
+from harness.config import REPO_ROOT, add_typed_options, load_config, override, select
+from harness.http import BenchError, Streamed, astream_completion, check, retry_after
+from harness.machine import cpu_env, machine_info, machine_line, model_dir
+from harness.results import command_line, out_path, summary_header, write_json, write_text
+from harness.servers import launched_server
 
-try:
-    from benchmarks import streaming_report as rep
-    from benchmarks.servers import detect_device, launched_server
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import streaming_report as rep  # type: ignore[no-redef]
-    from servers import detect_device, launched_server  # type: ignore[no-redef]
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "bench_streaming.yaml"
-
-
-class BenchError(RuntimeError):
-    """A server answered something the benchmark cannot use (status, missing field)."""
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench_streaming.yaml"
 
 
 @dataclass
@@ -84,19 +77,6 @@ class ProviderRun:
     versions_behind: list[int] = field(default_factory=list)  # stateful-ingested: per answer
 
 
-def _retry_after(resp: httpx.Response, default: float = 0.2) -> float:
-    try:
-        return min(max(float(resp.headers.get("retry-after", default)), 0.01), 5.0)
-    except ValueError:
-        return default
-
-
-def _check(resp: httpx.Response, *ok: int) -> dict[str, Any]:
-    if resp.status_code not in ok:
-        raise BenchError(f"{resp.request.method} {resp.request.url} -> {resp.status_code}: {resp.text[:500]}")
-    return resp.json()
-
-
 class _Provider:
     """HTTP client for one provider on one server. ``api_base`` ends in ``/v1``."""
 
@@ -118,41 +98,15 @@ class _Provider:
     async def open(self, feed: rep.Feed) -> None:
         """Resolve the model name, warm the server up (one unrecorded completion)."""
         if self.model is None:
-            self.model = _check(await self.client.get(f"{self.api_base}/models"), 200)["data"][0]["id"]
+            self.model = check(await self.client.get(f"{self.api_base}/models"))["data"][0]["id"]
         await self._complete({"prompt": "warm up", "max_tokens": 2}, None)
 
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def _complete(
-        self, body: dict[str, Any], received: asyncio.Event | None
-    ) -> tuple[float, float | None, dict, dict | None]:
-        """Stream one completion; (latency, ttft, usage, session). Sets ``received`` on response headers."""
-        body = {
-            "model": self.model,
-            "temperature": 0,
-            "ignore_eos": True,
-            **body,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        t0 = time.perf_counter()
-        ttft, usage, session = None, {}, None
-        async with self.client.stream("POST", f"{self.api_base}/completions", json=body) as resp:
-            if received is not None:
-                received.set()
-            if resp.status_code != 200:
-                await resp.aread()
-                _check(resp, 200)
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("choices") and ttft is None:
-                    ttft = time.perf_counter() - t0
-                usage = chunk.get("usage") or usage
-                session = chunk.get("session") or session
-        return time.perf_counter() - t0, ttft, usage, session
+    async def _complete(self, body: dict[str, Any], received: asyncio.Event | None) -> Streamed:
+        """Stream one completion (greedy, ``ignore_eos``); sets ``received`` on response headers."""
+        return await astream_completion(self.client, self.api_base, body, self.model, received)
 
     async def append(self, tick: rep.Tick) -> None:
         raise NotImplementedError
@@ -176,9 +130,9 @@ class StatelessProvider(_Provider):
 
     async def ask(self, q: rep.Question, received: asyncio.Event) -> Answer:
         prompt = self.feed.text_through(q.after_tick) + q.prompt
-        lat, ttft, usage, _ = await self._complete({"prompt": prompt, "max_tokens": self.max_tokens}, received)
-        sent = int(usage["prompt_tokens"])
-        return Answer(sent, sent, lat, ttft, int(usage["completion_tokens"]))
+        out = await self._complete({"prompt": prompt, "max_tokens": self.max_tokens}, received)
+        sent = int(out.usage["prompt_tokens"])
+        return Answer(sent, sent, out.latency_s, out.ttft_s, int(out.usage["completion_tokens"]))
 
 
 class WarmingStatelessProvider(StatelessProvider):
@@ -217,7 +171,7 @@ class StatefulProvider(_Provider):
     async def open(self, feed: rep.Feed) -> None:
         await super().open(feed)
         self.session_id = f"stream-bench-{uuid.uuid4().hex[:16]}"
-        _check(await self.client.post(f"{self.api_base}/sessions", json={"id": self.session_id}), 200, 201)
+        check(await self.client.post(f"{self.api_base}/sessions", json={"id": self.session_id}), 200, 201)
         self.base_tokens = (await self._sample())[1]
         self.tick_tokens = await self._count_tokens([t.line for t in feed.ticks])
         self.acks: list[float] = []
@@ -232,12 +186,12 @@ class StatefulProvider(_Provider):
         async def one(text: str) -> int:
             async with sem:
                 body = {"model": self.model, "prompt": text, "add_special_tokens": False}
-                return int(_check(await self.client.post(f"{self.root}/tokenize", json=body), 200)["count"])
+                return int(check(await self.client.post(f"{self.root}/tokenize", json=body), 200)["count"])
 
         return list(await asyncio.gather(*(one(t) for t in texts)))
 
     async def _sample(self) -> tuple[float, int]:
-        body = _check(await self.client.get(f"{self.api_base}/sessions/{self.session_id}"), 200)
+        body = check(await self.client.get(f"{self.api_base}/sessions/{self.session_id}"), 200)
         return time.perf_counter(), int(body["context_tokens"])
 
     async def _poll(self) -> None:
@@ -255,9 +209,9 @@ class StatefulProvider(_Provider):
                 self.acks.append(time.perf_counter())
                 return
             if resp.status_code not in (429, 503) or time.perf_counter() > deadline:
-                _check(resp, 202)
+                check(resp, 202)
             self.retries += 1
-            await asyncio.sleep(_retry_after(resp))
+            await asyncio.sleep(retry_after(resp))
 
     async def ask(self, q: rep.Question, received: asyncio.Event) -> Answer:
         body = {
@@ -267,16 +221,17 @@ class StatefulProvider(_Provider):
             "stateful_commit": False,
             **({"consistency": self.consistency} if self.consistency else {}),
         }
-        lat, ttft, usage, session = await self._complete(body, received)
-        if session and "versions_behind" in session:
-            self.versions_behind.append(int(session["versions_behind"]))
+        out = await self._complete(body, received)
+        session, usage = out.session, out.usage
         if not session:
             raise BenchError(f"completion on session {self.session_id} has no 'session' object: not vllm-stateful?")
+        if "versions_behind" in session:
+            self.versions_behind.append(int(session["versions_behind"]))
         return Answer(
             int(session["context_tokens"]),
             int(usage["prompt_tokens"]),
-            lat,
-            ttft,
+            out.latency_s,
+            out.ttft_s,
             int(usage["completion_tokens"]),
             session.get("recomputed_tokens"),
         )
@@ -412,36 +367,6 @@ def make_provider(
     raise ValueError(f"unknown provider kind {kind!r} (stateful|stateful-ingested|stateless|stateless-warming)")
 
 
-# ---------------------------------------------------------------- servers
-
-
-def _on_cpu() -> bool:
-    return detect_device() == "cpu"
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def load_config(path: Path | None) -> dict[str, Any]:
-    import yaml
-
-    path = path or DEFAULT_CONFIG
-    if not path.exists():
-        raise SystemExit(f"config {path} not found (the defaults live in configs/bench_streaming.yaml)")
-    return yaml.safe_load(path.read_text())
-
-
-def resolve_model(model: str) -> Path:
-    if model in ("tiny", "small"):
-        from vllm_stateful.demo_model import ensure_demo_model
-
-        return Path(ensure_demo_model(model))
-    path = Path(model)
-    if not path.is_dir():
-        raise BenchError(f"model {model!r} is neither a demo size (tiny|small) nor a directory")
-    return path
-
-
 def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -> str:
     """CSV, PNG, summary.md, summary.json under ``out_dir``; returns the summary line."""
     rows = [r for run in runs for r in run.rows]
@@ -450,70 +375,64 @@ def write_outputs(runs: list[ProviderRun], cfg: dict[str, Any], out_dir: Path) -
     lags = {run.provider: [x for x in run.append_lags if x is not None] for run in runs}
     summaries, largest = rep.summarize(rows, lags, cfg["ref_tokens"], cfg["nearest_k"])
     table = rep.bucket_table(rows, cfg["bucket_edges"])
-    command = " ".join(["python", "benchmarks/streaming_benchmark.py", *sys.argv[1:]])
-    header = (
-        f"# Streaming market-data benchmark\n\ncommand: `{command}`"
-        f"; {cfg['ticks']} ticks at {cfg['rate']}/s, {cfg['questions']} questions, max_tokens {cfg['max_tokens']}\n\n"
+    machine = machine_info()
+    details = f"{cfg['ticks']} ticks at {cfg['rate']}/s, {cfg['questions']} questions, max_tokens {cfg['max_tokens']}"
+    header = summary_header("Streaming market-data benchmark", details, machine_line(machine))
+    write_text(
+        header + rep.markdown_report(table, summaries, largest, cfg["baseline"]) + run_notes(runs),
+        out_dir / "summary.md",
     )
-    notes = "".join(
-        f"\n{run.provider}: {run.warm_requests} prefix-cache warming requests (max_tokens 1, the feed so far)\n"
+    speed = rep.speedups(summaries, cfg["baseline"]) if any(s.provider == cfg["baseline"] for s in summaries) else {}
+    summary = {
+        "config": cfg,
+        "command": command_line(),
+        "machine": machine,
+        "largest_context": largest,
+        "providers": [asdict(s) for s in summaries],
+        "speedups_of_baseline": speed,
+        "buckets": [asdict(b) for b in table],
+        "runs": {run.provider: run_details(run) for run in runs},
+    }
+    write_json(summary, out_dir / "summary.json")
+    return rep.summary_line(summaries, largest, cfg["baseline"])
+
+
+def run_notes(runs: list[ProviderRun]) -> str:
+    """Lines under the summary table for the providers that warmed a cache or answered behind."""
+    notes = [
+        f"{run.provider}: {run.warm_requests} prefix-cache warming requests (max_tokens 1, the feed so far)"
         for run in runs
         if run.warm_requests
-    ) + "".join(
-        f"\n{run.provider}: answers were {statistics.median(run.versions_behind)} versions behind the acknowledged "
-        f"feed at the median, {max(run.versions_behind)} at most (consistency: ingested)\n"
+    ] + [
+        f"{run.provider}: answers were {statistics.median(run.versions_behind)} versions behind the acknowledged "
+        f"feed at the median, {max(run.versions_behind)} at most (consistency: ingested)"
         for run in runs
         if run.versions_behind
-    )
-    (out_dir / "summary.md").write_text(
-        header + rep.markdown_report(table, summaries, largest, cfg["baseline"]) + notes
-    )
-    extra = {
-        run.provider: {
-            "append_retries": run.append_retries,
-            "wall_s": run.wall_s,
-            "token_accounting": run.token_accounting,
-            "appends_never_covered": sum(x is None for x in run.append_lags),
-            "recomputed_tokens": run.recomputed_tokens if any(x is not None for x in run.recomputed_tokens) else None,
-            **({"warm_requests": run.warm_requests} if run.warm_requests else {}),
-            **(
-                {"versions_behind": run.versions_behind, "versions_behind_max": max(run.versions_behind)}
-                if run.versions_behind
-                else {}
-            ),
-        }
-        for run in runs
+    ]
+    return "".join(f"\n{n}\n" for n in notes)
+
+
+def run_details(run: ProviderRun) -> dict[str, Any]:
+    recomputed = run.recomputed_tokens if any(x is not None for x in run.recomputed_tokens) else None
+    out: dict[str, Any] = {
+        "append_retries": run.append_retries,
+        "wall_s": run.wall_s,
+        "token_accounting": run.token_accounting,
+        "appends_never_covered": sum(x is None for x in run.append_lags),
+        "recomputed_tokens": recomputed,
     }
-    speed = rep.speedups(summaries, cfg["baseline"]) if any(s.provider == cfg["baseline"] for s in summaries) else {}
-    (out_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "config": cfg,
-                "largest_context": largest,
-                "providers": [asdict(s) for s in summaries],
-                "speedups_of_baseline": speed,
-                "buckets": [asdict(b) for b in table],
-                "runs": extra,
-            },
-            indent=2,
-        )
-    )
-    return rep.summary_line(summaries, largest, cfg["baseline"])
+    if run.warm_requests:
+        out["warm_requests"] = run.warm_requests
+    if run.versions_behind:
+        out.update(versions_behind=run.versions_behind, versions_behind_max=max(run.versions_behind))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default {DEFAULT_CONFIG})")
-    for flag, typ in (
-        ("model", str),
-        ("seed", int),
-        ("ticks", int),
-        ("questions", int),
-        ("rate", float),
-        ("max_tokens", int),
-        ("out_dir", str),
-    ):
-        ap.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None)
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML defaults (default {DEFAULT_CONFIG})")
+    keys = ("model", "seed", "ticks", "questions", "rate", "max_tokens", "out_dir")
+    add_typed_options(ap, zip(keys, (str, int, int, int, float, int, str)))
     ap.add_argument(
         "--providers", default=None, help="comma-separated provider names to run (default: all in the config)"
     )
@@ -522,26 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         "--model-name", default=None, help="served model name with --base-url (default: first of /v1/models)"
     )
     a = ap.parse_args(argv)
-    cfg = load_config(a.config)
-    cfg.update(
-        {
-            k: v
-            for k, v in vars(a).items()
-            if v is not None and k not in ("config", "providers", "base_url", "model_name")
-        }
-    )
-    providers = cfg["providers"]
-    if a.providers:
-        wanted = a.providers.split(",")
-        unknown = set(wanted) - {p["name"] for p in providers}
-        if unknown:
-            raise SystemExit(f"unknown providers {sorted(unknown)}; known: {[p['name'] for p in providers]}")
-        providers = [p for p in providers if p["name"] in wanted]
+    cfg = override(load_config(a.config), a, keys)
+    names = select([p["name"] for p in cfg["providers"]], a.providers)
+    providers = [p for p in cfg["providers"] if p["name"] in names]
     if a.base_url and len(providers) != 1:
         raise SystemExit("--base-url needs exactly one provider (--providers NAME)")
     feed = rep.make_feed(cfg["ticks"], cfg["questions"], cfg["seed"], jitter=cfg["question_jitter"])
-    out_dir = ROOT / cfg["out_dir"] if not Path(cfg["out_dir"]).is_absolute() else Path(cfg["out_dir"])
-    srv = cfg["server"]
+    out_dir, srv = out_path(cfg["out_dir"]), cfg["server"]
     runs: list[ProviderRun] = []
     for p in providers:
         print(
@@ -556,20 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.base_url:
             runs.append(once(a.base_url, a.model_name))
         else:
-            model_dir = resolve_model(str(cfg["model"]))
-            log_path = ROOT / cfg["log_dir"] / f"server-{p['name']}.log"
-            env = {k: str(v) for k, v in srv.get("cpu_env", {}).items()} if _on_cpu() else {}
+            model = model_dir(str(cfg["model"]))
+            log_path = out_path(cfg["log_dir"]) / f"server-{p['name']}.log"
             kind = "stateful" if p["server"] == "stateful" else "vllm"
-            with launched_server(
-                kind,
-                str(model_dir),
-                model_dir.name,
-                [*srv["common_args"], *p.get("args", [])],
-                log_path,
-                env,
-                srv["startup_timeout_s"],
-            ) as api_base:
-                runs.append(once(api_base, model_dir.name))
+            args = [*srv["common_args"], *p.get("args", [])]
+            env = cpu_env(overrides=srv.get("cpu_env"))
+            with launched_server(kind, str(model), model.name, args, log_path, env, srv["startup_timeout_s"]) as api:
+                runs.append(once(api, model.name))
         rep.write_csv([r for run in runs for r in run.rows], out_dir / "streaming.csv")  # keep partial results
     print(write_outputs(runs, cfg, out_dir))
     return 0

@@ -12,13 +12,14 @@ Contracts:
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
+
+from harness.results import columns_of, pyplot, read_rows, save_figure, write_rows
 
 DEFAULT_SYMBOLS: dict[str, float] = {"BTC": 64123.55, "ETH": 3150.20, "SOL": 145.22, "NVDA": 121.45, "GOLD": 2331.40}
 QUESTION_TEMPLATES = (
@@ -29,16 +30,6 @@ QUESTION_TEMPLATES = (
     "Is {sym} trading above its first price of the session?",
 )
 DEFAULT_BUCKET_EDGES = (0, 1000, 2000, 3000, 4000, 5000, 6000, 8000)
-CSV_FIELDS = (
-    "provider",
-    "question_idx",
-    "context_tokens",
-    "prompt_tokens_sent",
-    "latency_s",
-    "ttft_s",
-    "completion_tokens",
-    "ingest_lag_s",
-)
 
 
 @dataclass(frozen=True)
@@ -136,46 +127,17 @@ class QueryRow:
     ingest_lag_s: float | None = None
 
 
+CSV_FIELDS = columns_of(QueryRow)
+
+
 def write_csv(rows: Iterable[QueryRow], path: str | Path) -> Path:
     """Write rows with header ``CSV_FIELDS``; None is written as an empty cell."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
-    return path
-
-
-def write_dataclass_csv(rows: Iterable[Any], path: str | Path, cls: type) -> Path:
-    """Rows of dataclass ``cls``, one CSV line each, columns in field order; None is an empty cell.
-    (The generic form of ``write_csv``, for other benchmarks' row types.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[x.name for x in fields(cls)])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
-    return path
+    return write_rows(rows, path, CSV_FIELDS)
 
 
 def read_csv(path: str | Path) -> list[QueryRow]:
     """Inverse of ``write_csv``."""
-    types = {f.name: f.type for f in fields(QueryRow)}
-    out = []
-    with Path(path).open(newline="") as f:
-        for rec in csv.DictReader(f):
-            vals = {}
-            for k, v in rec.items():
-                t = types[k]
-                if v == "":
-                    vals[k] = None
-                else:
-                    vals[k] = int(v) if t.startswith("int") else float(v) if "float" in t else v
-            out.append(QueryRow(**vals))
-    return out
+    return read_rows(path, QueryRow)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -351,12 +313,7 @@ def plot_latency(
     rows: Sequence[QueryRow], path: str | Path, title: str = "Query latency vs accumulated context"
 ) -> Path:
     """PNG: latency (log scale) against context tokens, one line per provider."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     for provider, rs in group_rows(rows).items():
         rs = sorted(rs, key=lambda r: r.context_tokens)
         ax.plot([r.context_tokens for r in rs], [r.latency_s for r in rs], marker="o", ms=3, label=provider)
@@ -366,8 +323,4 @@ def plot_latency(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -4,17 +4,11 @@ and the CSV (token counts, schema), never on timings."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import report  # noqa: E402
-from benchmarks.stateful_benchmark import TOPICS, run_benchmark  # noqa: E402
+import report
+from stateful_benchmark import TOPICS, run_benchmark
 
 pytestmark = pytest.mark.e2e
 

@@ -7,17 +7,9 @@ tokens and rows only; latencies are not checked (they belong to benchmarks/).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import streaming_benchmark as sb  # noqa: E402
-from benchmarks import streaming_report as rep  # noqa: E402
+import streaming_benchmark as sb
+import streaming_report as rep
 
 
 @pytest.mark.e2e

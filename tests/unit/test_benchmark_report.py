@@ -5,18 +5,12 @@ prompt-token counting). No server, no engine."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import report  # noqa: E402
-from benchmarks.report import Row  # noqa: E402
+import report
+from report import Row
 
 pytestmark = pytest.mark.unit
 
@@ -181,8 +175,7 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
 def test_consume_stream_reads_ttft_usage_and_session() -> None:
     pytest.importorskip("openai")
     from openai.types.chat import ChatCompletionChunk
-
-    from benchmarks.stateful_benchmark import consume_stream
+    from stateful_benchmark import consume_stream
 
     def chunk(content: str | None = None, **extra: object) -> ChatCompletionChunk:
         choices = [] if content is None else [{"index": 0, "delta": {"content": content}}]
@@ -212,7 +205,7 @@ def test_consume_stream_reads_ttft_usage_and_session() -> None:
 def test_prompt_counter_counts_only_what_a_follow_up_adds(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     demo_model = pytest.importorskip("vllm_stateful.demo_model")
-    from benchmarks.stateful_benchmark import PromptCounter
+    from stateful_benchmark import PromptCounter
 
     tok = demo_model.build_tokenizer(512)
     # A Qwen-style template: a default system prompt appears when the first message is not system.

@@ -1,6 +1,6 @@
 """Unit tests for the flash-query benchmark's pure summary logic (percentiles per feed third, answer
-freshness, ablation shares, machine line) and its flash provider against an in-memory fake server
-(``httpx.MockTransport``; no engine, no timing assertions)."""
+freshness, ablation shares, CSV and Markdown) and its flash provider against an in-memory fake server
+(``httpx.MockTransport``; no engine, no timing assertions). The machine line: ``test_harness.py``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,16 @@ import asyncio
 import csv
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
+import flash_benchmark as fb
+import flash_report as fr
 import httpx
 import pytest
+import streaming_report as rep
+from harness.results import columns_of, write_rows
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import flash_benchmark as fb  # noqa: E402
-from benchmarks import flash_report as fr  # noqa: E402
-from benchmarks import streaming_report as rep  # noqa: E402
-from tests.unit.test_streaming_report import FakeServer  # noqa: E402
+from tests.unit.test_streaming_report import FakeServer
 
 pytestmark = pytest.mark.unit
 
@@ -98,24 +93,13 @@ def test_ablation_table_only_where_all_three_providers_answered():
     assert all(a.share_kv == pytest.approx(0.5) and a.speedup_total == pytest.approx(16) for a in abl)
 
 
-X86 = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f amx_bf16 ht\n\nprocessor\t: 1\nmodel name\t: other\n"  # noqa: E501
-ARM = "processor\t: 0\nFeatures\t: fp asimd sve bf16 crc32\nCPU part\t: 0xd40\n"
-
-
-def test_parse_cpuinfo_and_machine_line():
-    assert fr.parse_cpuinfo(X86) == ("Intel(R) Xeon(R) Platinum 8480+", ["amx_bf16", "avx", "avx2", "avx512f", "fma", "sse4_2"])  # fmt: skip  # noqa: E501
-    assert fr.parse_cpuinfo(ARM) == (None, ["asimd", "bf16", "sve"])
-    line = fr.machine_line({"device": "cpu", "cpu_model": "Xeon", "cores": 2, "isa_flags": ["avx2"], "gpu": None})
-    assert line == "machine: cpu, CPU Xeon x2; ISA avx2"
-    assert "GPU H200" in fr.machine_line({"device": "gpu", "gpu": "H200", "isa_flags": []})
-
-
 def test_csv_and_markdown(tmp_path):
     rows = [_row(p, 0, 100, lat) for p, lat in (("vllm-prefix-cache", 2.0), ("stateful-query", 1.0), ("flash", 0.5))]
     rows[2].versions_behind, rows[2].stale = 0, False
-    path = fr.write_csv(rows, tmp_path / "x" / "flash.csv")
+    path = write_rows(rows, tmp_path / "x" / "flash.csv", columns_of(fr.FlashRow))
     with path.open() as f:
         recs = list(csv.DictReader(f))
+    assert list(recs[0]) == list(columns_of(fr.FlashRow))  # FlashRow field order, QueryRow's fields first
     assert [r["provider"] for r in recs] == ["vllm-prefix-cache", "stateful-query", "flash"]
     assert recs[2]["versions_behind"] == "0" and recs[0]["versions_behind"] == "" and recs[0]["third"] == "early"
     stats = fr.latency_table(rows)
@@ -178,3 +162,21 @@ def test_flash_provider_reads_cached_answers_and_freshness():
         assert r.third == fr.third_of(q.after_tick, 30) and r.answer_age_s >= 0
         assert r.evaluations == v and r.flash_error is None
     assert len(server.deleted) == 1
+
+
+class HitFake(FakeServer):
+    """``FakeServer`` whose session queries report a flash-cache hit."""
+
+    def _sse(self, prompt_tokens: int, session: dict | None) -> httpx.Response:
+        return super()._sse(prompt_tokens, session and {**session, "flash_hit": True})
+
+
+def test_stateful_query_records_flash_hit_from_the_streamed_session():
+    feed = rep.make_feed(12, 3, seed=1)
+    prov = fb.StatefulQuery("stateful-query", "http://fake/v1", None, 2)
+    prov.client = httpx.AsyncClient(transport=httpx.MockTransport(HitFake()))
+    prov.poll_interval_s, prov.settle_s = 0.001, 0.05
+    run = asyncio.run(fb.sb.run_provider(prov, feed, rate=2000.0))
+    rows = fb.to_rows(run, prov.extras, feed)
+    assert len(rows) == len(feed.questions) and all(r.flash_hit is True for r in rows)
+    assert all(r.provider == "stateful-query" and r.third in fr.THIRDS for r in rows)

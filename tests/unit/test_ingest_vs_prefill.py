@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import ingest_vs_prefill as ivp
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-if str(BENCH) not in sys.path:  # script folder: its modules import each other by bare name
-    sys.path.insert(0, str(BENCH))
-
-import ingest_vs_prefill as ivp  # noqa: E402
 
 pytestmark = pytest.mark.unit
 

@@ -9,19 +9,13 @@ import asyncio
 import csv
 import json
 import random
-import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import httpx
+import multi_tenant as mtb
+import multi_tenant_report as mt
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import multi_tenant as mtb  # noqa: E402
-from benchmarks import multi_tenant_report as mt  # noqa: E402
+from harness.results import columns_of, write_rows
 
 pytestmark = pytest.mark.unit
 
@@ -167,11 +161,11 @@ def test_summarize_per_server_and_n():
 def test_csv_markdown_and_png(tmp_path):
     rows = _rows()
     summaries = mt.summarize(rows, {}, {mt.OURS: 70})
-    with mt.write_queries(rows, tmp_path / "q.csv").open() as f:
+    with write_rows(rows, tmp_path / "q.csv", columns_of(mt.QueryRow)).open() as f:
         recs = list(csv.DictReader(f))
     assert list(recs[0])[:6] == ["server", "n_sessions", "session", "t_s", "context_tokens", "latency_s"]
     assert recs[-1]["recomputed_tokens"] == "" and recs[0]["recomputed_tokens"] == "0"
-    with mt.write_summary(summaries, tmp_path / "s.csv").open() as f:
+    with write_rows(summaries, tmp_path / "s.csv", columns_of(mt.Summary)).open() as f:
         assert [r["server"] for r in csv.DictReader(f)] == [mt.OURS, mt.STOCK, mt.STOCK]
     table = mt.markdown_table(summaries)
     assert table.count("\n") == 2 + len(summaries)
@@ -180,6 +174,9 @@ def test_csv_markdown_and_png(tmp_path):
     meta = {"command": "python x", "model": "/m", "dtype": "float32", "machine": machine, "server_args": ["--a"]}
     md = mt.markdown_report(summaries, {mt.OURS: {"sessions_fit": 70}}, meta)
     assert "Fake CPU" in md and "avx512f" in md and "float32" in md and '"sessions_fit": 70' in md
+    assert md.startswith("# Multi-tenant benchmark\n") and "machine: cpu, CPU Fake CPU x2; ISA avx2 avx512f" in md
+    empty = write_rows([], tmp_path / "e.csv", columns_of(mt.QueryRow)).read_text().splitlines()
+    assert empty == [",".join(columns_of(mt.QueryRow))]  # a phase without answers still has the header
     assert mt.plot(rows, summaries, tmp_path / "p.png").stat().st_size > 0
 
 

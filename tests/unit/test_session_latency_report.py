@@ -4,17 +4,9 @@ server (``httpx.post`` replaced; no engine, no timing assertions)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import session_latency as sl  # noqa: E402
+import session_latency as sl
 
 pytestmark = pytest.mark.unit
 

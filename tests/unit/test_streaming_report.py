@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `benchmarks/` is a script folder, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import streaming_benchmark as sb  # noqa: E402
-from benchmarks import streaming_report as rep  # noqa: E402
+import streaming_benchmark as sb
+import streaming_report as rep
+from harness.http import BenchError
 
 pytestmark = pytest.mark.unit
 
@@ -314,6 +308,6 @@ def test_driver_surfaces_server_errors_and_still_closes():
 
     prov = sb.make_provider("stateful", "s", "http://fake/v1", None, 2)
     prov.client = httpx.AsyncClient(transport=httpx.MockTransport(broken))
-    with pytest.raises(sb.BenchError, match="400"):
+    with pytest.raises(BenchError, match="400"):
         asyncio.run(sb.run_provider(prov, feed, rate=2000.0))
     assert len(server.deleted) == 1

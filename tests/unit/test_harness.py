@@ -1,0 +1,138 @@
+"""Unit tests for the pure parts of the benchmark harness (``benchmarks/harness``): the machine line
+from ``/proc/cpuinfo`` text, the CSV round trip, the config helpers (merge, override, select), the
+recorded command, the CPU environment and the AVX2 emulation."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass
+
+import pytest
+from harness.config import add_typed_options, int_list, merge, override, select
+from harness.machine import avx2_env, corpus_ids, machine_line, parse_cpuinfo
+from harness.results import columns_of, command_line, read_rows, write_rows
+
+pytestmark = pytest.mark.unit
+
+X86 = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f amx_bf16 ht\n\nprocessor\t: 1\nmodel name\t: other\n"  # noqa: E501
+ARM = "processor\t: 0\nFeatures\t: fp asimd sve bf16 crc32\nCPU part\t: 0xd40\n"
+
+
+def test_parse_cpuinfo_and_machine_line():
+    assert parse_cpuinfo(X86) == ("Intel(R) Xeon(R) Platinum 8480+", ["amx_bf16", "avx", "avx2", "avx512f", "fma", "sse4_2"])  # fmt: skip  # noqa: E501
+    assert parse_cpuinfo(ARM) == (None, ["asimd", "bf16", "sve"])
+    line = machine_line({"device": "cpu", "cpu_model": "Xeon", "cores": 2, "isa_flags": ["avx2"], "gpu": None})
+    assert line == "machine: cpu, CPU Xeon x2; ISA avx2"
+    assert "GPU H200" in machine_line({"device": "gpu", "gpu": "H200", "isa_flags": []})
+    assert machine_line({"device": "cpu", "cores": 1}) == "machine: cpu, CPU unknown x1; ISA n/a"
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float
+    note: str | None = None
+
+
+def test_write_rows_round_trip(tmp_path):
+    rows = [Row("a", 0.1 + 0.2), Row("b", 2.0, "x")]
+    path = write_rows(rows, tmp_path / "deep" / "r.csv")  # parent folders are created
+    with path.open() as f:
+        recs = list(csv.DictReader(f))
+    assert list(recs[0]) == list(columns_of(Row)) == ["name", "seconds", "note"]
+    assert [float(r["seconds"]) for r in recs] == [0.1 + 0.2, 2.0]  # repr precision
+    assert [r["note"] for r in recs] == ["", "x"]  # None is an empty cell
+    dicts = [{"op": "q", "tokens": 3, "extra": 1}]
+    with write_rows(dicts, tmp_path / "d.csv", ("tokens", "op")).open() as f:
+        assert f.read().splitlines() == ["tokens,op", "3,q"]  # given column order; other keys dropped
+    with write_rows([], tmp_path / "e.csv", columns_of(Row)).open() as f:
+        assert f.read().splitlines() == ["name,seconds,note"]
+
+
+def test_merge_is_deep_and_does_not_touch_its_inputs():
+    base = {"a": 1, "server": {"args": [1], "env": {"X": "1"}}}
+    out = merge(base, {"server": {"env": {"Y": "2"}, "args": [2]}, "b": 2})
+    assert out == {"a": 1, "b": 2, "server": {"args": [2], "env": {"X": "1", "Y": "2"}}}
+    assert base == {"a": 1, "server": {"args": [1], "env": {"X": "1"}}}
+
+
+def test_override_takes_only_what_the_user_typed():
+    ap = argparse.ArgumentParser()
+    add_typed_options(ap, (("ticks", int), ("max_tokens", int), ("rate", float)))
+    args = ap.parse_args(["--ticks", "5", "--max-tokens", "0"])
+    cfg = {"ticks": 300, "max_tokens": 8, "rate": 2.0}
+    assert override(cfg, args, ("ticks", "max_tokens", "rate")) == {"ticks": 5, "max_tokens": 0, "rate": 2.0}
+    assert cfg["ticks"] == 300
+
+
+def test_select_keeps_known_order_and_refuses_unknown_names():
+    known = ("flash", "stateful-query", "vllm-prefix-cache")
+    assert select(known, None) == list(known) and select(known, "") == list(known)
+    assert select(known, "vllm-prefix-cache,flash") == ["flash", "vllm-prefix-cache"]
+    assert select(known, ["stateful-query"]) == ["stateful-query"]
+    with pytest.raises(SystemExit, match=r"unknown providers \['nope'\]"):
+        select(known, "flash,nope")
+
+
+@dataclass
+class Typed:
+    name: str
+    turns: int
+    seconds: float
+    ttft_s: float | None
+    ok: bool
+
+
+def test_read_rows_is_the_inverse_of_write_rows(tmp_path):
+    rows = [Typed("a", 3, 0.1 + 0.2, None, True), Typed("b", 0, 2.5, 0.125, False)]
+    path = write_rows(rows, tmp_path / "t.csv")
+    assert read_rows(path, Typed) == rows  # int/float/bool by annotation, None from an empty cell
+    (tmp_path / "bad.csv").write_text("name,seconds\na,1\n")
+    with pytest.raises(ValueError, match="header"):
+        read_rows(tmp_path / "bad.csv", Typed)
+
+
+def test_command_line_is_what_a_user_types(monkeypatch):
+    argv = ["/repo/benchmarks/streaming_benchmark.py", "--providers", "a,b", "--server-args", "--x 1"]
+    assert command_line(argv) == "python benchmarks/streaming_benchmark.py --providers a,b --server-args '--x 1'"
+    monkeypatch.setattr("sys.argv", ["/elsewhere/tool.py"])
+    assert command_line() == "python /elsewhere/tool.py"
+
+
+def test_int_list_and_corpus_ids(monkeypatch):
+    assert int_list("1000, 3000,") == [1000, 3000]
+    import harness.machine as machine
+
+    monkeypatch.setattr(machine, "_corpus", lambda path: (1, 2, 3, 4, 5))
+    assert corpus_ids("m", 7) == [1, 2, 3, 4, 5, 1, 2]  # repeated past the end
+    assert corpus_ids("m", 4, offset=8) == [4, 5, 1, 2]  # offset wraps
+
+
+def test_cpu_env_defaults_overrides_and_the_environment_wins(monkeypatch):
+    import harness.machine as machine
+
+    monkeypatch.setattr(machine, "detect_device", lambda: "cpu")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    env = machine.cpu_env(overrides={"VLLM_CPU_KVCACHE_SPACE": 8})
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "8"}  # the exported binding is left to the environment
+    monkeypatch.setattr(machine, "detect_device", lambda: "gpu")
+    assert machine.cpu_env() == {}
+
+
+def test_avx2_emulation_hides_avx512_from_torch_and_the_dtype_choice():
+    """A child process started with ``avx2_env()`` sees no AVX-512 and picks float32 (the flags of an
+    AVX2-only CPU), whatever this machine has."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags; "
+        "f = cpu_flags(); print(torch.cpu._is_avx512_supported(), torch.cpu._is_avx512_bf16_supported(), "
+        "any(x.startswith('avx512') for x in f), choose_cpu_dtype(f)[0])"
+    )
+    env = {**os.environ, **avx2_env()}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False", "float32"]
