@@ -29,9 +29,10 @@ from typing import Any
 
 import report
 import stateful_benchmark
-from harness.config import REPO_ROOT, load_config, merge
-from harness.machine import detect_device, machine_info, machine_line, model_dir
-from harness.results import command_line, write_text
+from harness import REPO_ROOT
+from harness.config import load_config, merge
+from harness.machine import detect_device, machine_info, machine_line, model_dir, with_dtype
+from harness.results import command_line, record_command, write_text
 from harness.servers import ManagedServer, free_port, serve_argv
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench_chat.yaml"
@@ -79,7 +80,10 @@ def run_one(spec: RunSpec, cfg: dict[str, Any], model_path: str, out_dir: Path) 
     host, name = srv["host"], cfg["model"]["served_model_name"]
     port = free_port(host)
     base_url = f"http://{host}:{port}/v1"
-    argv = server_command(spec, model_path, name, host, port, [*srv["args"], *srv.get("extra_args", [])])
+    common = [*srv["args"], *srv.get("extra_args", [])]
+    if "--dtype" not in spec.args:
+        common = with_dtype(common, cfg["model"]["path"] or cfg["model"]["demo_size"])
+    argv = server_command(spec, model_path, name, host, port, common)
     env = {str(k): str(v) for k, v in (srv.get("env") or {}).items()}
     print(f"[{spec.label}] starting: {shlex.join(argv)}", flush=True)
     started = time.monotonic()
@@ -163,6 +167,7 @@ def apply_overrides(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    record_command(__file__, argv)
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.report_only:

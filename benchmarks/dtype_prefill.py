@@ -8,7 +8,7 @@ CPU made to look AVX2-only: vLLM's ``_C_AVX2`` kernels, ATen and oneDNN capped a
 chosen from the flags without avx512*/amx*; see ``harness/avx2/sitecustomize.py``; the model is
 the demo model as ``serve`` writes it there). An emulation keeps this CPU's caches and clocks.
 
-Per server: one warm-up, ``--prompts`` prompts of ``--prompt-tokens`` fresh random token ids with
+Per server: one warm-up, ``--prompts`` prompts of ``--prompt-tokens`` tokens of ordinary text (no shared block) with
 ``max_tokens`` 1 (prefill tokens/s = tokens / latency), then one ``--decode-tokens`` generation
 (decode ms/token = (latency - TTFT) / (tokens - 1)).
 
@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from harness.config import select
 from harness.http import post_timed, stream_completion
-from harness.machine import avx2_env, cpu_env, machine_info, machine_line
-from harness.results import out_path, summary_header, write_json, write_rows, write_text
+from harness.machine import avx2_env, corpus_ids, cpu_env, machine_info, machine_line
+from harness.results import out_path, record_command, summary_header, write_json, write_rows, write_text
 from harness.servers import launched_server
 
+ISAS = ("native", "avx2")
 CONFIGS = {"bfloat16": ["--dtype", "bfloat16"], "serve's choice": []}
 SERVED = "bench"
 
@@ -71,34 +72,36 @@ def chosen_dtype(log: Path, args: list[str]) -> str:
     return found.group(1) if found else "?"
 
 
-def measure(api: str, model: str, a: argparse.Namespace, rng: random.Random) -> tuple[list[float], float]:
-    """(prefill latencies, decode ms/token) on a server at ``api`` serving ``model``."""
-    from transformers import AutoTokenizer
+def measure(api: str, model: str, a: argparse.Namespace) -> tuple[list[float], float]:
+    """(prefill latencies, decode ms/token) on a server at ``api`` serving ``model``. Prompts are
+    ordinary text from different places of the corpus, so no prompt shares a cached block."""
+    offsets = iter(range(a.seed * 100_003 + 7919, 10**9, 7919))
 
-    top = len(AutoTokenizer.from_pretrained(model)) - 1
-    ids = lambda n: [rng.randrange(300, top) for _ in range(n)]  # noqa: E731
+    def text(n: int) -> list[int]:
+        return corpus_ids(model, n, offset=next(offsets))
+
     with httpx.Client(timeout=1800) as client:
         body = {"model": SERVED, "max_tokens": 1, "temperature": 0}
-        post_timed(client, f"{api}/completions", {**body, "prompt": ids(32)})  # warm-up
+        post_timed(client, f"{api}/completions", {**body, "prompt": text(32)})  # warm-up
         prefill = [
-            post_timed(client, f"{api}/completions", {**body, "prompt": ids(a.prompt_tokens)})[0]
+            post_timed(client, f"{api}/completions", {**body, "prompt": text(a.prompt_tokens)})[0]
             for _ in range(a.prompts)
         ]
-        out = stream_completion(client, api, {"prompt": ids(16), "max_tokens": a.decode_tokens}, SERVED)
+        out = stream_completion(client, api, {"prompt": text(16), "max_tokens": a.decode_tokens}, SERVED)
     n = int(out.usage["completion_tokens"])
     return prefill, 1000 * (out.latency_s - (out.ttft_s or 0.0)) / max(n - 1, 1)
 
 
 def run(a: argparse.Namespace, out: Path) -> list[Result]:
     rows: list[Result] = []
-    for isa in a.isa.split(","):
+    for isa in select(ISAS, a.isa, "ISA modes"):
         model = demo_model(a.model, isa)
         for config, args in CONFIGS.items():
             log = out / "logs" / f"{isa}-{config.split()[-1]}.log"
             env = {**cpu_env(), **isa_env(isa)}
             print(f"[{isa} / {config}] {model}", file=sys.stderr, flush=True)
             with launched_server("stateful", model, SERVED, args, log, env) as api:
-                prefill, decode_ms = measure(api, model, a, random.Random(a.seed))
+                prefill, decode_ms = measure(api, model, a)
             seconds = sorted(prefill)[len(prefill) // 2]
             row = Result(
                 isa, config, chosen_dtype(log, args), a.prompt_tokens, seconds, a.prompt_tokens / seconds, decode_ms
@@ -122,9 +125,10 @@ def table(rows: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="small", choices=("tiny", "small"))
-    ap.add_argument("--isa", default="native,avx2", help="comma-separated: native, avx2 (emulated)")
+    ap.add_argument("--isa", default="native,avx2", help="comma-separated subset of native, avx2 (emulated)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--prompts", type=int, default=3, help="prefill latency = the median of these")
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         summary_header("CPU dtype: bfloat16 vs serve's choice", details, machine_line(machine)) + text + note,
         out / "summary.md",
     )
-    write_json({"machine": machine, "args": vars(a), "rows": [r.__dict__ for r in rows]}, out / "summary.json")
+    write_json({"machine": machine, "args": vars(a), "rows": [asdict(r) for r in rows]}, out / "summary.json")
     print(text)
     return 0
 

@@ -44,8 +44,8 @@ import streaming_benchmark as sb
 import streaming_report as rep
 from harness.config import add_typed_options, load_config, override, select
 from harness.http import BenchError, Streamed, check
-from harness.machine import cpu_env, detect_device, machine_info, machine_line, model_dir
-from harness.results import columns_of, out_path, summary_header, write_json, write_rows, write_text
+from harness.machine import cpu_env, detect_device, machine_info, machine_line, model_dir, with_dtype
+from harness.results import columns_of, out_path, record_command, summary_header, write_json, write_rows, write_text
 from harness.servers import launched_server
 
 DEFAULT_OUT = "benchmarks/results/flash"
@@ -143,7 +143,7 @@ def run_all(cfg: dict[str, Any], wanted: list[str], feed: rep.Feed, base_url: st
 
     def launch(kind: str, name: str, extra: list[str]):
         model = model_dir(str(cfg["model"]))
-        argv, log = [*srv["common_args"], *extra], log_dir / f"server-{name}.log"
+        argv, log = with_dtype([*srv["common_args"], *extra], str(cfg["model"])), log_dir / f"server-{name}.log"
         return launched_server(kind, str(model), model.name, argv, log, env, srv["startup_timeout_s"])
 
     def one(name: str, api_base: str, model: str | None):
@@ -194,6 +194,7 @@ def write_outputs(rows: list[fr.FlashRow], runs: dict[str, Any], cfg: dict, mach
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=None, help=f"YAML defaults (default {sb.DEFAULT_CONFIG})")
     add_typed_options(ap, (("model", str), ("seed", int), ("ticks", int), ("questions", int), ("rate", float)))

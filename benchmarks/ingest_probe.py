@@ -23,7 +23,7 @@ import httpx
 from harness.config import int_list
 from harness.http import append_wait, check, post_timed
 from harness.machine import cpu_env, machine_info, machine_line, model_dir
-from harness.results import out_path, summary_header, write_rows, write_text
+from harness.results import out_path, record_command, summary_header, write_rows, write_text
 from harness.servers import launched_server
 
 COLUMNS = ("context_tokens", "op", "tokens", "seconds")
@@ -31,7 +31,12 @@ COLUMNS = ("context_tokens", "op", "tokens", "seconds")
 
 def probe(base: str, contexts: list[int], append_sizes: list[int], query_tokens: int, max_tokens: int) -> list[dict]:
     rng = random.Random(0)
-    client = httpx.Client(timeout=600)
+    with httpx.Client(timeout=600) as client:
+        return _probe(client, base, rng, contexts, append_sizes, query_tokens, max_tokens)
+
+
+def _probe(client: httpx.Client, base: str, rng: random.Random, contexts: list[int], append_sizes: list[int],
+           query_tokens: int, max_tokens: int) -> list[dict]:  # fmt: skip
     sid = "ingest-probe"
     check(client.post(f"{base}/sessions", json={"id": sid}), 200, 201)
 
@@ -61,9 +66,15 @@ def probe(base: str, contexts: list[int], append_sizes: list[int], query_tokens:
 def cross_session(base: str, append_tokens: int, threads: int, max_tokens: int, repeats: int = 5) -> list[dict]:
     """Append latency on session B, with session A idle, then with A under continuous queries."""
     rng = random.Random(1)
-    client = httpx.Client(timeout=600)
+    with httpx.Client(timeout=600) as client:
+        return _cross_session(client, base, rng, append_tokens, threads, max_tokens, repeats)
+
+
+def _cross_session(client: httpx.Client, base: str, rng: random.Random, append_tokens: int, threads: int,
+                   max_tokens: int, repeats: int) -> list[dict]:  # fmt: skip
     for sid in ("probe-a", "probe-b"):
-        client.post(f"{base}/sessions", json={"id": sid, "prompt": [rng.randrange(100, 3000) for _ in range(500)]})
+        prompt = [rng.randrange(100, 3000) for _ in range(500)]
+        check(client.post(f"{base}/sessions", json={"id": sid, "prompt": prompt}), 200, 201)
     query = {"model": "bench", "prompt": [5, 6, 7], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     query |= {"stateful": "probe-a", "stateful_commit": False}
     stop = threading.Event()
@@ -94,6 +105,7 @@ def cross_session(base: str, append_tokens: int, threads: int, max_tokens: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="tiny | small | a model directory")
     p.add_argument("--contexts", type=int_list, default="1000,3000,6000")

@@ -23,7 +23,7 @@ import httpx
 from harness.config import int_list
 from harness.http import append_wait, check, post_timed
 from harness.machine import corpus_ids, cpu_env, machine_info, machine_line, model_dir, serving_dtype
-from harness.results import out_path, summary_header, write_json, write_rows, write_text
+from harness.results import out_path, record_command, summary_header, write_json, write_rows, write_text
 from harness.servers import launched_server
 
 COLUMNS = ("provider", "context", "chunk", "repeat", "seconds")
@@ -72,6 +72,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="tiny | small | a model directory")
     p.add_argument("--contexts", default="1000,6000")

@@ -40,7 +40,7 @@ import multi_tenant_report as mt
 from harness.config import override
 from harness.http import BenchError, check, retry_after
 from harness.machine import cpu_env, detect_device, machine_info, model_dir, serving_dtype
-from harness.results import columns_of, command_line, out_path, write_json, write_rows, write_text
+from harness.results import columns_of, command_line, out_path, record_command, write_json, write_rows, write_text
 from harness.servers import launched_server
 
 DEFAULT_OUT = "benchmarks/results/multi_tenant"
@@ -299,6 +299,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     a = parse_args(argv)
     model, dtype = model_dir(a.model), serving_dtype(a.model)
     vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]

@@ -281,7 +281,9 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
 def markdown_report(summaries: Sequence[Summary], probes: dict[str, dict], meta: dict) -> str:
     """summary.md: the command, model, dtype and machine (CPU model, ISA flags), the table, the probe."""
     details = f"model `{meta['model']}` in {meta['dtype']}"
-    return summary_header("Multi-tenant benchmark", details, machine_line(meta["machine"])) + "\n".join(
+    return summary_header(
+        "Multi-tenant benchmark", details, machine_line(meta["machine"]), meta.get("command")
+    ) + "\n".join(
         [
             f"server flags (both): `{' '.join(meta['server_args'])}`\n",
             markdown_table(summaries),

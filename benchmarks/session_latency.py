@@ -41,7 +41,16 @@ from typing import Any
 import httpx
 from harness.http import post_timed
 from harness.machine import cpu_env, machine_info, machine_line, model_dir, serving_dtype
-from harness.results import command_line, out_path, pyplot, save_figure, summary_header, write_json, write_rows
+from harness.results import (
+    command_line,
+    out_path,
+    pyplot,
+    record_command,
+    save_figure,
+    summary_header,
+    write_json,
+    write_rows,
+)
 from harness.servers import launched_server
 
 STATEFUL, APC = "stateful", "vllm-apc"
@@ -349,6 +358,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     args = options(argv)
     from vllm_stateful.demo_model import corpus_token_ids
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from harness.http import check
 from harness.machine import cpu_env, machine_info, machine_line, model_dir
-from harness.results import out_path, pyplot, save_figure, summary_header, write_rows, write_text
+from harness.results import out_path, pyplot, record_command, save_figure, summary_header, write_rows, write_text
 from harness.servers import launched_server
 
 FIELDS = "provider turn context_tokens sent_tokens cached_tokens recomputed_tokens ttft_s total_s".split()
@@ -140,6 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="tiny | small | a model directory")
     p.add_argument("--turns", type=int, default=150)

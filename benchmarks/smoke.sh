@@ -6,7 +6,7 @@
 #   benchmarks/smoke.sh streaming flash    # only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+PY=${PY:-${VENV:-.venv}/bin/python}
 OUT=${SMOKE_OUT:-$(mktemp -d -t bench-smoke-XXXX)}
 mkdir -p "$OUT"
 declare -A RUNS=(
@@ -29,7 +29,8 @@ for name in "${@:-${ORDER[@]}}"; do
   start=$SECONDS
   echo "== $name: python ${RUNS[$name]}"
   eval "$PY ${RUNS[$name]}" > "$OUT/$name.log" 2>&1 || { echo "FAILED $name (log: $OUT/$name.log)"; tail -30 "$OUT/$name.log"; exit 1; }
-  summary=$(find "$OUT" -path "*${name//-/_}*" -name summary.md | head -1)
-  echo "   ok in $((SECONDS - start)) s${summary:+; $summary}"
+  summary=$(find "$OUT/${name//-/_}" -name summary.md 2>/dev/null | head -1)
+  [[ -n "$summary" ]] || { echo "FAILED $name: no summary.md under $OUT/${name//-/_}"; exit 1; }
+  echo "   ok in $((SECONDS - start)) s; $summary"
 done
 echo "all in $OUT"

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 import report
-from harness.config import REPO_ROOT
+from harness import REPO_ROOT
 
 Row = report.Row
 PROVIDERS: tuple[str, ...] = ("stateful", "stateless", "openai")

@@ -43,10 +43,11 @@ from typing import Any
 
 import httpx
 import streaming_report as rep
-from harness.config import REPO_ROOT, add_typed_options, load_config, override, select
+from harness import REPO_ROOT
+from harness.config import add_typed_options, load_config, override, select
 from harness.http import BenchError, Streamed, astream_completion, check, retry_after
-from harness.machine import cpu_env, machine_info, machine_line, model_dir
-from harness.results import command_line, out_path, summary_header, write_json, write_text
+from harness.machine import cpu_env, machine_info, machine_line, model_dir, with_dtype
+from harness.results import command_line, out_path, record_command, summary_header, write_json, write_text
 from harness.servers import launched_server
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "bench_streaming.yaml"
@@ -429,6 +430,7 @@ def run_details(run: ProviderRun) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_command(__file__, argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML defaults (default {DEFAULT_CONFIG})")
     keys = ("model", "seed", "ticks", "questions", "rate", "max_tokens", "out_dir")
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             model = model_dir(str(cfg["model"]))
             log_path = out_path(cfg["log_dir"]) / f"server-{p['name']}.log"
             kind = "stateful" if p["server"] == "stateful" else "vllm"
-            args = [*srv["common_args"], *p.get("args", [])]
+            args = with_dtype([*srv["common_args"], *p.get("args", [])], str(cfg["model"]))
             env = cpu_env(overrides=srv.get("cpu_env"))
             with launched_server(kind, str(model), model.name, args, log_path, env, srv["startup_timeout_s"]) as api:
                 runs.append(once(api, model.name))

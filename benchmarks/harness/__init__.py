@@ -15,3 +15,7 @@ table; its report module holds only its pure arithmetic. Scripts run as ``python
 and import siblings by bare name (``benchmarks/`` is ``sys.path[0]``); tests put ``benchmarks/`` on
 the path the same way (``tests/conftest.py``).
 """
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, benchmarks/results/, servers' cwd

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from harness import REPO_ROOT
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -41,14 +41,14 @@ def override(cfg: dict[str, Any], args: argparse.Namespace, keys: Iterable[str])
     return {**cfg, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}}
 
 
-def select(known: Sequence[str], wanted: str | Sequence[str] | None) -> list[str]:
+def select(known: Sequence[str], wanted: str | Sequence[str] | None, what: str = "providers") -> list[str]:
     """The ``known`` names in ``wanted`` (comma-separated or a list; None: all), in ``known``'s order."""
     if not wanted:
         return list(known)
     names = wanted.split(",") if isinstance(wanted, str) else list(wanted)
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise SystemExit(f"unknown providers {unknown}; known: {list(known)}")
+        raise SystemExit(f"unknown {what} {unknown}; known: {list(known)}")
     return [k for k in known if k in names]
 
 

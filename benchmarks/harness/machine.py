@@ -46,12 +46,19 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         model, isa = None, []
     info: dict[str, Any] = {"device": detect_device(), "cpu_model": model or platform.processor() or platform.machine()}
-    info.update(isa_flags=isa, cores=os.cpu_count(), arch=platform.machine(), gpu=None)
+    info.update(isa_flags=isa, cores=_usable_core_count(), arch=platform.machine(), gpu=None)
     if info["device"] == "gpu":
         import torch
 
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _usable_core_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def machine_line(info: dict) -> str:
@@ -105,18 +112,33 @@ def serving_dtype(model: str) -> str:
     return choose_cpu_dtype(cpu_flags())[0]
 
 
+def with_dtype(args: list[str], model: str) -> list[str]:
+    """Server flags with ``--dtype serving_dtype(model)`` added unless they name one: stock vLLM
+    (``auto``: the checkpoint's dtype) and ``vllm-stateful serve`` (the CPU's choice) would otherwise
+    serve one model in two dtypes."""
+    given = any(a == "--dtype" or a.startswith("--dtype=") for a in args)
+    return list(args) if given else [*args, "--dtype", serving_dtype(model)]
+
+
 def cpu_env(kv_space_gib: int = 4, overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """The same KV space and thread binding for every server on a CPU build (empty on a GPU);
-    ``overrides`` (a config's ``cpu_env``) replace the defaults; what the environment sets wins."""
+    """The same KV space and thread binding (every core this process may use) for every server of an
+    A/B on a CPU build; empty on a GPU. ``overrides`` (a config's ``cpu_env``) replace the defaults.
+    These values win over the shell's, so a run's conditions are the command's, not the terminal's."""
     if detect_device() != "cpu":
         return {}
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
+    from vllm_stateful.cli import cpu_binding, usable_cores
+
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(1, usable_cores(), None),
+    }
     env.update({k: str(v) for k, v in (overrides or {}).items()})
-    return {k: v for k, v in env.items() if k not in os.environ}
+    return env
 
 
 def avx2_env() -> dict[str, str]:
     """Environment for a server that should run as on an AVX2-only CPU (``harness/avx2``)."""
     here = str(Path(__file__).resolve().parent / "avx2")
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    return {"BENCH_EMULATE_AVX2": "1", "PYTHONPATH": path, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    return {"BENCH_EMULATE_AVX2": "1", "PYTHONPATH": path, **caps}

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from harness import REPO_ROOT
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,14 +35,18 @@ class ManagedServer:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
-        self._proc = subprocess.Popen(
-            self.argv,
-            env={**os.environ, **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO_ROOT,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                self.argv,
+                env={**os.environ, **env},
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=REPO_ROOT,
+            )
+        except BaseException:
+            self._log.close()
+            raise
 
     def wait_ready(self, timeout_s: float) -> None:
         """Return once ``/health`` and ``/v1/models`` answer 200. Raises RuntimeError (with the log

@@ -100,6 +100,12 @@ def test_csv_and_markdown(tmp_path):
     with path.open() as f:
         recs = list(csv.DictReader(f))
     assert list(recs[0]) == list(columns_of(fr.FlashRow))  # FlashRow field order, QueryRow's fields first
+    committed = "benchmarks/results/flash/flash.csv"  # the schema of the committed results, spelled out
+    assert ",".join(recs[0]) == (
+        "provider,question_idx,context_tokens,prompt_tokens_sent,latency_s,ttft_s,completion_tokens,ingest_lag_s,"
+        "after_tick,third,current_version,answer_version,versions_behind,stale,confidence,answer_age_s,"
+        "evaluations,flash_error,flash_hit"
+    ), committed
     assert [r["provider"] for r in recs] == ["vllm-prefix-cache", "stateful-query", "flash"]
     assert recs[2]["versions_behind"] == "0" and recs[0]["versions_behind"] == "" and recs[0]["third"] == "early"
     stats = fr.latency_table(rows)

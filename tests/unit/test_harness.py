@@ -109,14 +109,17 @@ def test_int_list_and_corpus_ids(monkeypatch):
     assert corpus_ids("m", 4, offset=8) == [4, 5, 1, 2]  # offset wraps
 
 
-def test_cpu_env_defaults_overrides_and_the_environment_wins(monkeypatch):
+def test_cpu_env_binds_the_usable_cores_and_takes_overrides(monkeypatch):
     import harness.machine as machine
 
+    import vllm_stateful.cli as cli
+
     monkeypatch.setattr(machine, "detect_device", lambda: "cpu")
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.setattr(cli, "usable_cores", lambda: [2, 3, 5])  # a cpuset, not 0..N-1
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the shell's value does not leak into the run
+    assert machine.cpu_env() == {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "2-3,5"}
     env = machine.cpu_env(overrides={"VLLM_CPU_KVCACHE_SPACE": 8})
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "8"}  # the exported binding is left to the environment
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "2-3,5"}
     monkeypatch.setattr(machine, "detect_device", lambda: "gpu")
     assert machine.cpu_env() == {}
 
@@ -124,15 +127,23 @@ def test_cpu_env_defaults_overrides_and_the_environment_wins(monkeypatch):
 def test_avx2_emulation_hides_avx512_from_torch_and_the_dtype_choice():
     """A child process started with ``avx2_env()`` sees no AVX-512 and picks float32 (the flags of an
     AVX2-only CPU), whatever this machine has."""
+    import json
     import os
     import subprocess
     import sys
 
     code = (
-        "import torch; from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags; "
-        "f = cpu_flags(); print(torch.cpu._is_avx512_supported(), torch.cpu._is_avx512_bf16_supported(), "
-        "any(x.startswith('avx512') for x in f), choose_cpu_dtype(f)[0])"
+        "import json, torch; from vllm_stateful.cpu_dtype import choose_cpu_dtype, cpu_flags; "
+        "f, c, cpu = cpu_flags(), torch.cpu.get_capabilities(), torch.cpu; print(json.dumps(["
+        "cpu._is_avx512_supported(), cpu._is_avx512_bf16_supported(), cpu._is_vnni_supported(), "
+        "cpu._is_amx_tile_supported(), c['avx512_f'], c['avx512_vnni'], any(x.startswith('avx512') for x in f), "
+        "torch.backends.cpu.get_cpu_capability(), choose_cpu_dtype(f)[0]]))"
     )
     env = {**os.environ, **avx2_env()}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False", "False", "float32"]
+    *hidden, capability, dtype = json.loads(out.stdout.splitlines()[-1])
+    assert hidden == [False] * 7 and dtype == "float32"
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # an x86 host: ATen is capped too
+        assert capability == "AVX2"

@@ -268,6 +268,31 @@ def test_maintenance_survives_errors_and_counts_them():
     asyncio.run(run())
 
 
+def test_maintenance_ends_quietly_once_the_engine_is_gone():
+    """After Ctrl-C (or a dead engine) vLLM's client raises EngineDeadError on every call: the loop
+    stops instead of logging a failure a second until the process exits."""
+
+    async def run():
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from vllm_stateful.server.lifecycle import Maintenance
+
+        service, bridge = _service()
+        await service.start()
+        maintenance = Maintenance(service, interval_s=0.01)
+        assert await maintenance.run_once() is True
+
+        async def dead(*args, **kwargs):
+            raise EngineDeadError()
+
+        bridge.call_all = dead
+        before = service.metrics.background_errors.labels(task="kv_drops")._value.get()
+        await asyncio.wait_for(maintenance.run(), timeout=5)  # returns: the loop ended
+        assert service.metrics.background_errors.labels(task="kv_drops")._value.get() == before
+
+    asyncio.run(run())
+
+
 def test_ingestion_the_engine_aborts_is_retried_not_failed():
     async def run():
         from vllm_stateful.server import ingest

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from vllm.inputs.engine import tokens_input
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
@@ -167,8 +168,10 @@ class EngineBridge:
         rank: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """vLLM's ``generate`` on data-parallel rank ``rank``; a request vLLM refuses raises
-        SessionError with vLLM's status."""
-        prompt = {"prompt_token_ids": prompt_token_ids, "cache_salt": cache_salt}
+        SessionError with vLLM's status. The prompt goes in as an already rendered token input (the
+        form vLLM's own serving code passes; a raw prompt dict is deprecated in 0.32 and would be
+        rendered again); vLLM still validates it (vocabulary, length)."""
+        prompt = tokens_input(prompt_token_ids, cache_salt=cache_salt)
         dp_rank = rank if self.dp_size > 1 else None
         gen = self.engine.generate(
             prompt, params, request_id, priority=priority, session_id=session_id, data_parallel_rank=dp_rank

@@ -3,7 +3,8 @@
 Contract: the loop survives every error. Each pass runs its steps
 independently; a failing step is logged and counted in
 ``vllm_stateful:background_errors_total{task=...}``, and the next pass runs
-as usual. A close racing a DELETE is not an error (close is idempotent).
+as usual. A close racing a DELETE is not an error (close is idempotent). The loop
+ends quietly once the engine is gone (shutdown, or a dead engine, which vLLM reports itself).
 """
 
 from __future__ import annotations
@@ -25,22 +26,27 @@ class Maintenance:
         self.interval_s = interval_s
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.run_once()
+        while await self.run_once(delay_s=self.interval_s):
+            pass
 
-    async def run_once(self) -> None:
+    async def run_once(self, delay_s: float = 0.0) -> bool:
+        """One pass after ``delay_s``; False when the engine is gone and the loop should end."""
+        await asyncio.sleep(delay_s)
         for name, step in (("expiry", self.expire), ("kv_drops", self.notice_kv_drops)):
             try:
                 await step()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if _engine_gone(exc):
+                    logger.info("vllm-stateful: the engine has stopped; the background loop ends")
+                    return False
                 logger.exception(
                     "vllm-stateful: background task %s failed; it runs again in %.0f s", name, self.interval_s
                 )
                 self.service.metrics.background_errors.labels(task=name).inc()
         self.service.metrics.refresh(self.service)
+        return True
 
     async def expire(self) -> None:
         for session in self.service.store.expired(time.time()):
@@ -76,3 +82,9 @@ class Maintenance:
         for rank in dropped:
             if rank not in skipped:
                 service.kv_epochs[rank] = infos[rank]["kv_epoch"]
+
+
+def _engine_gone(exc: Exception) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError)
