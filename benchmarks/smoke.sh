@@ -2,7 +2,7 @@
 # Every benchmark of README at the smallest size, one after another, on the tiny demo model: proves each
 # command still runs end to end and writes its table (numbers at this size mean nothing). Results go to
 # $SMOKE_OUT (default: a fresh temporary folder), never to benchmarks/results/. Stops at the first failure.
-#   make bench-smoke            # ~30 min on 2 CPU cores
+#   make bench-smoke            # ~16 min on 2 CPU cores
 #   benchmarks/smoke.sh streaming flash    # only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
