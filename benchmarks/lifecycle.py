@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 import multi_tenant as mt
 import multi_tenant_report as mtr
+from harness.config import int_list
 from harness.http import check, post_timed
 from harness.machine import cpu_env, machine_info, machine_line, model_dir, serving_dtype
 from harness.results import out_path, pyplot, save_figure, summary_header, write_json, write_rows, write_text
@@ -90,7 +91,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.model = str(model_dir(args.model))
-        self.contexts = [int(x) for x in args.contexts.split(",")]
+        self.contexts = int_list(args.contexts)
         rng = random.Random(0)
         self.histories = {n: [rng.randrange(10, 3000) for _ in range(n)] for n in self.contexts}
         self.rows: list[dict[str, Any]] = []

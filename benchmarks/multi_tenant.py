@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 import multi_tenant_report as mt
-from harness.config import override
+from harness.config import int_list, override
 from harness.http import BenchError, check, retry_after
 from harness.machine import cpu_env, detect_device, machine_info, model_dir, serving_dtype
 from harness.results import columns_of, command_line, out_path, record_command, write_json, write_rows, write_text
@@ -291,7 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     defaults = {flag[2:].replace("-", "_"): default for flag, _, default, _ in OPTIONS}
     a = argparse.Namespace(**override({**defaults, **(QUICK if a.quick else {}), "quick": a.quick}, a, defaults))
-    a.n_list = [int(x) for x in a.sessions.split(",") if x.strip()]
+    a.n_list = int_list(a.sessions)
     if set(a.servers.split(",")) - set(NAMES):
         ap.error(f"--servers: choose from {sorted(NAMES)}")
     a.out = str(out_path(a.out))

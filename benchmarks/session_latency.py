@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 from harness.http import post_timed
-from harness.machine import cpu_env, machine_info, machine_line, model_dir, serving_dtype
+from harness.machine import cpu_env, machine_info, machine_line, model_dir, serving_dtype, wrapped_slice
 from harness.results import (
     command_line,
     out_path,
@@ -91,9 +91,7 @@ def session_chunks(
     rng = random.Random(seed * 1_000_003 + session)
     if text is None:
         return [[rng.randrange(TOKEN_LOW, TOKEN_HIGH) for _ in range(input_len)] for _ in range(turns)]
-    need = turns * input_len
-    start = rng.randrange(len(text))
-    ids = (text * (need // len(text) + 2))[start : start + need]
+    ids = wrapped_slice(text, rng.randrange(len(text)), turns * input_len)
     return [ids[i * input_len : (i + 1) * input_len] for i in range(turns)]
 
 

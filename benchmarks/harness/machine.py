@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,13 @@ def corpus_ids(model_path: str | Path, n: int, offset: int = 0) -> list[int]:
     """``n`` token ids of ordinary text (the demo corpus, repeated), starting ``offset`` tokens in.
     Random ids decode to broken UTF-8, which makes vLLM's detokenizer prime itself over the whole
     prompt: a real but unrepresentative O(context) cost."""
-    ids = list(_corpus(str(model_path)))
-    start = offset % len(ids)
-    return (ids * ((start + n) // len(ids) + 1))[start : start + n]
+    return wrapped_slice(_corpus(str(model_path)), offset, n)
+
+
+def wrapped_slice(ids: Sequence[int], start: int, n: int) -> list[int]:
+    """``n`` ids of ``ids`` read as an endless loop, from position ``start`` (taken modulo its length)."""
+    start %= len(ids)
+    return (list(ids) * ((start + n) // len(ids) + 1))[start : start + n]
 
 
 def serving_dtype(model: str) -> str:

@@ -8,7 +8,8 @@ our CPU, paid again by each 16-token query on a long session. Decoding the next
 token only depends on the few tokens before it (a multi-byte character spans at
 most 4 byte tokens; a leading-space rule only looks at the start of the stream),
 so the stream is primed with the last ``PRIME_TOKENS`` prompt tokens instead,
-unless they end inside a character (then the whole prompt, as vLLM does). The
+unless they end inside a character or decode to nothing (all skipped special
+tokens): then the whole prompt, as vLLM does. The
 generated text is the same (unit-tested against full priming on text and on
 random byte-level token sequences).
 
