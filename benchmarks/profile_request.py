@@ -1,21 +1,29 @@
 """Where one session request's time goes, as its context grows: a sampled CPU profile by stage.
 
 Starts one vllm-stateful server (``--model``, default ``tiny``), grows one session to each context
-in ``--contexts`` (default 1k, 8k, 32k tokens), then sends ``--requests`` read-only 16-token turns
-(``stateful_commit: false``, so the context stays put) while py-spy samples every process of the
-server (API server, engine core, worker) at ``--rate`` Hz. Each sample's stack is put in one stage
-(``STAGES``: first match from the innermost frame outwards wins) and each stage's CPU time is divided
-by the number of requests. ``forward`` is split into the attention read (frames in attention code)
-and the rest of the model. Client latency (mean, p50) is measured at the same time.
+in ``--contexts`` (default 1k, 8k, 32k tokens; one session each), then sends ``--requests`` read-only
+16-token turns per context (``stateful_commit: false``, so the context stays put) in ``--rounds``
+interleaved rounds (each round visits every context) while py-spy samples every process of the server
+(API server, engine core, worker) at ``--rate`` Hz. Each sample's stack is put in one stage
+(``STAGES``: first match from the innermost frame outwards wins), each stage's CPU time is divided by
+the round's requests, and the table holds each stage's median over the rounds: a stall of this shared
+machine lands in one round of one context and does not move the median. ``forward`` is split into the
+attention read (frames in attention code) and the rest of the model. Client latency (mean, p50) is
+measured at the same time.
 
 Reading the table: everything except ``forward_*`` and ``idle_loop`` is per-request overhead; a
 stage that grows with context outside the attention read is an O(history) step to remove.
 
-    python benchmarks/profile_request.py [--model tiny] [--contexts 1000,8000,32000] [--requests 40]
+    python benchmarks/profile_request.py [--model tiny] [--contexts 1000,8000,32000] [--requests 60]
+        [--rounds 3] [--compare-references]
+
+``--compare-references``: the same measurement twice, one server after the other, first with every
+prompt sent whole (``prefix_references: false``), then with prefix references (the default): both
+tables, and the overhead of each side by side (``profile.csv`` then has a ``prefix_references`` column).
 
 Needs py-spy (``pip install py-spy``) and permission to ptrace the server (same user, or root).
 Writes ``profile.csv``, ``summary.md``, ``machine.json`` and the raw collapsed stacks per context
-(``stacks-N.txt``, large: not committed) to ``--out-dir`` (default ``benchmarks/results/profile_request``).
+(``stacks-N-R.txt``, large: not committed) to ``--out-dir`` (default ``benchmarks/results/profile_request``).
 """
 
 from __future__ import annotations
@@ -106,6 +114,7 @@ class Measured:
     latency_mean_s: float
     latency_p50_s: float
     seconds_per_request: dict[str, float]
+    round_overheads_s: tuple[float, ...] = ()  # each round's overhead (the table holds medians)
 
     def overhead_s(self) -> float:
         return sum(self.seconds_per_request.get(s, 0.0) for s in OVERHEAD_STAGES)
@@ -130,45 +139,70 @@ class Sampler:
         return self.out.read_text()
 
 
-def grow(client: httpx.Client, context: int, tokens: list[int], have: int) -> int:
-    """Append the next of ``tokens`` until the session holds ``context``; returns its size."""
+def grow(client: httpx.Client, session: str, context: int, tokens: list[int]) -> int:
+    """Append ``tokens`` to ``session`` until it holds ``context``; returns its size."""
+    have = 0
     while have < context:
         chunk = tokens[have : min(have + 4000, context)]
-        append_wait(client, f"/sessions/{SESSION}/append", chunk)
+        append_wait(client, f"/sessions/{session}/append", chunk)
         have += len(chunk)
     return have
 
 
-def turns(client: httpx.Client, model: str, n: int, tokens: list[int], rng: random.Random) -> list[float]:
+def turns(client: httpx.Client, model: str, session: str, n: int, tokens: list[int], rng: random.Random) -> list[float]:
     """``n`` read-only 16-token turns (text taken from ``tokens``), one at a time; client latency of each."""
     out = []
     for _ in range(n):
         start = rng.randrange(0, len(tokens) - 16)
         body = {"model": model, "prompt": tokens[start : start + 16], "max_tokens": 1,
-                "temperature": 0, "stateful": SESSION, "stateful_commit": False}  # fmt: skip
+                "temperature": 0, "stateful": session, "stateful_commit": False}  # fmt: skip
         out.append(post_timed(client, "/completions", body)[0])
     return out
 
 
 def measure(
-    base: str, pid: int, model: str, tokens: list[int], contexts: list[int], n: int, rate: int, out_dir: Path
+    base: str,
+    pid: int,
+    model: str,
+    tokens: list[int],
+    contexts: list[int],
+    n: int,
+    rounds: int,
+    rate: int,
+    out_dir: Path,
 ) -> list[Measured]:
+    """One session per context; ``rounds`` rounds, each sampling ``n // rounds`` turns on every session in
+    turn, so a stall of the machine lands in one round of one context. Per stage, the median of the rounds."""
     rng = random.Random(0)
-    results = []
+    per_round: dict[int, list[dict[str, float]]] = {c: [] for c in contexts}
+    latencies: dict[int, list[float]] = {c: [] for c in contexts}
+    sizes: dict[int, int] = {}
+    k = max(1, n // rounds)
     with httpx.Client(base_url=base, timeout=600) as client:
-        check(client.post("/sessions", json={"id": SESSION}), 200, 201)
-        have = 0
         for context in contexts:
-            have = grow(client, context, tokens, have)
-            turns(client, model, 5, tokens, rng)  # warm-up at this size
-            sampler = Sampler(pid, rate, out_dir / f"stacks-{context}.txt")
-            latencies = turns(client, model, n, tokens, rng)
-            counts = tally(sampler.stop())
-            per_request = {stage: samples / rate / n for stage, samples in counts.items()}
-            results.append(Measured(have, n, statistics.mean(latencies), statistics.median(latencies), per_request))
-            print(f"context {have}: p50 {results[-1].latency_p50_s * 1000:.1f} ms, "
-                  f"overhead {results[-1].overhead_s() * 1000:.1f} ms/request", flush=True)  # fmt: skip
-        client.delete(f"/sessions/{SESSION}")
+            check(client.post("/sessions", json={"id": f"{SESSION}-{context}"}), 200, 201)
+            sizes[context] = grow(client, f"{SESSION}-{context}", context, tokens)
+        for r in range(rounds):
+            for context in contexts:
+                session = f"{SESSION}-{context}"
+                turns(client, model, session, 3, tokens, rng)  # warm-up at this size
+                sampler = Sampler(pid, rate, out_dir / f"stacks-{context}-{r}.txt")
+                latencies[context] += turns(client, model, session, k, tokens, rng)
+                counts = tally(sampler.stop())
+                per_round[context].append({stage: samples / rate / k for stage, samples in counts.items()})
+                overhead = sum(per_round[context][-1].get(s, 0.0) for s in OVERHEAD_STAGES)
+                print(f"round {r} context {context}: overhead {overhead * 1000:.1f} ms/request", flush=True)
+        for context in contexts:
+            client.delete(f"/sessions/{SESSION}-{context}")
+    results = []
+    for context in contexts:
+        stages = {stage for one in per_round[context] for stage in one}
+        median = {stage: statistics.median(one.get(stage, 0.0) for one in per_round[context]) for stage in stages}
+        lat = latencies[context]
+        rounds_s = tuple(sum(one.get(s, 0.0) for s in OVERHEAD_STAGES) for one in per_round[context])
+        results.append(
+            Measured(sizes[context], k * rounds, statistics.mean(lat), statistics.median(lat), median, rounds_s)
+        )
     return results
 
 
@@ -186,15 +220,33 @@ def table(results: list[Measured]) -> str:
     lines.append(row("**overhead (all but forward, busy poll and idle)**", [r.overhead_s() for r in results]))
     lines.append(row("client latency p50", [r.latency_p50_s for r in results]))
     lines.append(row("client latency mean", [r.latency_mean_s for r in results]))
+    spread = "; ".join(f"{r.context}: " + ", ".join(f"{v * 1000:.1f}" for v in r.round_overheads_s) for r in results)
+    return "\n".join(lines) + f"\n\nOverhead of each round (ms), whose median per stage is above: {spread}"
+
+
+def comparison(runs: dict[str, list[Measured]]) -> str:
+    """Overhead and client p50 per context for each side of an A/B, and the largest ÷ smallest context."""
+    head = "| prompt sent | " + " | ".join(f"overhead @{r.context} (ms)" for r in next(iter(runs.values())))
+    lines = [head + " | overhead max ÷ min | p50 max ÷ min |", "|---" * (len(next(iter(runs.values()))) + 3) + "|"]
+    for name, results in runs.items():
+        overhead = [r.overhead_s() for r in results]
+        p50 = [r.latency_p50_s for r in results]
+        cells = " | ".join(f"{v * 1000:.2f}" for v in overhead)
+        lines.append(f"| {name} | {cells} | {overhead[-1] / overhead[0]:.2f}x | {p50[-1] / p50[0]:.2f}x |")
     return "\n".join(lines)
 
 
-def csv_rows(results: list[Measured]) -> list[dict]:
-    """``profile.csv``: each stage's CPU seconds per request, then the client latency p50, per context."""
+def csv_rows(results: list[Measured], variant: str | None = None) -> list[dict]:
+    """``profile.csv``: each stage's CPU seconds per request, then the client latency p50, per context
+    (and per side of an A/B: ``prefix_references`` on or off)."""
     rows = []
+    extra = {} if variant is None else {"prefix_references": variant}
     for r in results:
         cells = [*sorted(r.seconds_per_request.items()), ("client_latency_p50", r.latency_p50_s)]
-        rows += [{"context_tokens": r.context, "stage": stage, "cpu_s_per_request": f"{s:.6f}"} for stage, s in cells]
+        rows += [
+            {**extra, "context_tokens": r.context, "stage": stage, "cpu_s_per_request": f"{s:.6f}"}
+            for stage, s in cells
+        ]
     return rows
 
 
@@ -203,26 +255,48 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny | small | a model directory")
     p.add_argument("--contexts", default="1000,8000,32000")
-    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--requests", type=int, default=60, help="turns per context, in all rounds")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the contexts (median per stage)")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--out-dir", type=Path, default=out_path("benchmarks/results/profile_request"))
+    p.add_argument("--compare-references", action="store_true", help="A/B: prompts sent whole, then referenced")
     args = p.parse_args(argv)
     model, out = str(model_dir(args.model)), args.out_dir
     contexts = sorted(int_list(args.contexts))
-    server_args = ["--block-size", "32", "--max-model-len", str(max(contexts) + 512), "--enforce-eager",
-                   "--additional-config", json.dumps({"stateful": {"max_ingest_queue_tokens": 8192}})]  # fmt: skip
-    pids: list[int] = []
-    with launched_server("stateful", model, "bench", server_args, out / "server.log", cpu_env(), pids=pids) as base:
-        tokens = corpus_ids(model, max(contexts))
-        results = measure(base, pids[0], "bench", tokens, contexts, args.requests, args.rate, out)
-    write_rows(csv_rows(results), out / "profile.csv", ("context_tokens", "stage", "cpu_s_per_request"))
+    tokens = corpus_ids(model, max(contexts))
+    variants = ["off", "on"] if args.compare_references else [None]
+    runs: dict[str, list[Measured]] = {}
+    for variant in variants:
+        plugin: dict = {"max_ingest_queue_tokens": 8192}
+        if variant is not None:
+            plugin["prefix_references"] = variant == "on"
+        server_args = ["--block-size", "32", "--max-model-len", str(max(contexts) + 512), "--enforce-eager",
+                       "--additional-config", json.dumps({"stateful": plugin})]  # fmt: skip
+        pids: list[int] = []
+        log = out / ("server.log" if variant is None else f"server-{variant}.log")
+        with launched_server("stateful", model, "bench", server_args, log, cpu_env(), pids=pids) as base:
+            stacks = out if variant is None else out / f"references-{variant}"
+            stacks.mkdir(parents=True, exist_ok=True)
+            runs[variant or "on"] = measure(
+                base, pids[0], "bench", tokens, contexts, args.requests, args.rounds, args.rate, stacks
+            )
+    if args.compare_references:
+        rows = [row for name, results in runs.items() for row in csv_rows(results, name)]
+        write_rows(rows, out / "profile.csv", ("prefix_references", "context_tokens", "stage", "cpu_s_per_request"))
+    else:
+        write_rows(csv_rows(runs["on"]), out / "profile.csv", ("context_tokens", "stage", "cpu_s_per_request"))
     info = machine_info()
     write_json(info, out / "machine.json")
     title = (
         f"Per-request CPU profile by stage ({args.model}, {args.requests} read-only 16-token turns per context, "
         f"max_tokens 1, py-spy at {args.rate} Hz over every server process)"
     )
-    summary = summary_header(title) + f"{table(results)}\n\n{machine_line(info)}\n"
+    if args.compare_references:
+        body = f"{comparison({f'whole ({k})' if k == 'off' else f'referenced ({k})': v for k, v in runs.items()})}\n\n"
+        body += "".join(f"prefix_references {k}:\n\n{table(v)}\n\n" for k, v in runs.items())
+    else:
+        body = f"{table(runs['on'])}\n\n"
+    summary = summary_header(title) + f"{body}{machine_line(info)}\n"
     write_text(summary, out / "summary.md")
     print(summary)
     return 0

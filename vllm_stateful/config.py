@@ -74,6 +74,10 @@ class StatefulConfig:
         foreground step carries (see ``engine/work_classes.py``).
     max_ingest_hold_steps: consecutive steps ingestion may be held back while
         foreground requests wait to be admitted (then it gets its share).
+    prefix_references: session requests send only the tokens after the
+        engine's pinned prefix, which the engine splices back in (see
+        ``engine/prefix_refs.py``); false sends every prompt whole (for A/B
+        measurements; the answers are the same).
     """
 
     cell_budget: int | None = None
@@ -97,6 +101,7 @@ class StatefulConfig:
     debug_routes: bool = False
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
+    prefix_references: bool = True
     state_dir: str | None = None
     restore: str = "lazy"
     rewind_window: int = 64
@@ -160,8 +165,9 @@ class StatefulConfig:
             raise ValueError("stateful.tenant_header must be a header name or null")
         if not _positive_int(self.max_ingest_hold_steps) or self.max_ingest_hold_steps > 1000:
             raise ValueError("stateful.max_ingest_hold_steps must be an integer in [1, 1000]")
-        if not isinstance(self.debug_routes, bool):
-            raise ValueError("stateful.debug_routes must be true or false")
+        for name in ("debug_routes", "prefix_references"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"stateful.{name} must be true or false")
 
     @property
     def tenant_session_limit(self) -> int:

@@ -331,3 +331,73 @@ def test_a_query_reads_one_snapshot_and_reports_the_version_it_read():
         assert final.session_field()["version"] == 1
 
     asyncio.run(run())
+
+
+class ReferencingBridge(FakeBridge):
+    """An engine that reports sync generations (so requests reference the pinned prefix), records
+    what each request sent, and refuses the next ``refuse_refs`` references as the engine does
+    (finished with ``error`` before any token)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[list[int], dict]] = []
+        self.generations: dict[str, int] = {}
+        self.refuse_refs = 0
+
+    def primes_alone(self, tail, skip_special_tokens: bool) -> bool:
+        return True
+
+    async def call(self, op: str, rank: int = 0, **args):
+        info = await super().call(op, rank, **args)
+        if op == "sync":
+            self.generations[args["key"]] = self.generations.get(args["key"], 0) + 1
+            info["generation"] = self.generations[args["key"]]
+        return info
+
+    async def generate(self, prompt, params, request_id, cache_salt, priority=0, session_id=None, rank=0):
+        self.sent.append((list(prompt), dict(params.extra_args or {})))
+        if self.refuse_refs and "stateful_ref" in (params.extra_args or {}):
+            self.refuse_refs -= 1
+            out = SimpleNamespace(token_ids=[], text="", finish_reason="error", stop_reason=None)
+            yield SimpleNamespace(outputs=[out], num_cached_tokens=0, finished=True)
+            return
+        async for out in super().generate(prompt, params, request_id, cache_salt, priority, session_id, rank):
+            yield out
+
+
+def test_requests_reference_the_pinned_history_and_are_resent_whole_when_refused():
+    async def run():
+        from vllm_stateful.server.metrics import SessionMetrics
+        from vllm_stateful.server.service import SessionService
+        from vllm_stateful.server.session_kv import MIN_REFERENCED_TOKENS
+        from vllm_stateful.server.turn_types import TurnInput
+
+        bridge = ReferencingBridge()
+        service = SessionService(bridge, StatefulConfig(), SessionMetrics(), Tenancy.from_settings(None, None))
+        await service.start()
+        session, created = service.open_session("t", "long", commit=True)
+        history = [ord("a") + i % 20 for i in range(MIN_REFERENCED_TOKENS + 100)]
+
+        async def first(_s):
+            return TurnInput(list(history))
+
+        await _run(service, session, created, build=first)
+        assert "stateful_ref" not in bridge.sent[-1][1]  # nothing pinned yet: sent whole
+        whole = list(session.token_ids)
+        pinned, generation = session.pinned_tokens, session.pin_generation
+        assert generation == 1 and pinned == len(whole)
+
+        await _run(service, session, commit=False, max_tokens=2)  # a read-only query
+        prompt, args = bridge.sent[-1]
+        ref = args["stateful_ref"]
+        assert ref == [generation, len(whole) + 2 - 32]  # all but the detokenizer's last 32 tokens are referenced
+        assert prompt == (whole + [ord("q"), ord("r")])[ref[1] :]
+
+        bridge.refuse_refs = 1
+        results = await _run(service, session, max_tokens=3)  # a committing turn, refused once
+        assert [("stateful_ref" in a, len(p)) for p, a in bridge.sent[-2:]] == [(True, 32), (False, len(whole) + 2)]
+        assert results[-1].finish_reason == "length" and session.token_ids == whole + [ord("q"), ord("r")] + [97] * 3
+        assert service.kv.unresolved_references == 1 and session.pin_generation == 2
+        assert service.ledger.check_integrity() == []
+
+    asyncio.run(run())

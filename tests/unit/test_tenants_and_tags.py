@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_stateful.engine.request_tags import make_extra_args, read_tag, reserved_keys
+from vllm_stateful.engine.request_tags import PrefixRef, make_extra_args, read_tag, reserved_keys, with_prefix
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
 from vllm_stateful.sessions.store import SessionError
 from vllm_stateful.sessions.tenants import DEFAULT_TENANT, Tenancy
@@ -64,6 +64,28 @@ def test_only_tags_signed_with_the_secret_are_honoured():
     assert read_tag(args, None) == (None, True)  # before the handshake nothing verifies
     assert read_tag(args, b"t" * 32) == (None, True)
     assert reserved_keys({"stateful_session": 1, "mine": 2, "stateful_x": 3}) == ["stateful_session", "stateful_x"]
+
+
+def test_a_prefix_reference_is_under_the_mac():
+    secret = b"s" * 32
+    plain = make_extra_args(secret, "key1", False)
+    args = with_prefix({**plain, "other": 1}, secret, PrefixRef(generation=4, tokens=4096))
+    tag, forged = read_tag(args, secret)
+    assert tag is not None and not forged and tag.prefix == PrefixRef(4, 4096) and not tag.commit
+    assert args["other"] == 1 and read_tag(plain, secret)[0].prefix is None
+    tampered = [
+        {**args, "stateful_ref": [4, 4095]},  # another length under the same MAC
+        {**args, "stateful_ref": [3, 4096]},  # another generation
+        {**plain, "stateful_ref": [4, 4096]},  # a reference added to a tag signed without one
+        {**args, "stateful_ref": [4, 0]},
+        {**args, "stateful_ref": [-1, 4096]},
+        {**args, "stateful_ref": [4, 4096.0]},
+        {**args, "stateful_ref": [4, True]},
+        {**args, "stateful_ref": "4,4096"},
+        {**args, "stateful_ref": [4, 4096, 1]},
+    ]
+    for bad in tampered:
+        assert read_tag(bad, secret) == (None, True), bad
 
 
 def test_startup_gate_names_what_is_supported():

@@ -11,7 +11,8 @@ incarnation's key. Ops:
   the API server polls to notice drops.
 * ``sync`` {key, keep_tokens} -- trim the session's pin to its first
   ``keep_tokens`` tokens (the API server's committed history that the engine
-  computed); returns the pin's tokens and blocks. Requests of the session
+  computed); returns the pin's tokens and blocks and the session's sync
+  ``generation`` (which a prefix reference names, see ``prefix_refs``). Requests of the session
   admitted before the sync can no longer pin (``may_pin``).
 * ``release`` {key} -- drop the session's pins for good; returns the freed blocks.
 * ``leave`` {key} -- drop the session's pin on this data-parallel rank (it moved to
@@ -85,6 +86,15 @@ class SessionControl:
         )
 
     # --- events from the scheduler -------------------------------------------------
+
+    def generation(self, key: str) -> int:
+        """How many times the session was synced (or left) here: its pin's content only grows
+        between two (see ``prefix_refs``)."""
+        return self._generation.get(key, 0)
+
+    def unresolved(self, request_id: str, reason: str) -> None:
+        self.counters["unresolved_references"] += 1
+        logger.debug("vllm-stateful: request %s references a pin it cannot use (%s); resent whole", request_id, reason)
 
     def forged(self, request_id: str) -> None:
         self.counters["forged_tags"] += 1
@@ -177,7 +187,7 @@ class SessionControl:
             raise ValueError("fork target key is taken")
         pinned = self.pins.get(key)
         if pinned is not None and pinned.token_ids:
-            self.pins.pin(new_key, pinned.token_ids, pinned.blocks)
+            self.pins.pin(new_key, pinned.token_ids, pinned.blocks, pinned.block_hashes, pinned.cache_salt)
         return self._pin_info(new_key)
 
     def op_pins(self) -> dict[str, list[int]]:
@@ -210,6 +220,7 @@ class SessionControl:
 
     def _pin_info(self, key: str) -> dict[str, int]:
         pinned = self.pins.get(key)
+        generation = self.generation(key)
         if pinned is None:
-            return {"pinned_tokens": 0, "pinned_blocks": 0}
-        return {"pinned_tokens": pinned.num_tokens, "pinned_blocks": len(pinned.blocks)}
+            return {"pinned_tokens": 0, "pinned_blocks": 0, "generation": generation}
+        return {"pinned_tokens": pinned.num_tokens, "pinned_blocks": len(pinned.blocks), "generation": generation}

@@ -26,6 +26,12 @@ overrides, each around ``super()``:
   longer hit, so a session request reuses blocks other sessions computed
   (a shared system prompt is computed once); pinning keeps one block per
   content (``SessionPins.pin``).
+* ``add_request`` / ``update_from_output`` -- a request whose tag references
+  the session's pinned prefix (``prefix_refs``) gets the pinned tokens and
+  their block hashes spliced in front of its prompt before vLLM queues it; a
+  reference the pin no longer satisfies finishes the request with ``error``
+  before it runs (the API server resends it whole), its output emitted with
+  the next step's.
 * ``reset_prefix_cache`` -- every cache reset vLLM performs (``/reset_prefix_cache``,
   ``pause(clear_cache)``, ``sleep`` level >= 1, releasing KV memory) first
   releases all pinned sessions, which become ``cold`` (their tokens stay in
@@ -49,10 +55,12 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.control import SessionControl
+from vllm_stateful.engine.prefix_refs import Spliced, splice, unresolved_reason
 from vllm_stateful.engine.request_tags import SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
@@ -65,6 +73,7 @@ PINNABLE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED
 STAMP_ATTR = "_vllm_stateful_stamp"
 CLASS_ATTR = "_vllm_stateful_class"
 LOOKUP_ATTR = "_vllm_stateful_lookup"
+SPLICED_ATTR = "_vllm_stateful_spliced"
 
 
 def work_class(request: Request) -> WorkClass:
@@ -104,6 +113,10 @@ class StatefulSchedulerMixin:
             ShareConfig(config.ingest_share_tokens, config.max_ingest_hold_steps), self.session_control.counters
         )
         self._last_step_start: float | None = None
+        # requests finished for an unresolved prefix reference, whose outputs go with the next step's
+        self._unresolved: list[Request] = []
+        # pins keep the pinning request's block hashes when vLLM hashes at the KV block size
+        self._keeps_hashes = getattr(self, "hash_block_size", None) == self.session_pins.block_size
         logger.info(
             "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
             "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
@@ -114,13 +127,36 @@ class StatefulSchedulerMixin:
 
     def add_request(self, request: Request) -> None:
         tag = self._session_tag(request, count_forged=True)
+        resolved = True
         if tag is not None:
             setattr(request, STAMP_ATTR, self.session_control.stamp(tag.key))
+            if tag.prefix is not None:
+                resolved = self._splice_prefix(request, tag)
         params = request.sampling_params
         klass = marked_class(params.extra_args if params else None, tag is not None)
         setattr(request, CLASS_ATTR, klass)
         super().add_request(request)
         self.step_policy.arrived(request.request_id, klass)
+        if not resolved:  # finished before it runs: it holds only the tokens after its reference
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
+            self._unresolved.append(request)
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> dict[int, EngineCoreOutputs]:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        refused, self._unresolved = self._unresolved, []
+        for request in refused:
+            out = EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=request.get_finished_reason(),
+                trace_headers=request.trace_headers,
+            )
+            batch = outputs.get(request.client_index)
+            if batch is None:
+                outputs[request.client_index] = EngineCoreOutputs(outputs=[out])
+            else:
+                batch.outputs.append(out)
+        return outputs
 
     def schedule(self, *args: Any, **kwargs: Any):
         if self._pause_state == PauseState.PAUSED_ALL:  # vLLM schedules nothing: not a step of the policy
@@ -215,26 +251,34 @@ class StatefulSchedulerMixin:
 
     def _get_local_prefix_cache_hit(self, request: Request):
         tag = self._session_tag(request)
-        cached = super()._get_local_prefix_cache_hit(request)
         if tag is None:
-            return cached
+            return super()._get_local_prefix_cache_hit(request)
+        cached = None
         try:
-            hit = self.session_pins.hit(tag.key, request.all_token_ids)
+            spliced: Spliced | None = getattr(request, SPLICED_ATTR, None)
+            pinned = self.session_pins.get(tag.key)
+            unchanged = spliced is not None and pinned is not None and pinned.serial == spliced.serial
+            hit = self.session_pins.hit(tag.key, request.all_token_ids, known_equal=spliced.tokens if unchanged else 0)
             own = 0 if hit is None else hit.num_tokens
+            # vLLM's prefix cache hits whole blocks before the last token: a longer own hit needs no lookup
+            bs = self.session_pins.block_size
+            if not (unchanged and self.connector is None and own >= (request.num_tokens - 1) // bs * bs):
+                cached = super()._get_local_prefix_cache_hit(request)
+            vllm_hit = own if cached is None else cached[1]
             # counted once per admission attempt (a request vLLM cannot admit yet is looked up again)
             count = getattr(request, LOOKUP_ATTR, None) != request.num_preemptions
             setattr(request, LOOKUP_ATTR, request.num_preemptions)
             counters = self.session_control.counters if count else Counter()
-            if hit is not None and own >= cached[1]:
+            if hit is not None and own >= vllm_hit:
                 blocks = self.kv_cache_manager.create_kv_cache_blocks((list(hit.blocks),))
                 counters["reused_tokens"] += own
                 return blocks, own, 0, False
             # blocks other requests computed (a shared prefix, another session's identical content)
             counters["reused_tokens"] += own
-            counters["shared_prefix_tokens"] += cached[1] - own
+            counters["shared_prefix_tokens"] += vllm_hit - own
         except Exception:
             self.session_control.fault("hit", request.request_id)
-        return cached
+        return super()._get_local_prefix_cache_hit(request) if cached is None else cached
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         tag = self._session_tag(request)
@@ -260,6 +304,22 @@ class StatefulSchedulerMixin:
 
     # --- session state ----------------------------------------------------------
 
+    def _splice_prefix(self, request: Request, tag: SessionTag) -> bool:
+        """Resolve ``tag.prefix`` into ``request``'s prompt (``prefix_refs``); False when it cannot be."""
+        assert tag.prefix is not None
+        try:
+            pinned = self.session_pins.get(tag.key)
+            generation = self.session_control.generation(tag.key)
+            reason = unresolved_reason(tag.prefix, pinned, generation, request)
+            if reason is None and pinned is not None:
+                setattr(request, SPLICED_ATTR, splice(request, pinned, tag.prefix, self.session_pins.block_size))
+                self.session_control.counters["referenced_tokens"] += tag.prefix.tokens
+                return True
+            self.session_control.unresolved(request.request_id, reason or "no pin")
+        except Exception:
+            self.session_control.fault("prefix reference", request.request_id)
+        return False
+
     def _session_tag(self, request: Request, count_forged: bool = False) -> SessionTag | None:
         params = request.sampling_params
         tag, forged = read_tag(params.extra_args if params else None, self.session_control.secret)
@@ -276,7 +336,8 @@ class StatefulSchedulerMixin:
         (blocks,) = self.kv_cache_manager.get_blocks(request.request_id).blocks
         if len(blocks) * self.session_pins.block_size < kv_tokens:
             return  # never allocated: nothing new to keep
-        self.session_pins.pin(key, request.all_token_ids[:kv_tokens], blocks)
+        hashes = request.block_hashes if self._keeps_hashes else None
+        self.session_pins.pin(key, request.all_token_ids[:kv_tokens], blocks, hashes, request.cache_salt)
         self.session_control.counters["turns"] += 1
 
     def handle_stateful_call(self, op: str, args: dict[str, Any]) -> Any:

@@ -57,11 +57,19 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass
 class PinnedSession:
     """KV of ``token_ids`` lives in ``blocks`` (block i holds tokens
-    ``[i*block_size, (i+1)*block_size)``); the last block may be partial."""
+    ``[i*block_size, (i+1)*block_size)``); the last block may be partial.
+
+    ``block_hashes``: vLLM's prefix-cache hash chain of the full blocks of ``token_ids`` as the
+    pinning request computed them under ``cache_salt`` (None when not known), so a request that
+    references the pin (``prefix_refs``) need not hash the prefix again."""
 
     session_id: str
     token_ids: list[int] = field(default_factory=list)
     blocks: list[Any] = field(default_factory=list)
+    block_hashes: list[Any] | None = None
+    cache_salt: str | None = None
+    # changes whenever ``token_ids`` does (a new pin or a trim): equal serials, equal tokens
+    serial: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +95,7 @@ class SessionPins:
         # id(block) -> the hash it was indexed under (vLLM may reset a block's hash, see _canonical)
         self._by_hash: dict[Any, list[Any]] = {}
         self._hash_of: dict[int, Any] = {}
+        self._serial = 0
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -97,23 +106,40 @@ class SessionPins:
     def session_ids(self) -> list[str]:
         return list(self._sessions)
 
-    def hit(self, session_id: str, prompt_token_ids: Sequence[int]) -> SessionHit | None:
+    def hit(self, session_id: str, prompt_token_ids: Sequence[int], known_equal: int = 0) -> SessionHit | None:
         """The longest prefix of ``prompt_token_ids`` whose KV the session holds.
 
         At most ``len(prompt_token_ids) - 1`` tokens: the model must compute at
         least one token to produce logits. ``None`` when nothing is reusable.
+        ``known_equal``: the caller knows the first that many tokens equal the pin's
+        (a prompt spliced from the pin): only the rest is compared.
         """
         pinned = self._sessions.get(session_id)
         if pinned is None or not pinned.token_ids or len(prompt_token_ids) < 2:
             return None
-        n = common_prefix_len(pinned.token_ids, prompt_token_ids)
+        known = min(known_equal, pinned.num_tokens, len(prompt_token_ids))
+        if known:
+            rest = min(pinned.num_tokens, len(prompt_token_ids)) - known
+            n = known + common_prefix_len(
+                pinned.token_ids[known : known + rest], prompt_token_ids[known : known + rest]
+            )
+        else:
+            n = common_prefix_len(pinned.token_ids, prompt_token_ids)
         n = min(n, len(prompt_token_ids) - 1)
         if n <= 0:
             return None
         return SessionHit(blocks=pinned.blocks[: cdiv(n, self.block_size)], num_tokens=n)
 
-    def pin(self, session_id: str, token_ids: Sequence[int], blocks: Sequence[Any]) -> None:
-        """Make ``blocks`` (covering ``token_ids``) the session's KV.
+    def pin(
+        self,
+        session_id: str,
+        token_ids: Sequence[int],
+        blocks: Sequence[Any],
+        block_hashes: Sequence[Any] | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Make ``blocks`` (covering ``token_ids``) the session's KV; ``block_hashes``, when given,
+        are vLLM's hashes of (at least) its full blocks under ``cache_salt``.
 
         Takes a reference on the new blocks before dropping the old ones, so
         blocks shared by both never pass through the free queue. A block whose
@@ -128,7 +154,12 @@ class SessionPins:
         self._pool.touch(new_blocks)
         self._index(new_blocks, +1)
         old = self._sessions.get(session_id)
-        self._sessions[session_id] = PinnedSession(session_id, list(token_ids), new_blocks)
+        full = len(token_ids) // self.block_size
+        hashes = None if block_hashes is None or len(block_hashes) < full else list(block_hashes[:full])
+        self._serial += 1
+        self._sessions[session_id] = PinnedSession(
+            session_id, list(token_ids), new_blocks, hashes, cache_salt, self._serial
+        )
         if old is not None:
             self._drop(old.blocks)
 
@@ -141,6 +172,10 @@ class SessionPins:
         dropped = pinned.blocks[keep:]
         pinned.blocks = pinned.blocks[:keep]
         pinned.token_ids = pinned.token_ids[: max(num_tokens, 0)]
+        if pinned.block_hashes is not None:
+            pinned.block_hashes = pinned.block_hashes[: pinned.num_tokens // self.block_size]
+        self._serial += 1
+        pinned.serial = self._serial
         self._drop(dropped)
         return len(dropped)
 

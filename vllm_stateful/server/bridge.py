@@ -20,6 +20,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
 from vllm_stateful.plugin import ENGINE_METHOD
+from vllm_stateful.server.detokenizer_prime import primes_alone
 from vllm_stateful.server.errors import from_vllm
 from vllm_stateful.sessions.chat_render import Message, ReplyClosing, continuation, reply_closing
 from vllm_stateful.sessions.store import SessionError
@@ -150,6 +151,14 @@ class EngineBridge:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def primes_alone(self, tail: list[int], skip_special_tokens: bool) -> bool:
+        """vLLM's detokenizer, primed with ``tail`` only, decodes what follows as if primed with the
+        whole prompt (``detokenizer_prime``); decoded as vLLM's detokenizer does."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None:
+            return primes_alone(tail, lambda ids: backend.decode(ids, skip_special_tokens))
+        return primes_alone(tail, lambda ids: self.decode(ids, skip_special_tokens))
 
     def min_tokens_of(self, chars: int) -> int:
         """A lower bound on the tokens of any text of ``chars`` characters, without tokenizing it."""

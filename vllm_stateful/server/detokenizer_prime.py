@@ -37,10 +37,17 @@ def tail_request(request: Any, decode: Callable[[list[int]], str], keep: int = P
     if ids is None or len(ids) <= keep:
         return request
     tail = list(ids[-keep:])
-    text = decode(tail)
-    if not text or text.endswith("\ufffd"):  # all special (skipped) tokens, or ends inside a character
+    if not primes_alone(tail, decode):
         return request
     return msgspec.structs.replace(request, prompt_token_ids=tail)
+
+
+def primes_alone(tail: list[int], decode: Callable[[list[int]], str]) -> bool:
+    """A stream primed with ``tail`` decodes what follows as one primed with everything before it
+    would: ``tail`` decodes to some text that ends in a whole character (not all skipped special
+    tokens, not inside a multi-byte character)."""
+    text = decode(tail)
+    return bool(text) and not text.endswith("\ufffd")
 
 
 def _primed_with_tail(init: Callable[..., None]) -> Callable[..., None]:

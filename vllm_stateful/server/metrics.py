@@ -68,7 +68,9 @@ class SessionMetrics:
             p + "engine_events",
             "Engine-side session events: forged_tags (unsigned tags ignored), faults, dropped_* (sessions "
             "whose KV was released by a cache reset or weight update), flash_held_steps (steps that held "
-            "flash evaluations back for foreground work), flash_shared_steps (steps that batched both)",
+            "flash evaluations back for foreground work), flash_shared_steps (steps that batched both), "
+            "referenced_tokens (history tokens spliced in from pins instead of sent), unresolved_references "
+            "(requests whose pin had changed: resent whole)",
             ["event"],
             registry=REGISTRY,
         )
@@ -153,7 +155,7 @@ class SessionMetrics:
             self.rank_free_blocks.labels(rank=str(rank)).set(one.get("free_blocks", 0))
         info = combined(infos)
         for name, value in info.items():
-            if name in ("forged_tags", "faults") or name.startswith(("dropped_", "flash_", "ingest_")):
+            if name in ENGINE_EVENTS or name.startswith(("dropped_", "flash_", "ingest_")):
                 self.engine.labels(event=name).set(value)
         self.pinned_blocks.set(info.get("pinned_blocks", 0))
         self.free_blocks.set(info.get("free_blocks", 0))
@@ -170,6 +172,7 @@ class SessionMetrics:
         self.step_seconds.set(info.get("step_s", 0.0))
 
 
+ENGINE_EVENTS = frozenset({"forged_tags", "faults", "referenced_tokens", "unresolved_references"})
 _PER_ENGINE = frozenset({"rank", "kv_epoch", "block_size", "max_model_len", "token_budget"})
 
 

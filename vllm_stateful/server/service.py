@@ -44,7 +44,7 @@ from vllm_stateful.sessions.admission import Budget, Reservation
 from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.rank_ledgers import RankedLedgers
-from vllm_stateful.sessions.store import Session, SessionError, SessionStore
+from vllm_stateful.sessions.store import PinView, Session, SessionError, SessionStore
 from vllm_stateful.sessions.tenants import Tenancy
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class SessionService:
         self.config = config
         self.metrics = metrics
         self.tenancy = tenancy
-        self.kv = SessionKV(bridge, tenancy)
+        self.kv = SessionKV(bridge, tenancy, references=config.prefix_references)
         self.store = SessionStore(
             config.default_ttl_s,
             config.max_sessions,
@@ -152,17 +152,19 @@ class SessionService:
         over a snapshot of the session taken now."""
         self.check_text_fits(session, sum(len(str(m.get("content", ""))) for m in messages))
         history, previous, pending = list(session.token_ids), list(session.messages), session.pending_chat_text
+        pin = session.pin_view()
 
         def build() -> TurnInput:
             text = pending + self.bridge.continuation(previous, messages, add_generation_prompt)
-            return TurnInput(self.bridge.encode(text, not history), list(messages), True, history)
+            return TurnInput(self.bridge.encode(text, not history), list(messages), True, history, pin)
 
         return await self.bridge.off_loop(build)
 
     async def text_input(self, session: Session, text: str) -> TurnInput:
         self.check_text_fits(session, len(text))
-        history = list(session.token_ids)
-        return TurnInput(await self.bridge.off_loop(self.bridge.encode, text, not history), history=history)
+        history, pin = list(session.token_ids), session.pin_view()
+        tokens = await self.bridge.off_loop(self.bridge.encode, text, not history)
+        return TurnInput(tokens, history=history, pin=pin)
 
     def check_text_fits(self, session: Session, chars: int) -> None:
         """413 without tokenizing when ``chars`` characters of text cannot fit the context."""
@@ -237,6 +239,7 @@ class SessionService:
             turn_input = await build_input(session)
             ensure_open(session)  # closed while the input was built: nothing may start
             history = session.token_ids if turn_input.history is None else turn_input.history
+            pin = session.pin_view() if turn_input.history is None else turn_input.pin
             prompt = history + turn_input.token_ids
             run_max = self._run_max(session, len(prompt), len(turn_input.token_ids), max_tokens, commit)
             if commit:
@@ -261,7 +264,7 @@ class SessionService:
                     return
             started = time.monotonic()
             # aclosing: the engine request is aborted before the rollback below is sent
-            generation = self.kv.generate(prompt, params, result, priority, session_id, background=flash)
+            generation = self.kv.generate(prompt, params, result, priority, session_id, background=flash, pin=pin)
             async with aclosing(generation) as outputs:
                 async for delta in outputs:
                     if result.finished:
@@ -443,13 +446,13 @@ class SessionService:
             await finish_then_cancel(save_and_apply_nothing())
             return
         await self.recharge(session)  # a spilled session is charged again for the history it re-pins
-        prompt = session.token_ids + turn_input.token_ids
+        prompt, pin = session.token_ids + turn_input.token_ids, session.pin_view()
         result = TurnResult(session, len(prompt), session.kv_tokens)
         committed = False
         try:
             # the engine's ingestion class (after queries and plain traffic, with a minimum share),
             # unless a request is waiting for this data: then its class (priority inheritance)
-            await self.prefill(session, prompt, result, ingest_class=not session.ingest_waiters)
+            await self.prefill(session, prompt, result, ingest_class=not session.ingest_waiters, pin=pin)
             self._check_not_aborted(session, result)
             ensure_open(session)
             info = await self.kv.sync(session, len(prompt))
@@ -483,7 +486,13 @@ class SessionService:
                 await survive_cancellation(self.kv.rollback(session))
 
     async def prefill(
-        self, session: Session, prompt: list[int], result: TurnResult, ingest_class: bool, background: bool = False
+        self,
+        session: Session,
+        prompt: list[int],
+        result: TurnResult,
+        ingest_class: bool,
+        background: bool = False,
+        pin: PinView | None = None,
     ) -> None:
         """Compute the KV of ``prompt`` on the session, filling ``result`` (vLLM samples one token; it
         is discarded). ``ingest_class``: in the engine's ingestion class, else in the session's own
@@ -492,7 +501,7 @@ class SessionService:
         work_class = {CLASS_KEY: INGEST} if ingest_class else {}
         params.extra_args = {**make_extra_args(self.tenancy.secret, session.key, True), **work_class}
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        async with aclosing(self.kv.generate(prompt, params, result, background=background)) as outputs:
+        async with aclosing(self.kv.generate(prompt, params, result, background=background, pin=pin)) as outputs:
             async for _ in outputs:
                 pass
 

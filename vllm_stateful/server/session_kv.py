@@ -15,24 +15,32 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
+from vllm_stateful.engine.request_tags import PrefixRef, with_prefix
 from vllm_stateful.server.bridge import EngineBridge
+from vllm_stateful.server.detokenizer_prime import PRIME_TOKENS
 from vllm_stateful.server.turn_types import TurnResult
-from vllm_stateful.sessions.store import Session, SessionError
+from vllm_stateful.sessions.store import PinView, Session, SessionError
 from vllm_stateful.sessions.tenants import Tenancy
 from vllm_stateful.sessions.visible_output import visible_output
 
 logger = logging.getLogger(__name__)
 
+# A shorter pinned prefix is sent rather than referenced (the saving would not pay for a resend).
+MIN_REFERENCED_TOKENS = 256
+
 
 class SessionKV:
-    def __init__(self, bridge: EngineBridge, tenancy: Tenancy) -> None:
+    def __init__(self, bridge: EngineBridge, tenancy: Tenancy, references: bool = True) -> None:
         self.bridge = bridge
         self.tenancy = tenancy
+        self.references = references  # send prefix references (``generate``)
+        self.unresolved_references = 0  # requests resent whole (see ``generate``)
 
     async def generate(
         self,
@@ -42,35 +50,74 @@ class SessionKV:
         priority: int = 0,
         session_id: str | None = None,
         background: bool = False,
+        pin: PinView | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Run one engine request on ``result.session``, filling ``result`` as outputs arrive.
 
-        The request counts as client use of the session while it runs (unless
-        ``background``: flash evaluations); closing the iterator (or cancelling
-        its consumer) aborts it in the engine."""
+        ``pin``: what the engine pins of the history ``prompt`` starts with (read with that
+        history): the request then references that prefix instead of sending it
+        (``engine/prefix_refs.py``); a reference the engine can no longer resolve costs one resend
+        with the whole prompt, before anything is yielded. The request counts as client use of the
+        session while it runs (unless ``background``: flash evaluations); closing the iterator (or
+        cancelling its consumer) aborts it in the engine."""
         session = result.session
+        running = session.background_request_ids if background else session.active_request_ids
+        try:
+            ref = self.prefix_ref(prompt, params, pin)
+            if ref is not None:
+                referencing = params.clone()
+                referencing.extra_args = with_prefix(params.extra_args or {}, self.tenancy.secret, ref)
+                sent = self._run(session, prompt[ref.tokens :], referencing, priority, session_id, running)
+                async with aclosing(sent) as outputs:
+                    async for out in outputs:
+                        if _unresolved(out):
+                            self.unresolved_references += 1
+                            break
+                        yield _filled(result, out)
+                    else:
+                        return
+            async with aclosing(self._run(session, prompt, params, priority, session_id, running)) as outputs:
+                async for out in outputs:
+                    yield _filled(result, out)
+        finally:
+            if not background:
+                session.touch()
+
+    def prefix_ref(self, prompt: list[int], params: SamplingParams, pin: PinView | None) -> PrefixRef | None:
+        """The reference a request for ``prompt`` sends instead of its pinned prefix, or None.
+
+        At least ``PRIME_TOKENS`` tokens are always sent, and only when the detokenizer primed with
+        their tail decodes as if primed with the whole prompt: the request's text is unchanged.
+        Requests that score their prompt (``prompt_logprobs``) send it whole."""
+        if not self.references or pin is None or pin.generation < 0 or params.prompt_logprobs is not None:
+            return None
+        tokens = min(pin.tokens, len(prompt) - PRIME_TOKENS)
+        if tokens < MIN_REFERENCED_TOKENS:
+            return None
+        if params.detokenize and not self.bridge.primes_alone(prompt[-PRIME_TOKENS:], params.skip_special_tokens):
+            return None
+        return PrefixRef(pin.generation, tokens)
+
+    async def _run(
+        self,
+        session: Session,
+        prompt: list[int],
+        params: SamplingParams,
+        priority: int,
+        session_id: str | None,
+        running: set[str],
+    ) -> AsyncIterator[RequestOutput]:
+        """One engine request, listed in ``running`` while it runs."""
         request_id = f"stateful-{session.key[:8]}-{uuid.uuid4().hex[:12]}"
         salt = self.tenancy.salt(session.tenant)
         gen = self.bridge.generate(prompt, params, request_id, salt, priority, session_id, session.data_parallel_rank)
-        running = session.background_request_ids if background else session.active_request_ids
         running.add(request_id)
         try:
             async for out in gen:
-                completion = out.outputs[0]
-                result.output_token_ids.extend(completion.token_ids)
-                result.text += completion.text
-                if out.num_cached_tokens is not None:
-                    result.cached_tokens = out.num_cached_tokens
-                if out.finished:
-                    result.finish_reason = completion.finish_reason
-                    result.stop_reason = completion.stop_reason
-                    result.finished = True
                 yield out
         finally:
             await survive_cancellation(gen.aclose())
             running.discard(request_id)
-            if not background:
-                session.touch()
 
     def kept_output(
         self, result: TurnResult, skip_special_tokens: bool, is_chat: bool, pending: str
@@ -114,8 +161,7 @@ class SessionKV:
         engine did not keep (dropped by a reset or weight update meanwhile) is ``cold``, and its
         next request reports the re-prefill in ``recomputed_tokens``."""
         session.kv_tokens = expected_tokens
-        session.pinned_blocks = info["pinned_blocks"]
-        session.pinned_tokens = info["pinned_tokens"]
+        session.note_pin(info)
         session.sync_seq += 1
         if info["pinned_tokens"]:
             session.state = "resident"
@@ -129,8 +175,7 @@ class SessionKV:
         recomputed); a session left without KV is ``cold``."""
         try:
             info = await self.call(session, "sync", keep_tokens=len(session.token_ids))
-            session.pinned_blocks = info["pinned_blocks"]
-            session.pinned_tokens = info["pinned_tokens"]
+            session.note_pin(info)
             session.sync_seq += 1
             if not info["pinned_tokens"] and session.token_ids and session.state == "resident":
                 session.state = "cold"
@@ -151,6 +196,26 @@ class SessionKV:
         except asyncio.TimeoutError:
             logger.error("vllm-stateful: session %s stayed locked past its close; releasing now", session.id)
             return (await self.call(session, "release"))["freed_blocks"]
+
+
+def _unresolved(out: RequestOutput) -> bool:
+    """The engine refused the request's prefix reference: it failed before computing anything."""
+    completion = out.outputs[0]
+    return out.finished and completion.finish_reason == "error" and not completion.token_ids
+
+
+def _filled(result: TurnResult, out: RequestOutput) -> RequestOutput:
+    """``out`` recorded into ``result``."""
+    completion = out.outputs[0]
+    result.output_token_ids.extend(completion.token_ids)
+    result.text += completion.text
+    if out.num_cached_tokens is not None:
+        result.cached_tokens = out.num_cached_tokens
+    if out.finished:
+        result.finish_reason = completion.finish_reason
+        result.stop_reason = completion.stop_reason
+        result.finished = True
+    return out
 
 
 async def finish_then_cancel(coro: Any) -> Any:

@@ -69,7 +69,7 @@ class Spiller:
                 return False
             had_kv = session.pinned_tokens > 0
             info = await service.kv.sync(session, 0)
-            session.pinned_blocks, session.pinned_tokens = info["pinned_blocks"], info["pinned_tokens"]
+            session.note_pin(info)
             session.sync_seq += 1
             service.ledger.uncharge(session.key)
             if session.token_ids:  # a session that had no KV (restored, cold) has none offloaded either

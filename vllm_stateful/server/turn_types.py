@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_stateful.sessions.store import Session
+from vllm_stateful.sessions.store import PinView, Session
 
 
 @dataclass
@@ -17,6 +17,8 @@ class TurnInput:
     is_chat: bool = False
     # the session history the input was built on (None: the history when the request runs)
     history: list[int] | None = None
+    # what the engine pinned of ``history``, read with it (see ``Session.pin_view``)
+    pin: PinView | None = None
     # ingestion: (version, tokens of this input, messages of this input) after each append in it
     boundaries: list[tuple[int, int, int]] = field(default_factory=list)
 

@@ -43,6 +43,15 @@ class SessionError(Exception):
         self.param = param
 
 
+@dataclass(frozen=True)
+class PinView:
+    """What the engine pinned of a session's history, as the API server last heard it: the first
+    ``tokens`` tokens, at the engine's sync ``generation`` of the session (-1: not known)."""
+
+    generation: int
+    tokens: int
+
+
 @dataclass(eq=False)
 class Session:
     id: str
@@ -61,6 +70,7 @@ class Session:
     kv_tokens: int = 0
     pinned_blocks: int = 0
     pinned_tokens: int = 0  # of token_ids, the leading ones the engine pins (as of the last sync)
+    pin_generation: int = -1  # the engine's sync generation of that pin (-1: not known)
     sync_seq: int = 0
     # resident: KV pinned in the engine; offloaded: spilled out of the KV pool to vLLM's KV
     # offloading tier (full blocks load back, the partial last one is recomputed); cold: only
@@ -127,6 +137,16 @@ class Session:
 
     def touch(self) -> None:
         self.last_used_at = time.time()
+
+    def pin_view(self) -> PinView:
+        """Read it together with ``token_ids`` (no await between): the view describes that history."""
+        return PinView(self.pin_generation, min(self.pinned_tokens, len(self.token_ids)))
+
+    def note_pin(self, info: dict[str, int]) -> None:
+        """Record the engine's answer to a sync-like op (pinned tokens, blocks, generation)."""
+        self.pinned_blocks = info["pinned_blocks"]
+        self.pinned_tokens = info["pinned_tokens"]
+        self.pin_generation = info.get("generation", -1)
 
     def expired(self, now: float) -> bool:
         """Idle past its TTL. A session whose write lock is held (a create filling it, a turn

@@ -1,0 +1,75 @@
+"""Session requests send only the tokens after the engine's pinned prefix (engine/prefix_refs.py):
+the answers stay those of a stock engine over the whole prompt, the engine counts the tokens it
+spliced in, and a reference the engine can no longer resolve is resent whole, still correct."""
+
+import random
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _counters(server) -> dict:
+    return server.integrity()["counters"]
+
+
+def _primes_alone(tokenizer, tail: list[int]) -> bool:
+    """The API server's condition for referencing (``detokenizer_prime.primes_alone``), decoded apart."""
+    text = tokenizer._tokenizer.decode(tail, True)
+    return bool(text) and not text.endswith("\ufffd")
+
+
+def test_turns_and_queries_reference_the_pin_and_answer_as_the_whole_prompt(stateful_server, reference, tokenizer):
+    server = stateful_server
+    sid = "prefix-ref"
+    rng = random.Random(11)
+    history = server.fresh_session(sid, 1200, seed=11)
+    before = _counters(server)
+    referenced = 0
+    for turn in range(4):
+        new = [rng.randrange(10, 3000) for _ in range(12)]
+        commit = turn % 2 == 0
+        r = server.complete(sid, new, max_tokens=6, commit=commit)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        prompt = history + new
+        assert body["choices"][0]["token_ids"] == reference.greedy(prompt, 6), turn
+        assert body["session"]["recomputed_tokens"] == 0 and body["session"]["context_tokens"] == len(prompt)
+        if _primes_alone(tokenizer, prompt[-32:]):
+            referenced += len(prompt) - 32  # all but the 32 tokens the detokenizer is primed with
+        if commit:
+            history = server.session(sid, tokens=True)["token_ids"]
+            assert history[: len(prompt)] == prompt
+    after = _counters(server)
+    assert referenced > 0
+    assert after.get("referenced_tokens", 0) - before.get("referenced_tokens", 0) == referenced
+    assert after.get("unresolved_references", 0) == before.get("unresolved_references", 0)
+    server.integrity()
+    assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
+def test_a_reference_to_a_dropped_pin_is_resent_whole(stateful_server, reference):
+    """A prefix-cache reset drops every pin; until the API server notices (it polls once a second),
+    its requests still reference them, and the engine refuses: each is resent with its whole prompt."""
+    server = stateful_server
+    sid = "prefix-ref-dropped"
+    history = server.fresh_session(sid, 600, seed=12)
+    refused = 0
+    for attempt in range(8):
+        before = _counters(server)
+        assert server.complete(sid, [21, 22], max_tokens=2).status_code == 200  # pinned again, synced
+        history = server.session(sid, tokens=True)["token_ids"]
+        assert httpx.post(server.root + "/reset_prefix_cache", timeout=60).status_code == 200
+        r = server.complete(sid, [31, 32, 33], max_tokens=4, commit=False)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == reference.greedy(history + [31, 32, 33], 4), attempt
+        refused += _counters(server).get("unresolved_references", 0) - before.get("unresolved_references", 0)
+        wait_until(lambda: server.session(sid)["state"] == "cold", what="session marked cold")
+        if refused >= 2:
+            break
+    assert refused >= 2, "the API server noticed every reset before its next request"
+    server.integrity()
+    assert server.delete(f"/v1/sessions/{sid}").status_code == 200

@@ -1,0 +1,114 @@
+"""Prefix references (engine/prefix_refs.py) on vLLM's own ``Request`` and block hasher: a request
+sent with only the tokens after its reference, once spliced, is the request vLLM builds from the
+whole prompt (tokens, block hashes); references the pin cannot satisfy are refused. No engine."""
+
+import random
+
+import pytest
+
+from vllm_stateful.engine.prefix_refs import splice, unresolved_reason
+from vllm_stateful.engine.request_tags import PrefixRef
+from vllm_stateful.engine.session_pins import SessionPins
+
+pytestmark = pytest.mark.unit
+
+BS = 16
+
+
+class Pool:
+    def touch(self, blocks):
+        pass
+
+    def free_blocks(self, blocks):
+        pass
+
+
+class Block:
+    def __init__(self, i: int) -> None:
+        self.block_id, self.block_hash = i, None
+
+
+def _hasher():
+    from vllm.utils.hashing import sha256_cbor
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    init_none_hash(sha256_cbor)
+    return get_request_block_hasher(BS, sha256_cbor)
+
+
+def _request(prompt: list[int], salt: str | None = "tenant-salt", request_id: str = "r"):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(
+        request_id, list(prompt), SamplingParams(max_tokens=4), None, cache_salt=salt, block_hasher=_hasher()
+    )
+
+
+def _pinned(history: list[int], salt: str | None = "tenant-salt"):
+    """A session pinned as the scheduler pins it: the finished request's tokens and hashes."""
+    pins = SessionPins(Pool(), BS)
+    pinning = _request(history, salt)
+    pins.pin("k", pinning.all_token_ids[:], [Block(i) for i in range(-(-len(history) // BS))],
+             pinning.block_hashes, salt)  # fmt: skip
+    return pins
+
+
+@pytest.mark.parametrize("referenced", [16, 250, 256, 999])
+def test_a_spliced_request_is_the_request_of_the_whole_prompt(referenced):
+    rng = random.Random(referenced)
+    history = [rng.randrange(10, 3000) for _ in range(1000)]
+    new = [rng.randrange(10, 3000) for _ in range(40)]
+    pins = _pinned(history)
+    pinned = pins.get("k")
+    sent = _request((history + new)[referenced:])
+    ref = PrefixRef(generation=3, tokens=referenced)
+    assert unresolved_reason(ref, pinned, 3, sent) is None
+    spliced = splice(sent, pinned, ref, BS)
+    whole = _request(history + new)
+    assert sent.prompt_token_ids == whole.prompt_token_ids and list(sent.all_token_ids) == whole.prompt_token_ids
+    assert sent.num_prompt_tokens == sent.num_tokens == len(history) + len(new)
+    assert sent.block_hashes == whole.block_hashes  # the prefix's taken from the pin, the rest hashed
+    assert (spliced.tokens, spliced.serial) == (referenced, pinned.serial)
+    # the generated tokens then extend it as they would the whole one
+    sent.append_output_token_ids([7] * 30)
+    whole.append_output_token_ids([7] * 30)
+    assert sent.block_hashes == whole.block_hashes and list(sent.all_token_ids) == list(whole.all_token_ids)
+    # the session's hit skips comparing the spliced prefix, with the same answer as comparing it
+    assert pins.hit("k", sent.all_token_ids, known_equal=referenced) == pins.hit("k", sent.all_token_ids)
+
+
+def test_another_salt_gets_its_own_hashes_not_the_pins():
+    rng = random.Random(1)
+    history = [rng.randrange(10, 3000) for _ in range(300)]
+    pins = _pinned(history, salt="tenant-a")
+    sent = _request(history[256:] + [5, 6, 7], salt="tenant-b")
+    splice(sent, pins.get("k"), PrefixRef(0, 256), BS)
+    assert sent.block_hashes == _request(history + [5, 6, 7], salt="tenant-b").block_hashes
+    assert sent.block_hashes[0] != pins.get("k").block_hashes[0]
+
+
+def test_references_the_pin_cannot_satisfy_are_refused():
+    history = list(range(100, 400))
+    pins = _pinned(history)
+    pinned = pins.get("k")
+    sent = _request([1, 2, 3])
+    assert "no pinned KV" in unresolved_reason(PrefixRef(0, 64), None, 0, sent)
+    assert "synced since" in unresolved_reason(PrefixRef(1, 64), pinned, 2, sent)
+    assert "fewer than" in unresolved_reason(PrefixRef(2, 301), pinned, 2, sent)
+    assert unresolved_reason(PrefixRef(2, 300), pinned, 2, sent) is None
+    sent.append_output_token_ids(9)
+    assert "plain token prompt" in unresolved_reason(PrefixRef(2, 64), pinned, 2, sent)
+
+
+def test_pins_keep_their_hashes_through_trims_and_change_serial():
+    history = list(range(100, 400))  # 18 full blocks + 12 tokens
+    pins = _pinned(history)
+    pinned = pins.get("k")
+    assert len(pinned.block_hashes) == 300 // BS
+    serial = pinned.serial
+    pins.truncate("k", 100)
+    assert len(pinned.block_hashes) == 100 // BS and pinned.serial != serial
+    assert pinned.block_hashes == _request(history[:100]).block_hashes
+    pins.pin("j", pinned.token_ids, pinned.blocks)  # without hashes: none kept, none invented
+    assert pins.get("j").block_hashes is None

@@ -1,0 +1,72 @@
+"""Requests that reference their session's pinned prefix instead of carrying it.
+
+A session request whose tag holds a ``PrefixRef(generation, tokens)`` arrives
+with only the tokens after the session's first ``tokens`` pinned tokens: the
+API server did not ship (and vLLM's input thread did not hash) a history the
+engine already holds. Before vLLM's scheduler sees the request, ``splice``
+puts the pinned tokens back in front of its prompt and gives it the prefix's
+block hashes as the pinning request computed them, so only the sent tokens are
+hashed. From then on the request is exactly the one vLLM would have built from
+the whole prompt: same tokens, same block hashes, same length checks.
+
+Why a reference is sound: the API server takes ``(generation, tokens)`` from
+the engine's reply to the session's last ``sync`` together with the history it
+builds the prompt on (``SessionKV.apply``). Between two syncs of a session its
+pin only grows by requests built on that history, or is dropped (cache reset,
+weight update) and rebuilt from it, so while the engine's sync generation is
+unchanged, the pin's first ``tokens`` tokens are the prompt's. Otherwise the
+reference is *unresolved*: the request finishes with ``error`` before it runs
+and the API server sends it again with its whole prompt.
+No vLLM import at module level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_stateful.engine.request_tags import PrefixRef
+from vllm_stateful.engine.session_pins import PinnedSession
+
+
+@dataclass(frozen=True)
+class Spliced:
+    """Recorded on a spliced request: its first ``tokens`` tokens are those of the pin whose
+    ``serial`` this is (``SessionPins.hit`` skips comparing them while the pin is unchanged)."""
+
+    serial: int
+    tokens: int
+
+
+def unresolved_reason(ref: PrefixRef, pinned: PinnedSession | None, generation: int, request: Any) -> str | None:
+    """Why ``ref`` cannot be resolved against the session's pin now; None when it can."""
+    if pinned is None:
+        return "the session holds no pinned KV"
+    if ref.generation != generation:
+        return f"the session was synced since (generation {ref.generation}, now {generation})"
+    if pinned.num_tokens < ref.tokens:
+        return f"the pin holds {pinned.num_tokens} tokens, fewer than the {ref.tokens} referenced"
+    if request.num_output_tokens or request.prompt_embeds is not None or request.mm_features:
+        return "only a plain token prompt can reference a pin"
+    return None
+
+
+def splice(request: Any, pinned: PinnedSession, ref: PrefixRef, block_size: int) -> Spliced:
+    """Make ``request`` (built by vLLM from the sent tokens) hold the pin's first ``ref.tokens``
+    tokens followed by its own prompt, with the block hashes of the whole (``block_size``: vLLM's
+    hash block size, the pins' block size). Precondition: ``unresolved_reason`` returned None."""
+    from vllm.v1.utils import ConstantList
+
+    prompt = pinned.token_ids[: ref.tokens] + list(request.prompt_token_ids)
+    request.prompt_token_ids = prompt
+    request.num_prompt_tokens = len(prompt)
+    request._all_token_ids = prompt.copy()
+    request.all_token_ids = ConstantList(request._all_token_ids)
+    # the pin's hashes are the prefix's own unless the salt or adapter (both hashed) differ
+    reusable = (
+        pinned.block_hashes is not None and pinned.cache_salt == request.cache_salt and request.lora_request is None
+    )
+    hashes = pinned.block_hashes if reusable and pinned.block_hashes is not None else []
+    request.block_hashes = list(hashes[: ref.tokens // block_size])
+    request.update_block_hashes()
+    return Spliced(pinned.serial, ref.tokens)
