@@ -73,3 +73,29 @@ def test_a_reference_to_a_dropped_pin_is_resent_whole(stateful_server, reference
     assert refused >= 2, "the API server noticed every reset before its next request"
     server.integrity()
     assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
+def test_a_forged_reference_never_runs_and_never_splices(stateful_server):
+    """/invocations is vLLM's and outside --api-key: a request carrying a prefix reference under a
+    MAC that does not verify is finished unrun (its prompt leaves out a prefix it cannot have)."""
+    server = stateful_server
+    sid = "prefix-ref-victim"
+    server.fresh_session(sid, 400, seed=13)
+    before = server.session(sid, tokens=True)
+    forged = server.metric('vllm_stateful:engine_events{event="forged_tags"}')
+    xargs = {"stateful_session": sid, "stateful_commit": False, "stateful_ref": [1, 300], "stateful_mac": "00" * 32}
+    body = {"model": "tiny", "prompt": [9] * 40, "max_tokens": 4, "temperature": 0, "vllm_xargs": xargs}
+    r = httpx.post(server.root + "/invocations", json=body, timeout=60)
+    if r.status_code == 200:  # vLLM answers a request its engine failed with finish_reason "error"
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "error" and choice["text"] == "", r.text
+    else:
+        assert r.status_code >= 400, r.text
+    after = server.session(sid, tokens=True)
+    assert (after["token_ids"], after["pinned_blocks"]) == (before["token_ids"], before["pinned_blocks"])
+    wait_until(
+        lambda: server.metric('vllm_stateful:engine_events{event="forged_tags"}') >= forged + 1,
+        what="forged tag counted",
+    )
+    server.idle()
+    assert server.delete(f"/v1/sessions/{sid}").status_code == 200

@@ -3,7 +3,6 @@ queries ahead of ingestion, ingestion's minimum share (engine/work_classes.py)."
 
 import concurrent.futures
 import random
-import threading
 
 import httpx
 import pytest
@@ -127,36 +126,27 @@ def test_a_query_arriving_during_a_long_ingestion_waits_at_most_one_chunk(statef
 def test_ingestion_under_continuous_queries_still_advances_at_its_share(stateful_server):
     server = stateful_server
     server.fresh_session("sched-busy", 64, seed=2)
-    stop = threading.Event()
-    answered = []
-
-    def ask() -> None:
-        while not stop.is_set():
-            r = server.complete("sched-busy", [31, 32, 33], 24, False)
-            answered.append(r.status_code)
-
     before = server.idle()["counters"]
-    threads = [threading.Thread(target=ask) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        wait_until(lambda: len(answered) >= 3, what="queries flowing")
+    # three long queries, running in the engine for the whole ingestion whatever the test process's
+    # own scheduling (this VM can stop a process for seconds; the engine keeps decoding meanwhile)
+    query = {"model": "tiny", "prompt": [31, 32, 33], "max_tokens": 600, "ignore_eos": True, "temperature": 0,
+             "stateful": "sched-busy", "stateful_commit": False}  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        queries = [pool.submit(server.post, "/v1/completions", json=query) for _ in range(3)]
+        wait_until(lambda: server.integrity()["running"] >= 3, what="queries running")
         prompt = [random.Random(9).randrange(10, 3000) for _ in range(1200)]
         r = server.post("/v1/sessions", json={"id": "sched-ingest", "prompt": prompt})
-        queries_during = len(answered)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        still_running = sum(not q.done() for q in queries)
+        answered = [q.result().status_code for q in queries]
     assert r.status_code == 201, r.text
-    assert set(answered) == {200}
+    assert answered == [200] * 3
     after = server.idle()["counters"]
 
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)
 
     # it advanced beside the queries, in steps carrying its share (<= INGEST_SHARE tokens) ...
-    assert delta("ingest_share_steps") > 0 and queries_during >= 3
+    assert delta("ingest_share_steps") > 0 and still_running >= 1
     assert 0 < delta("tokens_ingest_beside_foreground") <= INGEST_SHARE * delta("ingest_share_steps")
     assert delta("tokens_ingest") >= 1200 - BLOCK_SIZE
     # ... and was never held for more than one step in a row (max_ingest_hold_steps = 1)

@@ -6,13 +6,14 @@ import random
 
 import pytest
 
-from vllm_stateful.engine.prefix_refs import splice, unresolved_reason
+from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, splice, unresolved_reason
 from vllm_stateful.engine.request_tags import PrefixRef
 from vllm_stateful.engine.session_pins import SessionPins
 
 pytestmark = pytest.mark.unit
 
 BS = 16
+MAX_LEN = 4096
 
 
 class Pool:
@@ -63,7 +64,7 @@ def test_a_spliced_request_is_the_request_of_the_whole_prompt(referenced):
     pinned = pins.get("k")
     sent = _request((history + new)[referenced:])
     ref = PrefixRef(generation=3, tokens=referenced)
-    assert unresolved_reason(ref, pinned, 3, sent) is None
+    assert unresolved_reason(ref, pinned, 3, sent, MAX_LEN) is None
     spliced = splice(sent, pinned, ref, BS)
     whole = _request(history + new)
     assert sent.prompt_token_ids == whole.prompt_token_ids and list(sent.all_token_ids) == whole.prompt_token_ids
@@ -93,12 +94,29 @@ def test_references_the_pin_cannot_satisfy_are_refused():
     pins = _pinned(history)
     pinned = pins.get("k")
     sent = _request([1, 2, 3])
-    assert "no pinned KV" in unresolved_reason(PrefixRef(0, 64), None, 0, sent)
-    assert "synced since" in unresolved_reason(PrefixRef(1, 64), pinned, 2, sent)
-    assert "fewer than" in unresolved_reason(PrefixRef(2, 301), pinned, 2, sent)
-    assert unresolved_reason(PrefixRef(2, 300), pinned, 2, sent) is None
+    assert "no pinned KV" in unresolved_reason(PrefixRef(0, 64), None, 0, sent, MAX_LEN)
+    assert "synced since" in unresolved_reason(PrefixRef(1, 64), pinned, 2, sent, MAX_LEN)
+    assert "fewer than" in unresolved_reason(PrefixRef(2, 301), pinned, 2, sent, MAX_LEN)
+    assert unresolved_reason(PrefixRef(2, 300), pinned, 2, sent, MAX_LEN) is None
+    # vLLM refuses a prompt of max_model_len tokens or more: so is the reference that would splice one
+    assert "would not fit" in unresolved_reason(PrefixRef(2, 300), pinned, 2, sent, 303)
+    assert unresolved_reason(PrefixRef(2, 300), pinned, 2, sent, 304) is None
+    # another tenant's request (another cache salt) never splices this pin
+    assert "cache salt" in unresolved_reason(PrefixRef(2, 64), pinned, 2, _request([1, 2, 3], salt="other"), MAX_LEN)
     sent.append_output_token_ids(9)
-    assert "plain token prompt" in unresolved_reason(PrefixRef(2, 64), pinned, 2, sent)
+    assert "plain token prompt" in unresolved_reason(PrefixRef(2, 64), pinned, 2, sent, MAX_LEN)
+
+
+def test_prefill_stats_count_the_tokens_sent_once_set_over_the_whole_prompt():
+    from vllm.v1.metrics.stats import PrefillStats
+
+    stats = PrefillStats()
+    count_sent_only(stats, Spliced(1, 990))  # not set yet: left alone
+    assert stats.num_prompt_tokens == 0
+    stats.set(num_prompt_tokens=1040, num_local_cached_tokens=1030, num_external_cached_tokens=0)
+    count_sent_only(stats, Spliced(1, 990))
+    assert (stats.num_prompt_tokens, stats.num_cached_tokens, stats.num_computed_tokens) == (50, 40, 10)
+    assert stats.num_local_cached_tokens == 40
 
 
 def test_pins_keep_their_hashes_through_trims_and_change_serial():

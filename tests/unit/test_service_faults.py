@@ -335,14 +335,16 @@ def test_a_query_reads_one_snapshot_and_reports_the_version_it_read():
 
 class ReferencingBridge(FakeBridge):
     """An engine that reports sync generations (so requests reference the pinned prefix), records
-    what each request sent, and refuses the next ``refuse_refs`` references as the engine does
-    (finished with ``error`` before any token)."""
+    what each request sent, refuses the next ``refuse_refs`` references as the engine does
+    (finished with ``error`` and its marker, before any token), and fails the next ``fail_next``
+    requests with a plain ``error``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sent: list[tuple[list[int], dict]] = []
         self.generations: dict[str, int] = {}
         self.refuse_refs = 0
+        self.fail_next = 0
 
     def primes_alone(self, tail, skip_special_tokens: bool) -> bool:
         return True
@@ -356,8 +358,15 @@ class ReferencingBridge(FakeBridge):
 
     async def generate(self, prompt, params, request_id, cache_salt, priority=0, session_id=None, rank=0):
         self.sent.append((list(prompt), dict(params.extra_args or {})))
+        from vllm_stateful.engine.request_tags import UNRESOLVED_STOP_REASON
+
         if self.refuse_refs and "stateful_ref" in (params.extra_args or {}):
             self.refuse_refs -= 1
+            out = SimpleNamespace(token_ids=[], text="", finish_reason="error", stop_reason=UNRESOLVED_STOP_REASON)
+            yield SimpleNamespace(outputs=[out], num_cached_tokens=0, finished=True)
+            return
+        if self.fail_next:
+            self.fail_next -= 1
             out = SimpleNamespace(token_ids=[], text="", finish_reason="error", stop_reason=None)
             yield SimpleNamespace(outputs=[out], num_cached_tokens=0, finished=True)
             return
@@ -399,5 +408,12 @@ def test_requests_reference_the_pinned_history_and_are_resent_whole_when_refused
         assert results[-1].finish_reason == "length" and session.token_ids == whole + [ord("q"), ord("r")] + [97] * 3
         assert service.kv.unresolved_references == 1 and session.pin_generation == 2
         assert service.ledger.check_integrity() == []
+
+        # an engine error that is not a refused reference is not resent: the turn fails, nothing commits
+        bridge.fail_next, sent_before, before = 1, len(bridge.sent), list(session.token_ids)
+        with pytest.raises(SessionError) as e:
+            await _run(service, session, max_tokens=3)
+        assert e.value.status == 503 and len(bridge.sent) == sent_before + 1 and session.token_ids == before
+        assert service.kv.unresolved_references == 1
 
     asyncio.run(run())

@@ -38,16 +38,25 @@ class Spliced:
     tokens: int
 
 
-def unresolved_reason(ref: PrefixRef, pinned: PinnedSession | None, generation: int, request: Any) -> str | None:
-    """Why ``ref`` cannot be resolved against the session's pin now; None when it can."""
+def unresolved_reason(
+    ref: PrefixRef, pinned: PinnedSession | None, generation: int, request: Any, max_model_len: int
+) -> str | None:
+    """Why ``ref`` cannot be resolved against the session's pin now; None when it can.
+
+    A spliced prompt vLLM's input checks would have refused (``max_model_len``) is not resolved
+    either: sent whole, it gets vLLM's own error."""
     if pinned is None:
         return "the session holds no pinned KV"
     if ref.generation != generation:
         return f"the session was synced since (generation {ref.generation}, now {generation})"
     if pinned.num_tokens < ref.tokens:
         return f"the pin holds {pinned.num_tokens} tokens, fewer than the {ref.tokens} referenced"
+    if pinned.cache_salt != request.cache_salt:
+        return "the pin was computed under another cache salt (tenant)"
     if request.num_output_tokens or request.prompt_embeds is not None or request.mm_features:
         return "only a plain token prompt can reference a pin"
+    if ref.tokens + len(request.prompt_token_ids) >= max_model_len:
+        return f"the spliced prompt would not fit the model's context of {max_model_len} tokens"
     return None
 
 
@@ -70,3 +79,18 @@ def splice(request: Any, pinned: PinnedSession, ref: PrefixRef, block_size: int)
     request.block_hashes = list(hashes[: ref.tokens // block_size])
     request.update_block_hashes()
     return Spliced(pinned.serial, ref.tokens)
+
+
+def count_sent_only(stats: Any, spliced: Spliced) -> None:
+    """vLLM's prefill stats of a spliced request, counted over the tokens the client's request
+    carried: the API server's side of vLLM's metrics only knows those (its prompt length), so
+    whole-prompt stats would report ``cached > prompt`` there. The spliced prefix leaves the
+    prompt and the local cache hit alike; the computed tokens are unchanged. Stats not yet set
+    over the whole prompt are left alone."""
+    if stats.num_prompt_tokens < spliced.tokens:
+        return
+    take = min(spliced.tokens, stats.num_local_cached_tokens)
+    stats.num_prompt_tokens -= spliced.tokens
+    stats.num_local_cached_tokens -= take
+    stats.num_cached_tokens -= take
+    stats.num_computed_tokens = max(0, stats.num_prompt_tokens - stats.num_cached_tokens)

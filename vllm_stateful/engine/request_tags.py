@@ -29,6 +29,9 @@ SESSION_KEY = "stateful_session"
 COMMIT_KEY = "stateful_commit"
 MAC_KEY = "stateful_mac"
 REF_KEY = "stateful_ref"
+# The stop reason of a request the engine finished unrun because it could not resolve its prefix
+# reference (see ``engine/prefix_refs.py``); with finish reason "error" and no token, nothing else.
+UNRESOLVED_STOP_REASON = "vllm_stateful_unresolved_reference"
 RESERVED_PREFIX = "stateful_"
 
 

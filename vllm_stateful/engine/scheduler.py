@@ -60,8 +60,8 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.control import SessionControl
-from vllm_stateful.engine.prefix_refs import Spliced, splice, unresolved_reason
-from vllm_stateful.engine.request_tags import SessionTag, read_tag
+from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, splice, unresolved_reason
+from vllm_stateful.engine.request_tags import REF_KEY, UNRESOLVED_STOP_REASON, SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
 from vllm_stateful.engine.work_classes import ShareConfig, StepPolicy, WorkClass, marked_class
@@ -74,6 +74,7 @@ STAMP_ATTR = "_vllm_stateful_stamp"
 CLASS_ATTR = "_vllm_stateful_class"
 LOOKUP_ATTR = "_vllm_stateful_lookup"
 SPLICED_ATTR = "_vllm_stateful_spliced"
+COUNTED_ATTR = "_vllm_stateful_counted"
 
 
 def work_class(request: Request) -> WorkClass:
@@ -127,12 +128,13 @@ class StatefulSchedulerMixin:
 
     def add_request(self, request: Request) -> None:
         tag = self._session_tag(request, count_forged=True)
-        resolved = True
+        params = request.sampling_params
+        # a prompt that leaves out a referenced prefix never runs as it is: unverified, it is refused
+        resolved = not (params is not None and params.extra_args and REF_KEY in params.extra_args)
         if tag is not None:
             setattr(request, STAMP_ATTR, self.session_control.stamp(tag.key))
             if tag.prefix is not None:
                 resolved = self._splice_prefix(request, tag)
-        params = request.sampling_params
         klass = marked_class(params.extra_args if params else None, tag is not None)
         setattr(request, CLASS_ATTR, klass)
         super().add_request(request)
@@ -149,6 +151,8 @@ class StatefulSchedulerMixin:
                 request_id=request.request_id,
                 new_token_ids=[],
                 finish_reason=request.get_finished_reason(),
+                stop_reason=UNRESOLVED_STOP_REASON,
+                events=request.take_events(),
                 trace_headers=request.trace_headers,
             )
             batch = outputs.get(request.client_index)
@@ -194,6 +198,7 @@ class StatefulSchedulerMixin:
             self.max_num_scheduled_tokens = plan.token_budget
         try:
             output = super().schedule(*args, **kwargs)
+            self._count_sent_only(output.scheduled_new_reqs)
         finally:
             self.max_num_scheduled_tokens = full_budget
             if held_running:
@@ -212,6 +217,20 @@ class StatefulSchedulerMixin:
         # a step's wall time runs from one schedule() to the next while work is scheduled
         self._last_step_start = started if output.num_scheduled_tokens else None
         return output
+
+    def _count_sent_only(self, scheduled_new: list[Any]) -> None:
+        """Spliced requests' prefill stats over the tokens they carried (``prefix_refs``), once."""
+        for new in scheduled_new:
+            request = self.requests.get(new.req_id)
+            spliced = getattr(request, SPLICED_ATTR, None)
+            stats = getattr(request, "prefill_stats", None)
+            if spliced is None or stats is None or getattr(request, COUNTED_ATTR, False):
+                continue
+            try:
+                count_sent_only(stats, spliced)
+            except Exception:
+                self.session_control.fault("prefill stats", new.req_id)
+            setattr(request, COUNTED_ATTR, True)
 
     def _order_waiting(self) -> None:
         """FCFS waiting queue in class order (stable). A priority queue keeps vLLM's order:
@@ -310,7 +329,7 @@ class StatefulSchedulerMixin:
         try:
             pinned = self.session_pins.get(tag.key)
             generation = self.session_control.generation(tag.key)
-            reason = unresolved_reason(tag.prefix, pinned, generation, request)
+            reason = unresolved_reason(tag.prefix, pinned, generation, request, self.max_model_len)
             if reason is None and pinned is not None:
                 setattr(request, SPLICED_ATTR, splice(request, pinned, tag.prefix, self.session_pins.block_size))
                 self.session_control.counters["referenced_tokens"] += tag.prefix.tokens

@@ -21,7 +21,7 @@ from typing import Any
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
-from vllm_stateful.engine.request_tags import PrefixRef, with_prefix
+from vllm_stateful.engine.request_tags import UNRESOLVED_STOP_REASON, PrefixRef, with_prefix
 from vllm_stateful.server.bridge import EngineBridge
 from vllm_stateful.server.detokenizer_prime import PRIME_TOKENS
 from vllm_stateful.server.turn_types import TurnResult
@@ -63,17 +63,18 @@ class SessionKV:
         session = result.session
         running = session.background_request_ids if background else session.active_request_ids
         try:
-            ref = self.prefix_ref(prompt, params, pin)
+            ref = self.prefix_ref(session, prompt, params, pin)
             if ref is not None:
                 referencing = params.clone()
                 referencing.extra_args = with_prefix(params.extra_args or {}, self.tenancy.secret, ref)
                 sent = self._run(session, prompt[ref.tokens :], referencing, priority, session_id, running)
                 async with aclosing(sent) as outputs:
                     async for out in outputs:
-                        if _unresolved(out):
+                        # refused before it ran: resent whole (unless the session closed meanwhile)
+                        if _unresolved(out) and not result.output_token_ids and session.is_open:
                             self.unresolved_references += 1
                             break
-                        yield _filled(result, out)
+                        yield _filled(result, out, ref.tokens)
                     else:
                         return
             async with aclosing(self._run(session, prompt, params, priority, session_id, running)) as outputs:
@@ -83,13 +84,18 @@ class SessionKV:
             if not background:
                 session.touch()
 
-    def prefix_ref(self, prompt: list[int], params: SamplingParams, pin: PinView | None) -> PrefixRef | None:
+    def prefix_ref(
+        self, session: Session, prompt: list[int], params: SamplingParams, pin: PinView | None
+    ) -> PrefixRef | None:
         """The reference a request for ``prompt`` sends instead of its pinned prefix, or None.
 
         At least ``PRIME_TOKENS`` tokens are always sent, and only when the detokenizer primed with
         their tail decodes as if primed with the whole prompt: the request's text is unchanged.
-        Requests that score their prompt (``prompt_logprobs``) send it whole."""
+        Requests that score their prompt (``prompt_logprobs``) send it whole, and so does one whose
+        session moved to another data-parallel rank since ``pin`` was read."""
         if not self.references or pin is None or pin.generation < 0 or params.prompt_logprobs is not None:
+            return None
+        if pin.rank != session.data_parallel_rank:
             return None
         tokens = min(pin.tokens, len(prompt) - PRIME_TOKENS)
         if tokens < MIN_REFERENCED_TOKENS:
@@ -199,18 +205,24 @@ class SessionKV:
 
 
 def _unresolved(out: RequestOutput) -> bool:
-    """The engine refused the request's prefix reference: it failed before computing anything."""
+    """The engine refused the request's prefix reference: it finished unrun, with the engine's marker."""
     completion = out.outputs[0]
-    return out.finished and completion.finish_reason == "error" and not completion.token_ids
+    return (
+        out.finished
+        and completion.finish_reason == "error"
+        and completion.stop_reason == UNRESOLVED_STOP_REASON
+        and not completion.token_ids
+    )
 
 
-def _filled(result: TurnResult, out: RequestOutput) -> RequestOutput:
-    """``out`` recorded into ``result``."""
+def _filled(result: TurnResult, out: RequestOutput, referenced: int = 0) -> RequestOutput:
+    """``out`` recorded into ``result``; ``referenced``: prompt tokens the request referenced instead
+    of sending (vLLM counts its cached tokens over the tokens sent, ``prefix_refs.count_sent_only``)."""
     completion = out.outputs[0]
     result.output_token_ids.extend(completion.token_ids)
     result.text += completion.text
     if out.num_cached_tokens is not None:
-        result.cached_tokens = out.num_cached_tokens
+        result.cached_tokens = out.num_cached_tokens + referenced
     if out.finished:
         result.finish_reason = completion.finish_reason
         result.stop_reason = completion.stop_reason

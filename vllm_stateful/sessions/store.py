@@ -46,10 +46,12 @@ class SessionError(Exception):
 @dataclass(frozen=True)
 class PinView:
     """What the engine pinned of a session's history, as the API server last heard it: the first
-    ``tokens`` tokens, at the engine's sync ``generation`` of the session (-1: not known)."""
+    ``tokens`` tokens, at data-parallel rank ``rank``'s sync ``generation`` of the session (-1: not
+    known)."""
 
     generation: int
     tokens: int
+    rank: int = 0
 
 
 @dataclass(eq=False)
@@ -140,7 +142,7 @@ class Session:
 
     def pin_view(self) -> PinView:
         """Read it together with ``token_ids`` (no await between): the view describes that history."""
-        return PinView(self.pin_generation, min(self.pinned_tokens, len(self.token_ids)))
+        return PinView(self.pin_generation, min(self.pinned_tokens, len(self.token_ids)), self.data_parallel_rank)
 
     def note_pin(self, info: dict[str, int]) -> None:
         """Record the engine's answer to a sync-like op (pinned tokens, blocks, generation)."""
