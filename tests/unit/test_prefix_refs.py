@@ -14,6 +14,7 @@ pytestmark = pytest.mark.unit
 
 BS = 16
 MAX_LEN = 4096
+ANY = 1 << 62  # no sync since the reference's generation
 
 
 class Pool:
@@ -64,7 +65,7 @@ def test_a_spliced_request_is_the_request_of_the_whole_prompt(referenced):
     pinned = pins.get("k")
     sent = _request((history + new)[referenced:])
     ref = PrefixRef(generation=3, tokens=referenced)
-    assert unresolved_reason(ref, pinned, 3, sent, MAX_LEN) is None
+    assert unresolved_reason(ref, pinned, ANY, sent, MAX_LEN) is None
     spliced = splice(sent, pinned, ref, BS)
     whole = _request(history + new)
     assert sent.prompt_token_ids == whole.prompt_token_ids and list(sent.all_token_ids) == whole.prompt_token_ids
@@ -94,17 +95,43 @@ def test_references_the_pin_cannot_satisfy_are_refused():
     pins = _pinned(history)
     pinned = pins.get("k")
     sent = _request([1, 2, 3])
-    assert "no pinned KV" in unresolved_reason(PrefixRef(0, 64), None, 0, sent, MAX_LEN)
-    assert "synced since" in unresolved_reason(PrefixRef(1, 64), pinned, 2, sent, MAX_LEN)
-    assert "fewer than" in unresolved_reason(PrefixRef(2, 301), pinned, 2, sent, MAX_LEN)
-    assert unresolved_reason(PrefixRef(2, 300), pinned, 2, sent, MAX_LEN) is None
+    assert "no pinned KV" in unresolved_reason(PrefixRef(0, 64), None, ANY, sent, MAX_LEN)
+    assert "synced to 63 tokens" in unresolved_reason(PrefixRef(1, 64), pinned, 63, sent, MAX_LEN)
+    assert unresolved_reason(PrefixRef(1, 64), pinned, 64, sent, MAX_LEN) is None
+    assert "fewer than" in unresolved_reason(PrefixRef(2, 301), pinned, ANY, sent, MAX_LEN)
+    assert unresolved_reason(PrefixRef(2, 300), pinned, ANY, sent, MAX_LEN) is None
     # vLLM refuses a prompt of max_model_len tokens or more: so is the reference that would splice one
-    assert "would not fit" in unresolved_reason(PrefixRef(2, 300), pinned, 2, sent, 303)
-    assert unresolved_reason(PrefixRef(2, 300), pinned, 2, sent, 304) is None
+    assert "would not fit" in unresolved_reason(PrefixRef(2, 300), pinned, ANY, sent, 303)
+    assert unresolved_reason(PrefixRef(2, 300), pinned, ANY, sent, 304) is None
     # another tenant's request (another cache salt) never splices this pin
-    assert "cache salt" in unresolved_reason(PrefixRef(2, 64), pinned, 2, _request([1, 2, 3], salt="other"), MAX_LEN)
+    other = _request([1, 2, 3], salt="other")
+    assert "cache salt" in unresolved_reason(PrefixRef(2, 64), pinned, ANY, other, MAX_LEN)
     sent.append_output_token_ids(9)
-    assert "plain token prompt" in unresolved_reason(PrefixRef(2, 64), pinned, 2, sent, MAX_LEN)
+    assert "plain token prompt" in unresolved_reason(PrefixRef(2, 64), pinned, ANY, sent, MAX_LEN)
+
+
+def test_a_reference_stays_good_through_syncs_that_keep_its_tokens():
+    from types import SimpleNamespace
+
+    from vllm_stateful.engine.control import _SYNCS_KEPT, SessionControl
+
+    control = SessionControl(SimpleNamespace(session_pins=SessionPins(Pool(), BS), vllm_config=None))
+    assert control.referencable_tokens("k", 0) >= 1 << 40  # never synced: nothing changed
+    control.op_sync("k", 500)  # generation 1: the first commit
+    control.op_sync("k", 520)  # 2: an append committed while a query was on its way
+    assert control.referencable_tokens("k", 1) == 520 and control.referencable_tokens("k", 2) >= 1 << 40
+    control.op_sync("k", 300)  # 3: a rewind to 300 tokens
+    control.op_sync("k", 900)  # 4: then more data
+    assert [control.referencable_tokens("k", g) for g in (1, 2, 3)] == [300, 300, 900]
+    assert control.referencable_tokens("k", 5) == 0  # a generation this key never had
+    control.op_leave("k")  # moved to another rank: nothing it referenced here is still shared
+    assert control.referencable_tokens("k", 4) == 0
+    for _ in range(_SYNCS_KEPT):
+        control.op_sync("k", 1000)
+    assert control.referencable_tokens("k", 4) == 0  # older than the syncs remembered
+    assert control.referencable_tokens("k", control.generation("k") - 1) == 1000
+    control.op_release("k")
+    assert control.referencable_tokens("k", 3) == 0
 
 
 def test_prefill_stats_count_the_tokens_sent_once_set_over_the_whole_prompt():

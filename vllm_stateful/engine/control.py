@@ -30,7 +30,7 @@ incarnation's key. Ops:
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,9 @@ _WARN_EVERY_S = 10.0
 # Released keys remembered, so that a request finishing after its session's
 # release never pins again (keys are never reused; this bounds the memory).
 _RELEASED_KEYS_KEPT = 65536
+# Syncs remembered per session for prefix references (``referencable_tokens``); a reference older
+# than that many syncs is refused and sent again whole.
+_SYNCS_KEPT = 32
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class SessionControl:
         # bumped by every sync of a key: a pin may only come from a request admitted after the last one
         self._generation: dict[str, int] = {}
         self._released: OrderedDict[str, None] = OrderedDict()
+        # per key, its last syncs: (the generation each one made, the tokens it kept)
+        self._syncs: dict[str, deque[tuple[int, int]]] = {}
 
     # --- which finished requests may pin -----------------------------------------------
 
@@ -88,9 +93,28 @@ class SessionControl:
     # --- events from the scheduler -------------------------------------------------
 
     def generation(self, key: str) -> int:
-        """How many times the session was synced (or left) here: its pin's content only grows
-        between two (see ``prefix_refs``)."""
+        """How many times the session was synced (or left) here."""
         return self._generation.get(key, 0)
+
+    def referencable_tokens(self, key: str, generation: int) -> int:
+        """How many leading tokens of the history the API server held at sync ``generation`` of the
+        session are still the leading tokens of its history now, hence of its pin (``prefix_refs``).
+
+        Every sync trims the pin to the tokens the API server's new history shares with the old
+        one's (a commit keeps all of them and adds its own, a rollback or rewind keeps fewer), so
+        that is the fewest tokens any sync since ``generation`` kept; unbounded when there was none,
+        0 when some of them are no longer remembered (or ``generation`` is not one of this key's)."""
+        current = self.generation(key)
+        if generation == current:
+            return 1 << 62
+        newer = [kept for made, kept in self._syncs.get(key, ()) if made > generation]
+        if generation > current or len(newer) != current - generation:
+            return 0
+        return min(newer)
+
+    def _synced(self, key: str, kept: int) -> None:
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._syncs.setdefault(key, deque(maxlen=_SYNCS_KEPT)).append((self._generation[key], kept))
 
     def unresolved(self, request_id: str, reason: str) -> None:
         self.counters["unresolved_references"] += 1
@@ -165,18 +189,19 @@ class SessionControl:
 
     def op_sync(self, key: str, keep_tokens: int) -> dict[str, int]:
         self.pins.truncate(key, int(keep_tokens))
-        self._generation[key] = self._generation.get(key, 0) + 1
+        self._synced(key, int(keep_tokens))
         return self._pin_info(key)
 
     def op_leave(self, key: str) -> dict[str, int]:
         """The session moved to another data-parallel rank: drop its pin here; it may come back
         (unlike ``release``), and no request admitted before now pins it again."""
         freed = self.pins.release(key)
-        self._generation[key] = self._generation.get(key, 0) + 1
+        self._synced(key, 0)
         return {"freed_blocks": freed, **self._pin_info(key)}
 
     def op_release(self, key: str) -> dict[str, int]:
         self._generation.pop(key, None)
+        self._syncs.pop(key, None)
         self._released[key] = None
         while len(self._released) > _RELEASED_KEYS_KEPT:
             self._released.popitem(last=False)

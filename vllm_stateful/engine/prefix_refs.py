@@ -11,10 +11,13 @@ the whole prompt: same tokens, same block hashes, same length checks.
 
 Why a reference is sound: the API server takes ``(generation, tokens)`` from
 the engine's reply to the session's last ``sync`` together with the history it
-builds the prompt on (``SessionKV.apply``). Between two syncs of a session its
+builds the prompt on (``Session.pin_view``). Between two syncs of a session its
 pin only grows by requests built on that history, or is dropped (cache reset,
-weight update) and rebuilt from it, so while the engine's sync generation is
-unchanged, the pin's first ``tokens`` tokens are the prompt's. Otherwise the
+weight update) and rebuilt from it; a sync trims it to the tokens the new
+history shares with the old (a commit keeps them all). So the pin's first
+``tokens`` tokens are the prompt's while every sync since ``generation`` kept
+at least ``tokens`` (``SessionControl.referencable_tokens``): a query is not
+refused because an append committed while it was on its way. Otherwise the
 reference is *unresolved*: the request finishes with ``error`` before it runs
 and the API server sends it again with its whole prompt.
 No vLLM import at module level.
@@ -39,16 +42,18 @@ class Spliced:
 
 
 def unresolved_reason(
-    ref: PrefixRef, pinned: PinnedSession | None, generation: int, request: Any, max_model_len: int
+    ref: PrefixRef, pinned: PinnedSession | None, still_shared: int, request: Any, max_model_len: int
 ) -> str | None:
     """Why ``ref`` cannot be resolved against the session's pin now; None when it can.
 
-    A spliced prompt vLLM's input checks would have refused (``max_model_len``) is not resolved
-    either: sent whole, it gets vLLM's own error."""
+    ``still_shared``: how many leading tokens of the history at the reference's sync generation
+    the session's history still holds (``SessionControl.referencable_tokens``). A spliced prompt
+    vLLM's input checks would have refused (``max_model_len``) is not resolved either: sent whole,
+    it gets vLLM's own error."""
     if pinned is None:
         return "the session holds no pinned KV"
-    if ref.generation != generation:
-        return f"the session was synced since (generation {ref.generation}, now {generation})"
+    if still_shared < ref.tokens:
+        return f"the session was synced to {still_shared} tokens since the reference's generation {ref.generation}"
     if pinned.num_tokens < ref.tokens:
         return f"the pin holds {pinned.num_tokens} tokens, fewer than the {ref.tokens} referenced"
     if pinned.cache_salt != request.cache_salt:

@@ -328,8 +328,8 @@ class StatefulSchedulerMixin:
         assert tag.prefix is not None
         try:
             pinned = self.session_pins.get(tag.key)
-            generation = self.session_control.generation(tag.key)
-            reason = unresolved_reason(tag.prefix, pinned, generation, request, self.max_model_len)
+            shared = self.session_control.referencable_tokens(tag.key, tag.prefix.generation)
+            reason = unresolved_reason(tag.prefix, pinned, shared, request, self.max_model_len)
             if reason is None and pinned is not None:
                 setattr(request, SPLICED_ATTR, splice(request, pinned, tag.prefix, self.session_pins.block_size))
                 self.session_control.counters["referenced_tokens"] += tag.prefix.tokens
