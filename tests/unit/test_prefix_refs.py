@@ -80,14 +80,17 @@ def test_a_spliced_request_is_the_request_of_the_whole_prompt(referenced):
     assert pins.hit("k", sent.all_token_ids, known_equal=referenced) == pins.hit("k", sent.all_token_ids)
 
 
-def test_another_salt_gets_its_own_hashes_not_the_pins():
+def test_another_salt_never_splices_and_a_pin_without_hashes_gets_them_computed():
     rng = random.Random(1)
     history = [rng.randrange(10, 3000) for _ in range(300)]
     pins = _pinned(history, salt="tenant-a")
-    sent = _request(history[256:] + [5, 6, 7], salt="tenant-b")
-    splice(sent, pins.get("k"), PrefixRef(0, 256), BS)
-    assert sent.block_hashes == _request(history + [5, 6, 7], salt="tenant-b").block_hashes
-    assert sent.block_hashes[0] != pins.get("k").block_hashes[0]
+    other = _request(history[256:] + [5, 6, 7], salt="tenant-b")
+    assert "cache salt" in unresolved_reason(PrefixRef(0, 256), pins.get("k"), ANY, other, MAX_LEN)
+    pins.pin("j", history, pins.get("k").blocks, None, "tenant-a")  # a pin that kept no hashes
+    sent = _request(history[256:] + [5, 6, 7], salt="tenant-a")
+    assert unresolved_reason(PrefixRef(0, 256), pins.get("j"), ANY, sent, MAX_LEN) is None
+    splice(sent, pins.get("j"), PrefixRef(0, 256), BS)
+    assert sent.block_hashes == _request(history + [5, 6, 7], salt="tenant-a").block_hashes
 
 
 def test_references_the_pin_cannot_satisfy_are_refused():

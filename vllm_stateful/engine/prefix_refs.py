@@ -76,11 +76,8 @@ def splice(request: Any, pinned: PinnedSession, ref: PrefixRef, block_size: int)
     request.num_prompt_tokens = len(prompt)
     request._all_token_ids = prompt.copy()
     request.all_token_ids = ConstantList(request._all_token_ids)
-    # the pin's hashes are the prefix's own unless the salt or adapter (both hashed) differ
-    reusable = (
-        pinned.block_hashes is not None and pinned.cache_salt == request.cache_salt and request.lora_request is None
-    )
-    hashes = pinned.block_hashes if reusable and pinned.block_hashes is not None else []
+    # the pin's hashes are the prefix's own (same salt: ``unresolved_reason``) unless an adapter is hashed in
+    hashes = pinned.block_hashes if pinned.block_hashes is not None and request.lora_request is None else []
     request.block_hashes = list(hashes[: ref.tokens // block_size])
     request.update_block_hashes()
     return Spliced(pinned.serial, ref.tokens)

@@ -119,10 +119,7 @@ class SessionPins:
             return None
         known = min(known_equal, pinned.num_tokens, len(prompt_token_ids))
         if known:
-            rest = min(pinned.num_tokens, len(prompt_token_ids)) - known
-            n = known + common_prefix_len(
-                pinned.token_ids[known : known + rest], prompt_token_ids[known : known + rest]
-            )
+            n = known + common_prefix_len(pinned.token_ids[known:], prompt_token_ids[known:])
         else:
             n = common_prefix_len(pinned.token_ids, prompt_token_ids)
         n = min(n, len(prompt_token_ids) - 1)
