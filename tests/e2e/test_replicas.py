@@ -92,7 +92,7 @@ def cluster(tiny_model_path, tmp_path_factory):
         router_bin, "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
         "--worker-urls", *(r.url for r in replicas), "--policy", "consistent_hash",
         "--health-check-interval-secs", "1", "--health-failure-threshold", "1", "--health-success-threshold", "1",
-        "--health-check-timeout-secs", "1", "--worker-startup-check-interval", "1", "--disable-circuit-breaker",
+        "--health-check-timeout-secs", "5", "--worker-startup-check-interval", "1", "--disable-circuit-breaker",
         "--log-level", "error",
     ]  # fmt: skip
     router = None
@@ -103,7 +103,9 @@ def cluster(tiny_model_path, tmp_path_factory):
             r.ready()
         router = launch(router_cmd, dict(os.environ), tmp / "router.log")
         router_url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _up(router_url), timeout_s=60, what="router ready")
+        # the router's own readiness waits for every worker's /health; a loaded CI machine can take
+        # minutes, and a router that exits (a taken port) fails at once with its log
+        wait_ready(router, router_url, tmp / "router.log", timeout_s=300)
         yield router_url, replicas
     finally:
         if router is not None:
@@ -111,13 +113,6 @@ def cluster(tiny_model_path, tmp_path_factory):
         for r in replicas:
             if r.proc is not None:
                 stop_group(r.proc)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _turn(router: str, sid: str, prompt: list[int], retry_s: float = 0) -> dict:
@@ -191,7 +186,7 @@ def test_sessions_stick_to_a_replica_and_survive_its_loss_and_return(cluster, re
     b.launch()
     b.ready()
     assert b.sessions() == {}  # A took them all from its store
-    wait_until(lambda: _healthy(router) == 2, timeout_s=30, what="router sends B's keys back")
+    wait_until(lambda: _healthy(router) == 2, timeout_s=120, what="router sends B's keys back")
     for sid in sorted(on_b):
         out = follow_up(sid, retry_s=10)
         assert out["recomputed_tokens"] == len(history[sid]) - TURN_IN - TURN_OUT, (sid, out)
