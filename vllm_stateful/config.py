@@ -74,6 +74,11 @@ class StatefulConfig:
         foreground step carries (see ``engine/work_classes.py``).
     max_ingest_hold_steps: consecutive steps ingestion may be held back while
         foreground requests wait to be admitted (then it gets its share).
+    ingest_yield_steps: consecutive steps ingestion may be held back while
+        foreground requests run (e.g. decode an answer), so a short answer's
+        steps carry no ingestion; then it gets a share step. 0: ingestion
+        shares every such step. Ingestion a query waits for is not held
+        (it runs in the query class).
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B
@@ -101,6 +106,7 @@ class StatefulConfig:
     debug_routes: bool = False
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
+    ingest_yield_steps: int = 8
     prefix_references: bool = True
     state_dir: str | None = None
     restore: str = "lazy"
@@ -165,6 +171,9 @@ class StatefulConfig:
             raise ValueError("stateful.tenant_header must be a header name or null")
         if not _positive_int(self.max_ingest_hold_steps) or self.max_ingest_hold_steps > 1000:
             raise ValueError("stateful.max_ingest_hold_steps must be an integer in [1, 1000]")
+        steps = self.ingest_yield_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
+            raise ValueError("stateful.ingest_yield_steps must be an integer in [0, 1000]")
         for name in ("debug_routes", "prefix_references"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"stateful.{name} must be true or false")

@@ -42,6 +42,7 @@ MAX_FLASH_PER_SESSION = 4
 # ingestion's share next to foreground steps.
 CHUNK_TOKENS = 256
 INGEST_SHARE = 32
+INGEST_YIELD = 4  # steps ingestion may yield to running queries before a share step
 CHAT_TEMPLATE = Path(__file__).with_name("strict_chatml.jinja")
 
 
@@ -193,6 +194,7 @@ def stateful_server(tiny_model_path, tmp_path_factory) -> Server:
         "event_replay": EVENT_REPLAY,
         "max_flash_queries_per_session": MAX_FLASH_PER_SESSION,
         "ingest_share_tokens": INGEST_SHARE,
+        "ingest_yield_steps": INGEST_YIELD,
         # every commit of every test is written to SQLite (durability on, as by default)
         "state_dir": str(tmp_path_factory.mktemp("state")),
     }

@@ -45,10 +45,10 @@ class Req:
 
 
 class Engine:
-    def __init__(self, budget: int, share: int = 64, hold: int = 1) -> None:
+    def __init__(self, budget: int, share: int = 64, hold: int = 1, yield_steps: int = 0) -> None:
         self.budget = budget
         self.counters: Counter = Counter()
-        self.policy = StepPolicy(ShareConfig(share, hold), self.counters, clock=lambda: 0.0)
+        self.policy = StepPolicy(ShareConfig(share, hold, yield_steps), self.counters, clock=lambda: 0.0)
         self.running: list[Req] = []
         self.waiting: list[Req] = []
         self.by_id: dict[str, Req] = {}
@@ -174,6 +174,29 @@ def test_a_longer_hold_bound_trades_ingestion_share_for_admission_latency():
     assert ingest == [0, 0, 0, 32] * 2
 
 
+def test_ingestion_yields_to_a_short_answer_and_keeps_its_share_under_a_long_one():
+    e = Engine(budget=512, share=64, yield_steps=4)
+    ingest = Req("i", ING, prompt=3000)
+    e.add(ingest)
+    assert e.step() == {"i": 512}
+    e.add(Req("q", Q, prompt=20, decode=3))
+    table = [
+        {"q": 20},  # admission step
+        {"q": 1},  # yield steps: the answer decodes without ingestion beside it
+        {"q": 1},
+        {"q": 1},
+        {"i": 512},  # answer done: the whole budget again
+    ]
+    assert [e.step() for _ in table] == table
+    assert e.counters["ingest_share_steps"] == 0 and e.counters["ingest_held_steps"] == 4
+    assert e.counters["ingest_yield_steps"] == 3  # the admission step is not a yield step
+    # a long generation: held at most yield_steps in a row (admission included), then one share step
+    e.add(Req("long", Q, prompt=10, decode=40))
+    got = [e.step().get("i", 0) for _ in range(20)]
+    assert got == [0, 0, 0, 0, 64] * 4
+    assert not ingest.finished
+
+
 def test_queries_before_plain_traffic_before_ingestion_before_flash():
     e = Engine(budget=30)
     e.add(Req("f", F, 10), Req("i", ING, 10), Req("p", P, 10, decode=1), Req("q", Q, 10, decode=1))
@@ -206,3 +229,5 @@ def test_share_config_is_validated():
         ShareConfig(ingest_share_tokens=0)
     with pytest.raises(ValueError):
         ShareConfig(max_ingest_hold_steps=0)  # a share step holds admissions: at least one admission step
+    with pytest.raises(ValueError):
+        ShareConfig(ingest_yield_steps=-1)

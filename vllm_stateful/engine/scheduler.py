@@ -110,9 +110,8 @@ class StatefulSchedulerMixin:
         )
         self.session_control = SessionControl(self)
         config = StatefulConfig.from_additional_config(self.vllm_config.additional_config)
-        self.step_policy = StepPolicy(
-            ShareConfig(config.ingest_share_tokens, config.max_ingest_hold_steps), self.session_control.counters
-        )
+        share = ShareConfig(config.ingest_share_tokens, config.max_ingest_hold_steps, config.ingest_yield_steps)
+        self.step_policy = StepPolicy(share, self.session_control.counters)
         self._last_step_start: float | None = None
         # requests finished for an unresolved prefix reference, whose outputs go with the next step's
         self._unresolved: list[Request] = []

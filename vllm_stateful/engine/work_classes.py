@@ -23,15 +23,19 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   is held out of the step (running and waiting), so the foreground request
   is admitted in the next step; a request that arrives while an ingestion
   chunk runs waits for that chunk only.
-* Share step -- foreground runs (e.g. decoding) beside ingestion, or the
-  admission steps used up ``max_ingest_hold_steps`` in a row: the step's
-  token budget is cut to the running foreground's demand plus
-  ``ingest_share_tokens``, and foreground still waiting for admission is
-  held for this one step, so ingestion (running or waiting) gets its share.
+* Yield step -- foreground runs (e.g. decoding) and none waits: ingestion is
+  held, for at most ``ingest_yield_steps`` steps in a row (admission steps
+  count too), so a short answer decodes without ingestion in its steps.
+* Share step -- foreground runs or waits beside ingestion and the holds
+  above used up their bound: the step's token budget is cut to the running
+  foreground's demand plus ``ingest_share_tokens``, and foreground still
+  waiting for admission is held for this one step, so ingestion (running or
+  waiting) gets its share.
 * No foreground: ingestion gets vLLM's whole token budget (prefill speed).
 * Bounds, both ways: ingestion with work to do receives at least
-  ``ingest_share_tokens`` in every ``max_ingest_hold_steps + 1`` steps, and a
-  foreground request waits at most one share step before its admission step.
+  ``ingest_share_tokens`` in every ``max(max_ingest_hold_steps,
+  ingest_yield_steps) + 1`` steps, and a foreground request waits at most one
+  share step before its admission step.
 * Priority inheritance: an ingestion batch sent while a turn or query of its
   session waits for it (read-your-writes) carries no ingestion mark: it runs
   in the query class. A batch already in the engine keeps its class.
@@ -90,15 +94,20 @@ def marked_class(extra_args: dict[str, Any] | None, has_session_tag: bool) -> Wo
 
 @dataclass(frozen=True)
 class ShareConfig:
-    """ingest_share_tokens: ingestion tokens per step while foreground work runs (its minimum share).
-    max_ingest_hold_steps: consecutive steps ingestion may be held for foreground admissions."""
+    """ingest_share_tokens: ingestion tokens in a share step (its minimum share, the most a foreground
+    step carries). max_ingest_hold_steps: consecutive steps ingestion may be held for foreground
+    admissions. ingest_yield_steps: consecutive steps it may be held while foreground runs (0: it
+    shares every such step)."""
 
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
+    ingest_yield_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.ingest_share_tokens < 1 or self.max_ingest_hold_steps < 1:
             raise ValueError("ingest_share_tokens and max_ingest_hold_steps must be >= 1")
+        if self.ingest_yield_steps < 0:
+            raise ValueError("ingest_yield_steps must be >= 0")
 
 
 @dataclass
@@ -109,6 +118,7 @@ class StepPlan:
     held_waiting: list[Any] = field(default_factory=list)
     token_budget: int | None = None
     held_classes: frozenset[WorkClass] = frozenset()
+    ingest_yielded: bool = False  # ingestion held for running foreground (a yield step)
 
 
 @dataclass
@@ -170,12 +180,16 @@ class StepPolicy:
         others = run_cls + wait_cls + [klass(r) for r in other_waiting]
         held: set[WorkClass] = set()
         budget = None
+        yielded = False
         if self._starved:
             return StepPlan()
         if any(c != WorkClass.FLASH for c in others):
             held.add(WorkClass.FLASH)
         if ingest and fg_waiting and self._ingest_held_streak < self.config.max_ingest_hold_steps:
             held.add(WorkClass.INGEST)  # admission step
+        elif ingest and fg_running and self._ingest_held_streak < self.config.ingest_yield_steps:
+            held.add(WorkClass.INGEST)  # yield step
+            yielded = True
         elif ingest and (fg_running or fg_waiting):  # share step
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + self.config.ingest_share_tokens))
@@ -189,6 +203,7 @@ class StepPolicy:
             held_waiting=held_waiting,
             token_budget=budget,
             held_classes=frozenset(klass(r) for r in held_running + held_waiting),
+            ingest_yielded=yielded,
         )
 
     def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:
@@ -211,6 +226,8 @@ class StepPolicy:
         if WorkClass.INGEST in plan.held_classes:
             self._ingest_held_streak += 1
             self.counters["ingest_held_steps"] += 1
+            if plan.ingest_yielded:
+                self.counters["ingest_yield_steps"] += 1
         else:
             self._ingest_held_streak = 0
             if plan.token_budget is not None:

@@ -69,6 +69,8 @@ class SessionMetrics:
             "Engine-side session events: forged_tags (unsigned tags ignored), faults, dropped_* (sessions "
             "whose KV was released by a cache reset or weight update), flash_held_steps (steps that held "
             "flash evaluations back for foreground work), flash_shared_steps (steps that batched both), "
+            "ingest_held_steps / ingest_yield_steps / ingest_share_steps (steps that held ingestion back, "
+            "those of them that yielded to running foreground work, steps that gave it its share), "
             "referenced_tokens (history tokens spliced in from pins instead of sent), unresolved_references "
             "(requests whose pin had changed: resent whole)",
             ["event"],
