@@ -74,11 +74,12 @@ class StatefulConfig:
         foreground step carries (see ``engine/work_classes.py``).
     max_ingest_hold_steps: consecutive steps ingestion may be held back while
         foreground requests wait to be admitted (then it gets its share).
-    ingest_yield_steps: consecutive steps ingestion may be held back while
-        foreground requests run (e.g. decode an answer), so a short answer's
-        steps carry no ingestion; then it gets a share step. 0: ingestion
-        shares every such step. Ingestion a query waits for is not held
-        (it runs in the query class).
+    ingest_yield_steps: ingestion is held back in the first this many steps
+        of a run of steps with foreground requests running (e.g. an answer
+        decoding), so a short answer's steps carry no ingestion; a longer run
+        shares every step after that. 0: ingestion shares every step beside
+        foreground. Ingestion a query waits for is not held (it runs in the
+        query class).
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B

@@ -98,7 +98,7 @@ def test_a_query_arriving_during_a_long_ingestion_waits_at_most_one_chunk(statef
     server.fresh_session("sched-q", 64, seed=1)
     rng = random.Random(5)
     for attempt in range(5):
-        server.idle()
+        before = server.idle()["counters"]
         start_tokens = _ingesting(server)
         prompt = [rng.randrange(10, 3000) for _ in range(1400)]  # several chunks of CHUNK_TOKENS
         pool = concurrent.futures.ThreadPoolExecutor(2)
@@ -119,6 +119,10 @@ def test_a_query_arriving_during_a_long_ingestion_waits_at_most_one_chunk(statef
         assert wait["ingest_running_at_arrival"], wait
         # admitted in the first step after it arrived: no ingestion chunk ran ahead of it
         assert wait["steps"] == 0 and wait["ingest_tokens_while_waiting"] == 0, wait
+        # and its decode step carried no ingestion: the ingestion yielded to it (INGEST_YIELD >= 2 steps)
+        after = server.idle()["counters"]
+        assert after.get("ingest_yield_steps", 0) > before.get("ingest_yield_steps", 0)
+        assert after.get("ingest_share_steps", 0) == before.get("ingest_share_steps", 0)
         return
     raise AssertionError("the ingestion never overlapped the query (5 attempts)")
 
@@ -149,10 +153,11 @@ def test_ingestion_under_continuous_queries_still_advances_at_its_share(stateful
     assert delta("ingest_share_steps") > 0 and still_running >= 1
     assert 0 < delta("tokens_ingest_beside_foreground") <= INGEST_SHARE * delta("ingest_share_steps")
     assert delta("tokens_ingest") >= 1200 - BLOCK_SIZE
-    # ... yielding to the decoding queries at most INGEST_YIELD steps in a row, then a share step
-    shares, yields = delta("ingest_share_steps"), delta("ingest_yield_steps")
-    assert delta("ingest_held_steps") <= INGEST_YIELD * (shares + 1)
-    assert yields >= 2 * (shares - 1), (yields, shares)  # it did yield: INGEST_YIELD per share step
+    # ... in every step once the queries had run INGEST_YIELD steps: sustained foreground keeps
+    # ingestion's share per step (it yields only early in a burst, and is never held for more than
+    # max_ingest_hold_steps = 1 steps in a row after that)
+    assert delta("ingest_yield_steps") <= INGEST_YIELD
+    assert delta("ingest_held_steps") <= delta("ingest_share_steps") + 1 + INGEST_YIELD
     assert INGEST_SHARE < CHUNK_TOKENS
 
 

@@ -7,6 +7,7 @@ requests are admitted in order. The scheduler around it applies the plan exactly
 contract: tokens each request gets per step.
 """
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -190,11 +191,26 @@ def test_ingestion_yields_to_a_short_answer_and_keeps_its_share_under_a_long_one
     assert [e.step() for _ in table] == table
     assert e.counters["ingest_share_steps"] == 0 and e.counters["ingest_held_steps"] == 4
     assert e.counters["ingest_yield_steps"] == 3  # the admission step is not a yield step
-    # a long generation: held at most yield_steps in a row (admission included), then one share step
+    # a long generation: ingestion yields for the first yield_steps of it (admission included), then
+    # shares every step, as with no yield steps: sustained foreground keeps ingestion's share per step
     e.add(Req("long", Q, prompt=10, decode=40))
     got = [e.step().get("i", 0) for _ in range(20)]
-    assert got == [0, 0, 0, 0, 64] * 4
+    assert got == [0] * 4 + [64] * 16
     assert not ingest.finished
+
+
+def test_yield_steps_never_hold_ingestion_longer_than_their_bound_whatever_the_arrivals():
+    rng = random.Random(3)
+    for yield_steps, hold in ((4, 1), (2, 3), (8, 2)):
+        e = Engine(budget=512, share=16, hold=hold, yield_steps=yield_steps)
+        e.add(Req("i", ING, prompt=100_000))
+        run, longest = 0, 0
+        for n in range(400):
+            if rng.random() < 0.4:  # short answers and plain prompts arriving at random
+                e.add(Req(f"q{n}", rng.choice((Q, P)), prompt=rng.randrange(1, 40), decode=rng.randrange(0, 6)))
+            run = 0 if e.step().get("i") else run + 1
+            longest = max(longest, run)
+        assert longest <= max(yield_steps, hold), (yield_steps, hold, longest)
 
 
 def test_queries_before_plain_traffic_before_ingestion_before_flash():

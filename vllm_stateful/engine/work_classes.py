@@ -23,19 +23,21 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   is held out of the step (running and waiting), so the foreground request
   is admitted in the next step; a request that arrives while an ingestion
   chunk runs waits for that chunk only.
-* Yield step -- foreground runs (e.g. decoding) and none waits: ingestion is
-  held, for at most ``ingest_yield_steps`` steps in a row (admission steps
-  count too), so a short answer decodes without ingestion in its steps.
-* Share step -- foreground runs or waits beside ingestion and the holds
-  above used up their bound: the step's token budget is cut to the running
-  foreground's demand plus ``ingest_share_tokens``, and foreground still
-  waiting for admission is held for this one step, so ingestion (running or
-  waiting) gets its share.
+* Yield step -- within the first ``ingest_yield_steps`` steps of a
+  foreground burst (consecutive steps with foreground running): ingestion is
+  held, so a short answer decodes without ingestion in its steps. A burst
+  that lasts longer (a long generation, back-to-back queries) shares every
+  step after that, as with no yield steps.
+* Share step -- foreground runs or waits beside ingestion and no hold above
+  applies: the step's token budget is cut to the running foreground's demand
+  plus ``ingest_share_tokens``, and foreground still waiting for admission is
+  held for this one step, so ingestion (running or waiting) gets its share.
 * No foreground: ingestion gets vLLM's whole token budget (prefill speed).
-* Bounds, both ways: ingestion with work to do receives at least
-  ``ingest_share_tokens`` in every ``max(max_ingest_hold_steps,
-  ingest_yield_steps) + 1`` steps, and a foreground request waits at most one
-  share step before its admission step.
+* Bounds, both ways: ingestion is held at most ``max(max_ingest_hold_steps,
+  ingest_yield_steps)`` steps in a row, so with work to do it receives at
+  least ``ingest_share_tokens`` in every that many + 1 steps whatever the
+  arrivals, and a foreground request waits at most one share step before its
+  admission step.
 * Priority inheritance: an ingestion batch sent while a turn or query of its
   session waits for it (read-your-writes) carries no ingestion mark: it runs
   in the query class. A batch already in the engine keeps its class.
@@ -96,8 +98,8 @@ def marked_class(extra_args: dict[str, Any] | None, has_session_tag: bool) -> Wo
 class ShareConfig:
     """ingest_share_tokens: ingestion tokens in a share step (its minimum share, the most a foreground
     step carries). max_ingest_hold_steps: consecutive steps ingestion may be held for foreground
-    admissions. ingest_yield_steps: consecutive steps it may be held while foreground runs (0: it
-    shares every such step)."""
+    admissions. ingest_yield_steps: the first steps of a foreground burst, in which it is held (0: it
+    shares every step beside foreground)."""
 
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
@@ -141,6 +143,7 @@ class StepPolicy:
         self.clock = clock
         self.step = 0
         self._ingest_held_streak = 0
+        self._fg_streak = 0  # consecutive earlier steps with foreground running (its burst so far)
         self._starved = False
         self._arrivals: dict[str, _Arrival] = {}
         self._ingest_running = False
@@ -180,16 +183,17 @@ class StepPolicy:
         others = run_cls + wait_cls + [klass(r) for r in other_waiting]
         held: set[WorkClass] = set()
         budget = None
-        yielded = False
+        cfg = self.config
+        yielding = fg_running and self._fg_streak < cfg.ingest_yield_steps  # early in a foreground burst
+        self._fg_streak = self._fg_streak + 1 if fg_running else 0
+        admission = fg_waiting and self._ingest_held_streak < cfg.max_ingest_hold_steps
+        may_hold = self._ingest_held_streak < max(cfg.max_ingest_hold_steps, cfg.ingest_yield_steps)
         if self._starved:
             return StepPlan()
         if any(c != WorkClass.FLASH for c in others):
             held.add(WorkClass.FLASH)
-        if ingest and fg_waiting and self._ingest_held_streak < self.config.max_ingest_hold_steps:
-            held.add(WorkClass.INGEST)  # admission step
-        elif ingest and fg_running and self._ingest_held_streak < self.config.ingest_yield_steps:
-            held.add(WorkClass.INGEST)  # yield step
-            yielded = True
+        if ingest and may_hold and (admission or yielding):
+            held.add(WorkClass.INGEST)  # an admission step, or a yield step
         elif ingest and (fg_running or fg_waiting):  # share step
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + self.config.ingest_share_tokens))
@@ -203,7 +207,7 @@ class StepPolicy:
             held_waiting=held_waiting,
             token_budget=budget,
             held_classes=frozenset(klass(r) for r in held_running + held_waiting),
-            ingest_yielded=yielded,
+            ingest_yielded=WorkClass.INGEST in held and not admission,
         )
 
     def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:
