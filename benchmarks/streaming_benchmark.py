@@ -21,7 +21,7 @@ tokens in it, so both agree to the token). Ingest lag (stateful): per append, fr
 ``context_tokens`` covers it; targets come from ``/tokenize`` of each tick, so a lag is an upper
 bound by one poll interval plus a round trip. A question row carries the lag of the tick before it.
 
-    python benchmarks/streaming_benchmark.py                      # all three providers, small model
+    python benchmarks/streaming_benchmark.py                      # every provider in the config, small model
     python benchmarks/streaming_benchmark.py --model tiny --ticks 60 --questions 6
     python benchmarks/streaming_benchmark.py --providers vllm-stateful --base-url http://127.0.0.1:8000/v1
 
