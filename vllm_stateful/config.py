@@ -75,9 +75,9 @@ class StatefulConfig:
     max_ingest_hold_steps: consecutive steps ingestion may be held back while
         foreground requests wait to be admitted (then it gets its share).
     ingest_yield_steps: ingestion is held back in the first this many steps
-        of a run of steps with foreground requests running (e.g. an answer
-        decoding), so a short answer's steps carry no ingestion; a longer run
-        shares every step after that. 0: ingestion shares every step beside
+        of a run of steps with foreground requests running or waiting (e.g.
+        an answer being admitted and decoding), so a short answer's steps
+        carry no ingestion; a longer run then shares as with 0. 0: ingestion shares every step beside
         foreground. Ingestion a query waits for is not held (it runs in the
         query class).
     prefix_references: session requests send only the tokens after the

@@ -50,6 +50,7 @@ class Engine:
         self.budget = budget
         self.counters: Counter = Counter()
         self.policy = StepPolicy(ShareConfig(share, hold, yield_steps), self.counters, clock=lambda: 0.0)
+        self.may_hold_running = True  # False: KV blocks low
         self.running: list[Req] = []
         self.waiting: list[Req] = []
         self.by_id: dict[str, Req] = {}
@@ -61,7 +62,14 @@ class Engine:
             self.policy.arrived(r.rid, r.klass)
 
     def step(self) -> dict[str, int]:
-        plan = self.policy.plan(self.running, self.waiting, lambda r: r.klass, lambda r: r.demand, self.budget)
+        plan = self.policy.plan(
+            self.running,
+            self.waiting,
+            lambda r: r.klass,
+            lambda r: r.demand,
+            self.budget,
+            may_hold_running=self.may_hold_running,
+        )
         held = {id(r) for r in plan.held_running + plan.held_waiting}
         running = sorted((r for r in self.running if id(r) not in held), key=lambda r: r.klass)
         waiting = sorted((r for r in self.waiting if id(r) not in held), key=lambda r: r.klass)
@@ -197,6 +205,38 @@ def test_ingestion_yields_to_a_short_answer_and_keeps_its_share_under_a_long_one
     got = [e.step().get("i", 0) for _ in range(20)]
     assert got == [0] * 4 + [64] * 16
     assert not ingest.finished
+
+
+def test_back_to_back_short_queries_run_as_without_yield_steps_after_the_first_burst():
+    def closed_loop(yield_steps: int) -> tuple[int, int]:
+        e = Engine(budget=512, share=64, yield_steps=yield_steps)
+        ingest = Req("i", ING, prompt=100_000)
+        e.add(ingest)
+        e.step()
+        done = 0
+        for n in range(200):
+            if not e.waiting and not any(r.klass == Q for r in e.running):
+                e.add(Req(f"q{n}", Q, prompt=8, decode=3))  # the next query as soon as the last one ends
+                done += 1
+            e.step()
+        return done, ingest.done
+
+    queries_8, ingested_8 = closed_loop(8)
+    queries_0, ingested_0 = closed_loop(0)
+    # a single burst: ingestion yields its first 8 steps only, and no query waits an extra step
+    assert queries_8 >= queries_0 - 1 and ingested_8 >= ingested_0 - 8 * 64, (queries_8, queries_0)
+
+
+def test_no_yield_step_when_running_ingestion_cannot_be_held():
+    e = Engine(budget=512, share=64, yield_steps=8)
+    e.add(Req("i", ING, prompt=3000))
+    assert e.step() == {"i": 512}
+    e.add(Req("q", Q, prompt=20, decode=3))
+    assert e.step() == {"q": 20}  # admitted
+    e.may_hold_running = False  # KV blocks low: vLLM must be able to preempt the running ingestion
+    # share steps cap the ingestion beside the decode (a yield step could not hold it: it would take it all)
+    assert [e.step() for _ in range(3)] == [{"q": 1, "i": 64}] * 3
+    assert e.counters["ingest_yield_steps"] == 0
 
 
 def test_yield_steps_never_hold_ingestion_longer_than_their_bound_whatever_the_arrivals():

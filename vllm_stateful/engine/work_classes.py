@@ -24,20 +24,23 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   is admitted in the next step; a request that arrives while an ingestion
   chunk runs waits for that chunk only.
 * Yield step -- within the first ``ingest_yield_steps`` steps of a
-  foreground burst (consecutive steps with foreground running): ingestion is
-  held, so a short answer decodes without ingestion in its steps. A burst
-  that lasts longer (a long generation, back-to-back queries) shares every
-  step after that, as with no yield steps.
+  foreground burst (consecutive steps with foreground running or waiting for
+  admission, the admission step included): ingestion is held, so a short
+  answer decodes without ingestion in its steps. A burst that lasts longer (a
+  long generation, back-to-back queries) then runs as with no yield steps.
+  No yield step while KV blocks run low and ingestion is running (it could
+  not be held): a share step caps it instead.
 * Share step -- foreground runs or waits beside ingestion and no hold above
   applies: the step's token budget is cut to the running foreground's demand
   plus ``ingest_share_tokens``, and foreground still waiting for admission is
   held for this one step, so ingestion (running or waiting) gets its share.
 * No foreground: ingestion gets vLLM's whole token budget (prefill speed).
 * Bounds, both ways: ingestion is held at most ``max(max_ingest_hold_steps,
-  ingest_yield_steps)`` steps in a row, so with work to do it receives at
-  least ``ingest_share_tokens`` in every that many + 1 steps whatever the
-  arrivals, and a foreground request waits at most one share step before its
-  admission step.
+  ingest_yield_steps)`` steps in a row whatever the arrivals, so with work to
+  do it receives ``ingest_share_tokens`` in at least one of every that many
+  + 1 steps -- unless running foreground prefill itself fills the step's
+  whole budget (vLLM serves the classes in order) -- and a foreground request
+  waits at most one share step before its admission step.
 * Priority inheritance: an ingestion batch sent while a turn or query of its
   session waits for it (read-your-writes) carries no ingestion mark: it runs
   in the query class. A batch already in the engine keeps its class.
@@ -98,8 +101,8 @@ def marked_class(extra_args: dict[str, Any] | None, has_session_tag: bool) -> Wo
 class ShareConfig:
     """ingest_share_tokens: ingestion tokens in a share step (its minimum share, the most a foreground
     step carries). max_ingest_hold_steps: consecutive steps ingestion may be held for foreground
-    admissions. ingest_yield_steps: the first steps of a foreground burst, in which it is held (0: it
-    shares every step beside foreground)."""
+    admissions. ingest_yield_steps: the first steps of a foreground burst (foreground running or
+    waiting), in which it is held (0: it shares every step beside running foreground)."""
 
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
@@ -143,7 +146,7 @@ class StepPolicy:
         self.clock = clock
         self.step = 0
         self._ingest_held_streak = 0
-        self._fg_streak = 0  # consecutive earlier steps with foreground running (its burst so far)
+        self._fg_streak = 0  # consecutive earlier steps with foreground running or waiting (its burst so far)
         self._starved = False
         self._arrivals: dict[str, _Arrival] = {}
         self._ingest_running = False
@@ -184,8 +187,11 @@ class StepPolicy:
         held: set[WorkClass] = set()
         budget = None
         cfg = self.config
-        yielding = fg_running and self._fg_streak < cfg.ingest_yield_steps  # early in a foreground burst
-        self._fg_streak = self._fg_streak + 1 if fg_running else 0
+        fg_active = fg_running or fg_waiting
+        yielding = fg_active and self._fg_streak < cfg.ingest_yield_steps  # early in a foreground burst
+        self._fg_streak = self._fg_streak + 1 if fg_active else 0
+        if not may_hold_running and WorkClass.INGEST in run_cls:
+            yielding = False  # its running ingestion cannot be held: a share step caps it instead
         admission = fg_waiting and self._ingest_held_streak < cfg.max_ingest_hold_steps
         may_hold = self._ingest_held_streak < max(cfg.max_ingest_hold_steps, cfg.ingest_yield_steps)
         if self._starved:
