@@ -77,9 +77,9 @@ class StatefulConfig:
     ingest_yield_steps: ingestion is held back in the first this many steps
         of a run of steps with foreground requests running or waiting (e.g.
         an answer being admitted and decoding), so a short answer's steps
-        carry no ingestion; a longer run then shares as with 0. 0: ingestion shares every step beside
-        foreground. Ingestion a query waits for is not held (it runs in the
-        query class).
+        carry no ingestion; the rest of a longer run shares as with 0 (a share
+        in every step beside foreground). Ingestion a query waits for is not
+        held (it runs in the query class).
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B

@@ -123,7 +123,7 @@ class StepPlan:
     held_waiting: list[Any] = field(default_factory=list)
     token_budget: int | None = None
     held_classes: frozenset[WorkClass] = frozenset()
-    ingest_yielded: bool = False  # ingestion held for running foreground (a yield step)
+    ingest_yielded: bool = False  # ingestion held by a yield step (not an admission step)
 
 
 @dataclass
@@ -200,9 +200,9 @@ class StepPolicy:
             held.add(WorkClass.FLASH)
         if ingest and may_hold and (admission or yielding):
             held.add(WorkClass.INGEST)  # an admission step, or a yield step
-        elif ingest and (fg_running or fg_waiting):  # share step
+        elif ingest and fg_active:  # share step
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
-            budget = min(token_budget, max(1, fg_demand + self.config.ingest_share_tokens))
+            budget = min(token_budget, max(1, fg_demand + cfg.ingest_share_tokens))
             held_fg_waiting = [r for r, c in zip(waiting, wait_cls) if c in FOREGROUND]
         held_running = [r for r, c in zip(running, run_cls) if c in held] if may_hold_running else []
         held_waiting = [r for r, c in zip(waiting, wait_cls) if c in held]
