@@ -94,6 +94,16 @@ bench-profile: setup
 bench-ingest: setup
 	$(BIN)/python benchmarks/ingest_vs_prefill.py $(BENCH_ARGS)
 
+# the engine's floor: one question's latency over a cached 1k / 4k / 7.4k context, stock vLLM and a session
+.PHONY: bench-floor
+bench-floor: setup
+	$(BIN)/python benchmarks/query_floor.py $(BENCH_ARGS)
+
+# a chat turn's template render and tokenization cost as the conversation grows (no server)
+.PHONY: bench-render
+bench-render: setup
+	$(BIN)/python benchmarks/chat_render_cost.py $(BENCH_ARGS)
+
 # the small model's prefill/decode in bfloat16 vs serve's dtype choice, natively and on an emulated AVX2-only CPU
 .PHONY: bench-dtype
 bench-dtype: setup

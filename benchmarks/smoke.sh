@@ -21,9 +21,11 @@ declare -A RUNS=(
   [session-latency]="benchmarks/session_latency.py --model tiny --sessions 2 --turns 6 --head 2 --tail 2 --warmup-turns 1 --out-dir $OUT/session_latency"
   [profile]="benchmarks/profile_request.py --model tiny --contexts 256,1024 --requests 4 --out-dir $OUT/profile"
   [ingest]="benchmarks/ingest_vs_prefill.py --model tiny --contexts 256 --chunks 17,128 --repeats 1 --out-dir $OUT/ingest"
+  [floor]="benchmarks/query_floor.py --model tiny --contexts 256,512 --repeats 1 --out-dir $OUT/floor"
+  [render]="benchmarks/chat_render_cost.py --model tiny --turns 2,4 --repeats 2 --out-dir $OUT/render"
   [dtype]="benchmarks/dtype_prefill.py --model tiny --prompt-tokens 64 --prompts 1 --decode-tokens 4 --out-dir $OUT/dtype"
 )
-ORDER=(chat streaming flash sessions probe multi-tenant lifecycle scale-out session-latency profile ingest dtype)
+ORDER=(chat streaming flash sessions probe multi-tenant lifecycle scale-out session-latency profile ingest floor render dtype)
 for name in "${@:-${ORDER[@]}}"; do
   [[ -n "${RUNS[$name]:-}" ]] || { echo "unknown benchmark $name; known: ${ORDER[*]}" >&2; exit 2; }
   start=$SECONDS

@@ -147,3 +147,17 @@ def test_avx2_emulation_hides_avx512_from_torch_and_the_dtype_choice():
 
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # an x86 host: ATen is capped too
         assert capability == "AVX2"
+
+
+def test_query_floor_summary_is_the_median_per_context_over_the_smallest():
+    from query_floor import _row, summarize
+
+    rows = [_row("stock", ctx, r, lat, ttft) for ctx, r, lat, ttft in [
+        (1000, 0, 1.0, 0.2), (1000, 1, 3.0, 0.4), (1000, 2, 2.0, 0.3),
+        (8000, 0, 3.0, 1.0), (8000, 1, 2.5, 0.5), (8000, 2, 9.0, 0.7),
+    ]]  # fmt: skip
+    lines, ratios = summarize(rows, [1000, 8000])
+    assert ratios["stock"]["p50"][1000] == pytest.approx({"latency_s": 2.0, "ttft_s": 0.3, "decode_s": 1.7})
+    assert ratios["stock"]["p50"][8000]["latency_s"] == 3.0 and ratios["stock"]["p50"][8000]["ttft_s"] == 0.7
+    assert ratios["stock"]["largest_over_smallest"] == pytest.approx(1.5)
+    assert lines[-1] == "| stock | 8000 | 3.000 | 0.700 | 2.000 | 1.50 |"

@@ -74,9 +74,10 @@ class Engine:
         running = sorted((r for r in self.running if id(r) not in held), key=lambda r: r.klass)
         waiting = sorted((r for r in self.waiting if id(r) not in held), key=lambda r: r.klass)
         budget = self.budget if plan.token_budget is None else plan.token_budget
+        cap = budget if plan.prefill_cap is None else plan.prefill_cap  # vLLM's long_prefill_token_threshold
         got: dict[str, int] = {}
         for r in running + waiting:  # vLLM: running first, then admissions
-            n = min(r.demand, budget)
+            n = min(r.demand, budget, cap)
             if n <= 0:
                 break
             got[r.rid] = n
@@ -237,6 +238,25 @@ def test_no_yield_step_when_running_ingestion_cannot_be_held():
     # share steps cap the ingestion beside the decode (a yield step could not hold it: it would take it all)
     assert [e.step() for _ in range(3)] == [{"q": 1, "i": 64}] * 3
     assert e.counters["ingest_yield_steps"] == 0
+
+
+def test_under_kv_pressure_a_query_is_admitted_beside_a_running_ingestion():
+    """KV blocks low: the running ingestion cannot be held, so the admission step caps it at its
+    share and the query is admitted in that same step (before the cap it waited for the whole
+    ingestion: the admission step gave the ingestion the whole budget, the share step held the query)."""
+    e = Engine(budget=512, share=64, yield_steps=8)
+    e.add(Req("i", ING, prompt=3000))
+    assert e.step() == {"i": 512}
+    e.may_hold_running = False
+    e.add(Req("q", Q, prompt=20, decode=2))
+    assert e.step() == {"i": 64, "q": 20}  # the admission step: ingestion capped, the query admitted
+    assert e.counters["ingest_capped_admission_steps"] == 1
+    assert [e.step() for _ in range(2)] == [{"q": 1, "i": 64}] * 2  # decode beside capped share steps
+    assert e.step() == {"i": 512}  # the query is done: ingestion has the whole budget again
+    # a long foreground prompt is admitted the same way; its first chunk is capped for that one step
+    e.add(Req("p", P, prompt=1000))
+    assert e.step() == {"i": 64, "p": 64}
+    assert e.step() == {"p": 512}  # share step: foreground demand fills the budget (documented caveat)
 
 
 def test_yield_steps_never_hold_ingestion_longer_than_their_bound_whatever_the_arrivals():

@@ -195,11 +195,17 @@ class StatefulSchedulerMixin:
         full_budget = self.max_num_scheduled_tokens
         if plan.token_budget is not None:
             self.max_num_scheduled_tokens = plan.token_budget
+        own_cap = self.scheduler_config.long_prefill_token_threshold
+        if plan.prefill_cap is not None:
+            self.scheduler_config.long_prefill_token_threshold = (
+                plan.prefill_cap if own_cap <= 0 else min(own_cap, plan.prefill_cap)
+            )
         try:
             output = super().schedule(*args, **kwargs)
             self._count_sent_only(output.scheduled_new_reqs)
         finally:
             self.max_num_scheduled_tokens = full_budget
+            self.scheduler_config.long_prefill_token_threshold = own_cap
             if held_running:
                 self.max_num_running_reqs += slots
                 self.max_num_active_reqs += slots

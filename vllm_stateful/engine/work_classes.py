@@ -51,7 +51,11 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   scheduler lowers vLLM's running-request limits by their number. vLLM cannot
   preempt a held request, so when KV blocks run low (``may_hold_running``
   false) running requests are not held: vLLM then preempts from the end of
-  the class order, i.e. flash and ingestion first.
+  the class order, i.e. flash and ingestion first. An admission step then
+  caps every request's new tokens at ``ingest_share_tokens`` instead
+  (``StepPlan.prefill_cap``, vLLM's ``long_prefill_token_threshold`` for the
+  step), so the running ingestion leaves budget for the waiting foreground,
+  which is admitted in the same step (its own first chunk capped too).
 
 ``StepPolicy.after_step`` records the outcome (per-class tokens, waits of
 newly admitted requests in steps and seconds, held steps) in ``counters``.
@@ -124,6 +128,7 @@ class StepPlan:
     token_budget: int | None = None
     held_classes: frozenset[WorkClass] = frozenset()
     ingest_yielded: bool = False  # ingestion held by a yield step (not an admission step)
+    prefill_cap: int | None = None  # the most new tokens any one request gets this step (None: vLLM's own)
 
 
 @dataclass
@@ -185,7 +190,7 @@ class StepPolicy:
         ingest = WorkClass.INGEST in run_cls or WorkClass.INGEST in wait_cls
         others = run_cls + wait_cls + [klass(r) for r in other_waiting]
         held: set[WorkClass] = set()
-        budget = None
+        budget = cap = None
         cfg = self.config
         fg_active = fg_running or fg_waiting
         yielding = fg_active and self._fg_streak < cfg.ingest_yield_steps  # early in a foreground burst
@@ -200,6 +205,8 @@ class StepPolicy:
             held.add(WorkClass.FLASH)
         if ingest and may_hold and (admission or yielding):
             held.add(WorkClass.INGEST)  # an admission step, or a yield step
+            if admission and not may_hold_running and WorkClass.INGEST in run_cls:
+                cap = cfg.ingest_share_tokens  # the running ingestion cannot be held: it leaves room instead
         elif ingest and fg_active:  # share step
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + cfg.ingest_share_tokens))
@@ -214,6 +221,7 @@ class StepPolicy:
             token_budget=budget,
             held_classes=frozenset(klass(r) for r in held_running + held_waiting),
             ingest_yielded=WorkClass.INGEST in held and not admission,
+            prefill_cap=cap,
         )
 
     def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:
@@ -243,6 +251,8 @@ class StepPolicy:
             if plan.token_budget is not None:
                 self.counters["ingest_share_steps"] += 1
                 self.counters["tokens_ingest_beside_foreground"] += ingest_tokens
+        if plan.prefill_cap is not None:
+            self.counters["ingest_capped_admission_steps"] += 1
         if WorkClass.FLASH in plan.held_classes:
             self.counters["flash_held_steps"] += 1
         elif by_class[WorkClass.FLASH] and len(by_class) > 1:

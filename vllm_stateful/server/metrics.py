@@ -71,6 +71,8 @@ class SessionMetrics:
             "flash evaluations back for foreground work), flash_shared_steps (steps that batched both), "
             "ingest_held_steps / ingest_yield_steps / ingest_share_steps (steps that held ingestion back, "
             "those of them that yielded to running foreground work, steps that gave it its share), "
+            "ingest_capped_admission_steps (admission steps under KV pressure that capped a running "
+            "ingestion's chunk so the waiting request fit beside it), "
             "referenced_tokens (history tokens spliced in from pins instead of sent), unresolved_references "
             "(requests whose pin had changed: resent whole)",
             ["event"],
