@@ -80,6 +80,11 @@ class StatefulConfig:
         carry no ingestion; the rest of a longer run shares as with 0 (a share
         in every step beside foreground). Ingestion a query waits for is not
         held (it runs in the query class).
+    ingest_step_tokens: the most ingestion tokens in one engine step when
+        nothing else runs (0: vLLM's whole step budget). A query that arrives
+        while an ingestion step runs waits for that step, so this bounds the
+        wait; smaller steps cost ingestion some throughput (each step reads
+        every weight once).
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B
@@ -108,6 +113,7 @@ class StatefulConfig:
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
     ingest_yield_steps: int = 8
+    ingest_step_tokens: int = 512
     prefix_references: bool = True
     state_dir: str | None = None
     restore: str = "lazy"
@@ -175,6 +181,9 @@ class StatefulConfig:
         steps = self.ingest_yield_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
             raise ValueError("stateful.ingest_yield_steps must be an integer in [0, 1000]")
+        cap = self.ingest_step_tokens
+        if not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 1 << 20:
+            raise ValueError("stateful.ingest_step_tokens must be an integer in [0, 1048576]")
         for name in ("debug_routes", "prefix_references"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"stateful.{name} must be true or false")

@@ -38,6 +38,10 @@ def test_config_defaults_and_parsing():
         {"ingest_wait_timeout_s": 0},
         {"tenant_header": ""},
         {"debug_routes": "yes"},
+        {"ingest_yield_steps": -1},
+        {"ingest_step_tokens": -1},
+        {"ingest_step_tokens": 1.5},
+        {"ingest_step_tokens": True},
     ],
 )
 def test_config_rejects_bad_values(section):

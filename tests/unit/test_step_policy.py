@@ -46,10 +46,10 @@ class Req:
 
 
 class Engine:
-    def __init__(self, budget: int, share: int = 64, hold: int = 1, yield_steps: int = 0) -> None:
+    def __init__(self, budget: int, share: int = 64, hold: int = 1, yield_steps: int = 0, step_cap: int = 0) -> None:
         self.budget = budget
         self.counters: Counter = Counter()
-        self.policy = StepPolicy(ShareConfig(share, hold, yield_steps), self.counters, clock=lambda: 0.0)
+        self.policy = StepPolicy(ShareConfig(share, hold, yield_steps, step_cap), self.counters, clock=lambda: 0.0)
         self.may_hold_running = True  # False: KV blocks low
         self.running: list[Req] = []
         self.waiting: list[Req] = []
@@ -259,6 +259,22 @@ def test_under_kv_pressure_a_query_is_admitted_beside_a_running_ingestion():
     assert e.step() == {"p": 512}  # share step: foreground demand fills the budget (documented caveat)
 
 
+def test_ingest_step_tokens_bounds_a_step_of_ingestion_alone_and_nothing_else():
+    e = Engine(budget=512, share=64, yield_steps=2, step_cap=200)
+    e.add(Req("i", ING, prompt=1000), Req("j", ING, prompt=100))
+    assert [e.step() for _ in range(2)] == [{"i": 200}, {"i": 200}]  # alone: steps of at most 200 tokens
+    e.add(Req("q", Q, prompt=300, decode=4))
+    # the query waits for the running step only (here: none), is admitted with vLLM's whole budget,
+    # its first burst steps yield, then share steps as before
+    shared = {"q": 1, "i": 64}
+    assert [e.step() for _ in range(5)] == [{"q": 300}, {"q": 1}, shared, shared, shared]
+    assert e.step() == {"i": 200}  # alone again
+    assert e.counters["ingest_bounded_steps"] == 3 and e.counters["ingest_share_steps"] == 3
+    big = Engine(budget=512, step_cap=1024)  # a bound above vLLM's budget changes nothing
+    big.add(Req("i", ING, prompt=1000))
+    assert big.step() == {"i": 512} and big.counters["ingest_bounded_steps"] == 0
+
+
 def test_yield_steps_never_hold_ingestion_longer_than_their_bound_whatever_the_arrivals():
     rng = random.Random(3)
     for yield_steps, hold in ((4, 1), (2, 3), (8, 2)):
@@ -307,3 +323,5 @@ def test_share_config_is_validated():
         ShareConfig(max_ingest_hold_steps=0)  # a share step holds admissions: at least one admission step
     with pytest.raises(ValueError):
         ShareConfig(ingest_yield_steps=-1)
+    with pytest.raises(ValueError):
+        ShareConfig(ingest_step_tokens=-1)

@@ -110,7 +110,12 @@ class StatefulSchedulerMixin:
         )
         self.session_control = SessionControl(self)
         config = StatefulConfig.from_additional_config(self.vllm_config.additional_config)
-        share = ShareConfig(config.ingest_share_tokens, config.max_ingest_hold_steps, config.ingest_yield_steps)
+        share = ShareConfig(
+            config.ingest_share_tokens,
+            config.max_ingest_hold_steps,
+            config.ingest_yield_steps,
+            config.ingest_step_tokens,
+        )
         self.step_policy = StepPolicy(share, self.session_control.counters)
         self._last_step_start: float | None = None
         # requests finished for an unresolved prefix reference, whose outputs go with the next step's

@@ -34,7 +34,10 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   applies: the step's token budget is cut to the running foreground's demand
   plus ``ingest_share_tokens``, and foreground still waiting for admission is
   held for this one step, so ingestion (running or waiting) gets its share.
-* No foreground: ingestion gets vLLM's whole token budget (prefill speed).
+* No foreground: ingestion gets vLLM's whole token budget (prefill speed),
+  at most ``ingest_step_tokens`` of it when that is set: a foreground request
+  that arrives while an ingestion step runs waits for that step, so its size
+  bounds the wait.
 * Bounds, both ways: ingestion is held at most ``max(max_ingest_hold_steps,
   ingest_yield_steps)`` steps in a row whatever the arrivals, so with work to
   do it receives ``ingest_share_tokens`` in at least one of every that many
@@ -106,17 +109,19 @@ class ShareConfig:
     """ingest_share_tokens: ingestion tokens in a share step (its minimum share, the most a foreground
     step carries). max_ingest_hold_steps: consecutive steps ingestion may be held for foreground
     admissions. ingest_yield_steps: the first steps of a foreground burst (foreground running or
-    waiting), in which it is held (0: it shares every step beside running foreground)."""
+    waiting), in which it is held (0: it shares every step beside running foreground).
+    ingest_step_tokens: the most tokens of a step with ingestion and no foreground (0: vLLM's budget)."""
 
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
     ingest_yield_steps: int = 0
+    ingest_step_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.ingest_share_tokens < 1 or self.max_ingest_hold_steps < 1:
             raise ValueError("ingest_share_tokens and max_ingest_hold_steps must be >= 1")
-        if self.ingest_yield_steps < 0:
-            raise ValueError("ingest_yield_steps must be >= 0")
+        if self.ingest_yield_steps < 0 or self.ingest_step_tokens < 0:
+            raise ValueError("ingest_yield_steps and ingest_step_tokens must be >= 0")
 
 
 @dataclass
@@ -129,6 +134,7 @@ class StepPlan:
     held_classes: frozenset[WorkClass] = frozenset()
     ingest_yielded: bool = False  # ingestion held by a yield step (not an admission step)
     prefill_cap: int | None = None  # the most new tokens any one request gets this step (None: vLLM's own)
+    ingest_bounded: bool = False  # token_budget is ingest_step_tokens: ingestion without foreground
 
 
 @dataclass
@@ -191,6 +197,7 @@ class StepPolicy:
         others = run_cls + wait_cls + [klass(r) for r in other_waiting]
         held: set[WorkClass] = set()
         budget = cap = None
+        bounded = False
         cfg = self.config
         fg_active = fg_running or fg_waiting
         yielding = fg_active and self._fg_streak < cfg.ingest_yield_steps  # early in a foreground burst
@@ -211,6 +218,9 @@ class StepPolicy:
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + cfg.ingest_share_tokens))
             held_fg_waiting = [r for r, c in zip(waiting, wait_cls) if c in FOREGROUND]
+        elif ingest and 0 < cfg.ingest_step_tokens < token_budget:  # ingestion without foreground: a bounded step
+            budget = min(token_budget, cfg.ingest_step_tokens)
+            held_fg_waiting, bounded = [], True
         held_running = [r for r, c in zip(running, run_cls) if c in held] if may_hold_running else []
         held_waiting = [r for r, c in zip(waiting, wait_cls) if c in held]
         if budget is not None:
@@ -222,6 +232,7 @@ class StepPolicy:
             held_classes=frozenset(klass(r) for r in held_running + held_waiting),
             ingest_yielded=WorkClass.INGEST in held and not admission,
             prefill_cap=cap,
+            ingest_bounded=bounded,
         )
 
     def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:
@@ -248,7 +259,9 @@ class StepPolicy:
                 self.counters["ingest_yield_steps"] += 1
         else:
             self._ingest_held_streak = 0
-            if plan.token_budget is not None:
+            if plan.ingest_bounded:
+                self.counters["ingest_bounded_steps"] += 1
+            elif plan.token_budget is not None:
                 self.counters["ingest_share_steps"] += 1
                 self.counters["tokens_ingest_beside_foreground"] += ingest_tokens
         if plan.prefill_cap is not None:

@@ -71,6 +71,7 @@ class SessionMetrics:
             "flash evaluations back for foreground work), flash_shared_steps (steps that batched both), "
             "ingest_held_steps / ingest_yield_steps / ingest_share_steps (steps that held ingestion back, "
             "those of them that yielded to running foreground work, steps that gave it its share), "
+            "ingest_bounded_steps (ingestion-only steps cut to ingest_step_tokens), "
             "ingest_capped_admission_steps (admission steps under KV pressure that capped a running "
             "ingestion's chunk so the waiting request fit beside it), "
             "referenced_tokens (history tokens spliced in from pins instead of sent), unresolved_references "
