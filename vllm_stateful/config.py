@@ -80,11 +80,12 @@ class StatefulConfig:
         carry no ingestion; the rest of a longer run shares as with 0 (a share
         in every step beside foreground). Ingestion a query waits for is not
         held (it runs in the query class).
-    ingest_step_tokens: the most ingestion tokens in one engine step when
-        nothing else runs (0: vLLM's whole step budget). A query that arrives
-        while an ingestion step runs waits for that step, so this bounds the
-        wait; smaller steps cost ingestion some throughput (each step reads
-        every weight once).
+    ingest_step_tokens: the most tokens of an engine step that runs ingestion
+        and no admittable foreground work (0: vLLM's whole step budget;
+        ignored without chunked prefill). A query that arrives while an
+        ingestion step runs waits for that step, so this bounds the wait;
+        smaller steps cost ingestion some throughput (each step reads every
+        weight once).
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B

@@ -27,6 +27,7 @@ INGEST_TOKENS = 1400  # 44 blocks: admitted (vLLM wants the whole prompt to fit)
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path):
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: the test steps it and reads its state
     from vllm import LLM
 
@@ -44,6 +45,10 @@ def engine(tiny_model_path):
     )
     yield llm.llm_engine
     del llm
+    if before is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 def _computed(scheduler, request_id: str) -> int:

@@ -51,6 +51,8 @@ class Engine:
         self.counters: Counter = Counter()
         self.policy = StepPolicy(ShareConfig(share, hold, yield_steps, step_cap), self.counters, clock=lambda: 0.0)
         self.may_hold_running = True  # False: KV blocks low
+        self.may_chunk = True  # False: vLLM's chunked prefill off
+        self.no_blocks: set[str] = set()  # waiting requests vLLM cannot allocate blocks for
         self.running: list[Req] = []
         self.waiting: list[Req] = []
         self.by_id: dict[str, Req] = {}
@@ -69,6 +71,7 @@ class Engine:
             lambda r: r.demand,
             self.budget,
             may_hold_running=self.may_hold_running,
+            may_chunk=self.may_chunk,
         )
         held = {id(r) for r in plan.held_running + plan.held_waiting}
         running = sorted((r for r in self.running if id(r) not in held), key=lambda r: r.klass)
@@ -77,6 +80,8 @@ class Engine:
         cap = budget if plan.prefill_cap is None else plan.prefill_cap  # vLLM's long_prefill_token_threshold
         got: dict[str, int] = {}
         for r in running + waiting:  # vLLM: running first, then admissions
+            if r.rid in self.no_blocks:
+                continue
             n = min(r.demand, budget, cap)
             if n <= 0:
                 break
@@ -257,6 +262,35 @@ def test_under_kv_pressure_a_query_is_admitted_beside_a_running_ingestion():
     e.add(Req("p", P, prompt=1000))
     assert e.step() == {"i": 64, "p": 64}
     assert e.step() == {"p": 512}  # share step: foreground demand fills the budget (documented caveat)
+
+
+def test_a_capped_admission_step_that_admits_nothing_alternates_with_share_steps():
+    """The query cannot get blocks: the cap must not stay on (it would cut a running prefill to the
+    share in every step), and nothing is counted as a capped admission."""
+    e = Engine(budget=512, share=64)
+    e.add(Req("i", ING, prompt=5000), Req("p", P, prompt=5000))
+    assert e.step() == {"p": 512}  # p admitted (plain, foreground); i waits
+    e.may_hold_running = False
+    assert e.step() == {"p": 512}  # share step: the foreground's demand fills the budget
+    e.running.append(e.waiting.pop())  # i running too (vLLM admitted it in a step the model skips)
+    e.add(Req("q", Q, prompt=20))
+    e.no_blocks.add("q")
+    capped, share = {"p": 64, "i": 64}, {"p": 512}
+    assert [e.step() for _ in range(4)] == [capped, share, capped, share]
+    assert e.counters["ingest_capped_admission_steps"] == 0
+    e.no_blocks.clear()
+    assert e.step() == {"p": 64, "i": 64, "q": 20} and e.counters["ingest_capped_admission_steps"] == 1
+
+
+def test_without_chunked_prefill_no_step_is_bounded_or_capped():
+    e = Engine(budget=512, share=64, step_cap=100)
+    e.may_chunk = False
+    e.add(Req("i", ING, prompt=3000))
+    assert e.step() == {"i": 512}
+    e.may_hold_running = False
+    e.add(Req("q", Q, prompt=20))
+    assert e.step() == {"i": 512}  # no cap: vLLM could not admit a prompt over a capped budget
+    assert e.counters["ingest_bounded_steps"] == 0 and e.counters["ingest_capped_admission_steps"] == 0
 
 
 def test_ingest_step_tokens_bounds_a_step_of_ingestion_alone_and_nothing_else():

@@ -184,6 +184,7 @@ class StatefulSchedulerMixin:
             admittable=self._admittable,
             free_slots=len(self.running) < self.max_num_running_reqs,
             may_hold_running=self._kv_room_to_hold(),
+            may_chunk=self.scheduler_config.enable_chunked_prefill,
         )
         held_running, held_waiting = plan.held_running, plan.held_waiting
         # held running requests keep their model-runner slots: vLLM may admit only into the rest

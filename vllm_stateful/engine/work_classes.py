@@ -34,10 +34,12 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   applies: the step's token budget is cut to the running foreground's demand
   plus ``ingest_share_tokens``, and foreground still waiting for admission is
   held for this one step, so ingestion (running or waiting) gets its share.
-* No foreground: ingestion gets vLLM's whole token budget (prefill speed),
-  at most ``ingest_step_tokens`` of it when that is set: a foreground request
-  that arrives while an ingestion step runs waits for that step, so its size
-  bounds the wait.
+* No admittable foreground: ingestion gets vLLM's whole token budget (prefill
+  speed), at most ``ingest_step_tokens`` of it when that is set (the step's
+  budget: running flash that cannot be held shares it): a foreground request
+  that arrives while an ingestion step runs waits for that step (and the one
+  vLLM's async scheduling may already have scheduled), so its size bounds the
+  wait. Neither this bound nor the cap below applies without chunked prefill.
 * Bounds, both ways: ingestion is held at most ``max(max_ingest_hold_steps,
   ingest_yield_steps)`` steps in a row whatever the arrivals, so with work to
   do it receives ``ingest_share_tokens`` in at least one of every that many
@@ -57,8 +59,11 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   the class order, i.e. flash and ingestion first. An admission step then
   caps every request's new tokens at ``ingest_share_tokens`` instead
   (``StepPlan.prefill_cap``, vLLM's ``long_prefill_token_threshold`` for the
-  step), so the running ingestion leaves budget for the waiting foreground,
-  which is admitted in the same step (its own first chunk capped too).
+  step; vLLM's adaptive threshold, when on, raises it to a fair share of the
+  budget), so the running ingestion leaves budget for the waiting foreground,
+  which is admitted in the same step (its own first chunk capped too). Such a
+  step counts toward the hold bound, so if the request still cannot be
+  admitted (no blocks for it), steps alternate with share steps.
 
 ``StepPolicy.after_step`` records the outcome (per-class tokens, waits of
 newly admitted requests in steps and seconds, held steps) in ``counters``.
@@ -182,12 +187,15 @@ class StepPolicy:
         admittable: Callable[[Any], bool] = lambda r: True,
         free_slots: bool = True,
         may_hold_running: bool = True,
+        may_chunk: bool = True,
     ) -> StepPlan:
         """The step's holds and budget. ``demand(request)``: tokens a running request wants this
         step; ``other_waiting``: queues vLLM admits from besides ``waiting`` (they only keep flash
         back); ``admittable(request)``: a waiting request vLLM could admit now (not blocked on a
         grammar, remote KV or streaming input); ``free_slots``: a running slot is free;
-        ``may_hold_running``: enough free KV blocks to keep held running requests out of reach."""
+        ``may_hold_running``: enough free KV blocks to keep held running requests out of reach;
+        ``may_chunk``: vLLM splits prompts into chunks (without chunked prefill a prompt larger than
+        a step's budget is never admitted, so no bounded step and no cap)."""
         running, waiting, other_waiting = list(running), list(waiting), list(other_waiting)
         run_cls = [klass(r) for r in running]
         wait_cls = [klass(r) for r in waiting]
@@ -198,6 +206,7 @@ class StepPolicy:
         held: set[WorkClass] = set()
         budget = cap = None
         bounded = False
+        held_fg_waiting: list[Any] = []
         cfg = self.config
         fg_active = fg_running or fg_waiting
         yielding = fg_active and self._fg_streak < cfg.ingest_yield_steps  # early in a foreground burst
@@ -212,19 +221,17 @@ class StepPolicy:
             held.add(WorkClass.FLASH)
         if ingest and may_hold and (admission or yielding):
             held.add(WorkClass.INGEST)  # an admission step, or a yield step
-            if admission and not may_hold_running and WorkClass.INGEST in run_cls:
+            if admission and may_chunk and not may_hold_running and WorkClass.INGEST in run_cls:
                 cap = cfg.ingest_share_tokens  # the running ingestion cannot be held: it leaves room instead
         elif ingest and fg_active:  # share step
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + cfg.ingest_share_tokens))
             held_fg_waiting = [r for r, c in zip(waiting, wait_cls) if c in FOREGROUND]
-        elif ingest and 0 < cfg.ingest_step_tokens < token_budget:  # ingestion without foreground: a bounded step
-            budget = min(token_budget, cfg.ingest_step_tokens)
-            held_fg_waiting, bounded = [], True
+        elif ingest and may_chunk and 0 < cfg.ingest_step_tokens < token_budget:  # no admittable foreground
+            budget, bounded = cfg.ingest_step_tokens, True
         held_running = [r for r, c in zip(running, run_cls) if c in held] if may_hold_running else []
         held_waiting = [r for r, c in zip(waiting, wait_cls) if c in held]
-        if budget is not None:
-            held_waiting += held_fg_waiting
+        held_waiting += held_fg_waiting
         return StepPlan(
             held_running=held_running,
             held_waiting=held_waiting,
@@ -245,26 +252,32 @@ class StepPolicy:
         for c, tokens in by_class.items():
             self.counters[f"tokens_{c.label}"] += tokens
         ingest_tokens = by_class[WorkClass.INGEST]
+        admitted_fg = False
         for request_id, arrival in list(self._arrivals.items()):
             if request_id in scheduled:
                 del self._arrivals[request_id]
                 self._admitted(request_id, arrival, now)
+                admitted_fg = admitted_fg or arrival.klass in FOREGROUND
             else:
                 arrival.ingest_tokens += ingest_tokens
         self._ingest_running = ingest_tokens > 0
-        if WorkClass.INGEST in plan.held_classes:
+        capped = plan.prefill_cap is not None
+        if WorkClass.INGEST in plan.held_classes or capped:
+            # a capped admission step counts toward the hold bound: if its request still could not be
+            # admitted (no blocks for it), the next step is a share step, not another capped one
             self._ingest_held_streak += 1
-            self.counters["ingest_held_steps"] += 1
+            if WorkClass.INGEST in plan.held_classes:
+                self.counters["ingest_held_steps"] += 1
             if plan.ingest_yielded:
                 self.counters["ingest_yield_steps"] += 1
         else:
             self._ingest_held_streak = 0
             if plan.ingest_bounded:
-                self.counters["ingest_bounded_steps"] += 1
+                self.counters["ingest_bounded_steps"] += 1 if ingest_tokens else 0
             elif plan.token_budget is not None:
                 self.counters["ingest_share_steps"] += 1
                 self.counters["tokens_ingest_beside_foreground"] += ingest_tokens
-        if plan.prefill_cap is not None:
+        if capped and admitted_fg:
             self.counters["ingest_capped_admission_steps"] += 1
         if WorkClass.FLASH in plan.held_classes:
             self.counters["flash_held_steps"] += 1

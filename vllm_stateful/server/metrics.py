@@ -73,7 +73,7 @@ class SessionMetrics:
             "those of them that yielded to running foreground work, steps that gave it its share), "
             "ingest_bounded_steps (ingestion-only steps cut to ingest_step_tokens), "
             "ingest_capped_admission_steps (admission steps under KV pressure that capped a running "
-            "ingestion's chunk so the waiting request fit beside it), "
+            "ingestion's chunk and admitted a waiting request beside it), "
             "referenced_tokens (history tokens spliced in from pins instead of sent), unresolved_references "
             "(requests whose pin had changed: resent whole)",
             ["event"],
