@@ -137,7 +137,8 @@ def test_ingestion_under_continuous_queries_still_advances_at_its_share(stateful
              "stateful": "sched-busy", "stateful_commit": False}  # fmt: skip
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         queries = [pool.submit(server.post, "/v1/completions", json=query) for _ in range(3)]
-        wait_until(lambda: server.integrity()["running"] >= 3, what="queries running")
+        # up to 120 s: on the loaded 2-core CI machine this once took over 30 s (a CI run of stop 22)
+        wait_until(lambda: server.integrity()["running"] >= 3, timeout_s=120, what="queries running")
         prompt = [random.Random(9).randrange(10, 3000) for _ in range(1200)]
         r = server.post("/v1/sessions", json={"id": "sched-ingest", "prompt": prompt})
         still_running = sum(not q.done() for q in queries)
