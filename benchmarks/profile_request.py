@@ -11,8 +11,17 @@ machine lands in one round of one context and does not move the median. ``forwar
 attention read (frames in attention code) and the rest of the model. Client latency (mean, p50) is
 measured at the same time.
 
-Reading the table: everything except ``forward_*`` and ``idle_loop`` is per-request overhead; a
-stage that grows with context outside the attention read is an O(history) step to remove.
+Each stage's time is CPU time: every process's user + system seconds over the round (from the kernel,
+exact) split over stages in proportion to its samples that used CPU (``cpu_by_stage``): py-spy on a
+loaded 2-core machine drops samples unevenly, so sample counts are not times, their proportions are.
+
+Reading the table: everything except ``forward_*`` and the waits (``WAIT_STAGES``) is per-request
+overhead; a stage that grows with context outside the attention read is an O(history) step to remove.
+The waits grow with how long a request is in flight (mostly its forward), not with work: ``busy_poll``
+(spinning on vLLM's shared-memory ring: the worker for the next step, the engine core for the worker's
+output) and ``unreadable_stack``; ``event_loop_wait`` (the API server's event loop in ``epoll``) and
+``idle_loop`` are threads blocked in the kernel, which take no share of the CPU time. ``WAIT_STAGES``
+says how each was established.
 
     python benchmarks/profile_request.py [--model tiny] [--contexts 1000,8000,32000] [--requests 60]
         [--rounds 3] [--compare-references]
@@ -53,7 +62,9 @@ SESSION = "profile"
 # (stage, substrings of a frame "function (file:line)"); checked from the innermost frame outwards,
 # so a hashing frame inside request creation counts as hashing. Order within the tuple does not matter.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("worker_busy_poll", ("SpinCondition.wait", "sched_yield", "should_warn", "acquire_read.<locals>.check")),
+    # waiting on the other process through vLLM's shared-memory ring (the worker for the next step, the
+    # engine core for the worker's output): CPU time spent spinning, no work; it grows with the forward
+    ("busy_poll", ("SpinCondition.wait", "sched_yield", "should_warn", "acquire_read.<locals>.check")),
     ("forward_attention", ("attention", "Attention", "attn", "Attn", "sdpa")),
     ("forward_other", ("execute_model", "model_runner", "forward (", "torch/nn/")),
     ("engine_block_hashing", ("block_hash", "hash_block_tokens", "sha256", "xxhash", "cbor")),
@@ -63,24 +74,42 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("get_computed_blocks", "_get_local_prefix_cache_hit", "common_prefix_len", "find_longest_cache_hit"),
     ),  # fmt: skip
     ("engine_scheduling", ("schedule (", "allocate_slots", "update_from_output", "_free_request")),
-    ("ipc_serialization", ("msgspec", "serial_utils", "encode (", "decode (", "zmq", "pickle")),
+    ("ipc_serialization", ("msgspec", "serial_utils", "encode (", "decode (", "zmq", "pickle", "MessageQueue.")),
     ("api_render_tokenize", ("tokeniz", "render", "chat_template", "apply_chat", "encode_prompt")),
     ("api_output_processing", ("output_processor", "detokeniz", "logprobs", "OutputProcessor")),
     ("api_plugin", ("vllm_stateful/server", "vllm_stateful/sessions")),
     ("api_http_json", ("uvicorn", "starlette", "fastapi", "h11", "json", "pydantic", "httptools")),
-    # the event loop itself (uvloop runs in C: its own callbacks and its epoll wait look the same)
-    ("api_event_loop_other", ("Runner.run (",)),
 )
-OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith(("forward", "worker_busy"))] + ["other"]
+# The innermost frame of a sample spinning in the shared-memory ring's read loop (its body, once a
+# message is there, runs in the caller's frame: ``MessageQueue.dequeue``, which is not a wait).
+RING_WAIT_FRAMES = ("MessageQueue.acquire_read (", "ReadTimeoutWithWarnings.", "memory_fence (")
+# Not request work, and not overhead, each shown in the table:
+# - ``event_loop_wait``: the API server's innermost Python frame is the event loop's ``run``: uvloop's C
+#   code, which a native profile of the server under this load found in ``epoll_pwait`` in 98% of samples
+#   (waiting for the engine's output); it grows with how long a request is in flight.
+# - ``forward_native_threads``: a worker thread with no Python frame, torch's intra-op (OpenMP) pool.
+# - ``unreadable_stack``: a thread with no Python frame in the API server or engine core. A blocking
+#   native profile of the engine core under this load had no such samples: these are stacks that
+#   ``--nonblocking`` sampling read mid-change (mostly the main thread's busy poll).
+WAIT_STAGES = ("busy_poll", "event_loop_wait", "unreadable_stack", "idle_loop")
+# samples of a thread blocked in the kernel, using no CPU: no share of the process's CPU time
+NO_CPU_STAGES = ("idle_loop", "event_loop_wait")
+OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith("forward") and s not in WAIT_STAGES] + ["other"]
 
 
 def stage_of(frames: list[str]) -> str:
-    """The stage of one sampled stack (outermost frame first). A busy-poll frame anywhere in the
-    stack wins (vLLM's CPU worker spins on its shared-memory queue between steps: CPU time, no work)."""
+    """The stage of one sampled stack (outermost frame first; py-spy's ``process N:"name"`` entries
+    first). A busy-poll frame anywhere in the stack wins, and so does a spin in the ring's read loop."""
     poll, *others = STAGES
-    if any(n in frame for frame in frames for n in poll[1]):
+    innermost = frames[-1] if frames else ""
+    if any(n in frame for frame in frames for n in poll[1]) or any(w in innermost for w in RING_WAIT_FRAMES):
         return poll[0]
-    for frame in reversed(frames):
+    python = [f for f in frames if not f.startswith("process ")]
+    if not python:
+        return "forward_native_threads" if "VLLM::Worker" in innermost else "unreadable_stack"
+    if python[-1].startswith("Runner.run ("):
+        return "event_loop_wait"
+    for frame in reversed(python):
         for stage, needles in others:
             if any(n in frame for n in needles):
                 return stage
@@ -95,16 +124,53 @@ def is_idle(frames: list[str]) -> bool:
     return any(w in innermost for w in waits)
 
 
-def tally(collapsed: str) -> Counter[str]:
-    """Samples per stage from py-spy's ``--format raw`` output (``frame;frame;... count`` lines)."""
-    counts: Counter[str] = Counter()
+def tally_by_process(collapsed: str) -> dict[int, Counter[str]]:
+    """Samples per stage of each process (its pid) from py-spy's ``--format raw`` output
+    (``process N:"name";frame;... count`` lines)."""
+    counts: dict[int, Counter[str]] = {}
     for line in collapsed.splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
         frames = stack.split(";")
-        counts["idle_loop" if is_idle(frames) else stage_of(frames)] += int(n)
+        procs = [f for f in frames if f.startswith("process ")]
+        pid = int(procs[-1].split()[1].split(":")[0]) if procs else 0
+        stage = "idle_loop" if is_idle(frames) else stage_of(frames)
+        counts.setdefault(pid, Counter())[stage] += int(n)
     return counts
+
+
+def tally(collapsed: str) -> Counter[str]:
+    """Samples per stage over every process."""
+    return sum(tally_by_process(collapsed).values(), Counter())
+
+
+def cpu_by_stage(samples: dict[int, Counter[str]], cpu_s: dict[int, float]) -> dict[str, float]:
+    """Each process's CPU seconds (from the kernel, exact) split over stages in proportion to its samples
+    that used CPU. py-spy on a loaded 2-core machine drops samples unevenly (a round may get a tenth of
+    another's), so sample counts alone are not times; their proportions within a process are."""
+    out: Counter[str] = Counter()
+    for pid, counts in samples.items():
+        busy = {stage: n for stage, n in counts.items() if stage not in NO_CPU_STAGES}
+        total = sum(busy.values())
+        for stage, n in busy.items():
+            out[stage] += cpu_s.get(pid, 0.0) * n / total
+    return dict(out)
+
+
+def process_cpu_seconds(root: int) -> dict[int, float]:
+    """User + system CPU seconds so far of ``root`` and every process under it, by pid."""
+    import psutil
+
+    top = psutil.Process(root)
+    out = {}
+    for proc in [top, *top.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        out[proc.pid] = times.user + times.system
+    return out
 
 
 @dataclass(frozen=True)
@@ -186,10 +252,13 @@ def measure(
             for context in contexts:
                 session = f"{SESSION}-{context}"
                 turns(client, model, session, 3, tokens, rng)  # warm-up at this size
+                before = process_cpu_seconds(pid)  # the CPU window holds the sampling window
                 sampler = Sampler(pid, rate, out_dir / f"stacks-{context}-{r}.txt")
                 latencies[context] += turns(client, model, session, k, tokens, rng)
-                counts = tally(sampler.stop())
-                per_round[context].append({stage: samples / rate / k for stage, samples in counts.items()})
+                samples = tally_by_process(sampler.stop())
+                after = process_cpu_seconds(pid)
+                stages = cpu_by_stage(samples, {p: after[p] - before.get(p, 0.0) for p in after})
+                per_round[context].append({stage: seconds / k for stage, seconds in stages.items()})
                 overhead = sum(per_round[context][-1].get(s, 0.0) for s in OVERHEAD_STAGES)
                 print(f"round {r} context {context}: overhead {overhead * 1000:.1f} ms/request", flush=True)
         for context in contexts:
@@ -207,7 +276,8 @@ def measure(
 
 
 def table(results: list[Measured]) -> str:
-    stages = [s for s, _ in STAGES[1:]] + ["other", STAGES[0][0], "idle_loop"]
+    waits = [s for s in WAIT_STAGES if s not in NO_CPU_STAGES]
+    stages = [s for s, _ in STAGES[1:]] + ["forward_native_threads", "other", *waits]
     head = "| stage (CPU ms per request) | " + " | ".join(f"{r.context} tok" for r in results)
     lines = [head + f" | {results[-1].context}/{results[0].context} |", "|---" * (len(results) + 2) + "|"]
 
@@ -217,7 +287,7 @@ def table(results: list[Measured]) -> str:
 
     for stage in stages:
         lines.append(row(stage, [r.seconds_per_request.get(stage, 0.0) for r in results]))
-    lines.append(row("**overhead (all but forward, busy poll and idle)**", [r.overhead_s() for r in results]))
+    lines.append(row("**overhead (all but forward and waits)**", [r.overhead_s() for r in results]))
     lines.append(row("client latency p50", [r.latency_p50_s for r in results]))
     lines.append(row("client latency mean", [r.latency_mean_s for r in results]))
     spread = "; ".join(f"{r.context}: " + ", ".join(f"{v * 1000:.1f}" for v in r.round_overheads_s) for r in results)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vllm_stateful.engine.session_pins import SessionPins, common_prefix_len
+from vllm_stateful.engine.session_pins import SessionPins, cdiv, common_prefix_len
 
 pytestmark = pytest.mark.unit
 
@@ -124,3 +124,80 @@ def test_a_pinned_block_whose_hash_vllm_reset_no_longer_stands_for_the_content()
     pins.release("a")
     pins.release("b")
     assert pool.free() == 8 and pins.check_integrity() == [] and pins._by_hash == {} and pins._hash_of == {}
+
+
+def _fragmentation_by_every_block(pins: SessionPins) -> float:
+    """The definition, block by block (independent of SessionPins' O(sessions) bookkeeping)."""
+    slots: dict[int, int] = {}
+    for key in pins.session_ids():
+        p = pins.get(key)
+        for i, b in enumerate(p.blocks):
+            slots[id(b)] = max(slots.get(id(b), 0), min(pins.block_size, p.num_tokens - i * pins.block_size))
+    return 0.0 if not slots else 1.0 - sum(slots.values()) / (len(slots) * pins.block_size)
+
+
+def test_totals_kept_as_pins_change_match_a_recount_over_every_block():
+    """Turns that extend, fork, rewind, recompute shared content, truncate and release, at random:
+    after each, the O(sessions) totals equal a recount, and pool references equal session references."""
+    import random
+
+    rng, bs = random.Random(7), 4
+    pool = FakePool(200)
+    pins = SessionPins(pool, block_size=bs)
+
+    def fresh(n: int) -> list[Block]:
+        got = [b for b in pool.blocks if b.ref_cnt == 0][:n]
+        for b in got:
+            b.block_hash = None  # vLLM resets a block's hash when it reuses it
+        return got
+
+    def run_turn(key: str, tokens: list[int], prefix: list[Block]) -> None:
+        """A request whose first ``len(prefix)`` blocks are adopted; vLLM hashes every full block."""
+        blocks = prefix + fresh(cdiv(len(tokens), bs) - len(prefix))
+        for i in range(len(tokens) // bs):
+            if blocks[i].block_hash is None:
+                blocks[i].block_hash = ("h", tuple(tokens[: (i + 1) * bs]))
+        pool.touch(blocks)  # the request's own references, given back when it finishes
+        pins.pin(key, tokens, blocks)
+        pool.free_blocks(blocks)
+
+    for _ in range(400):
+        key, op = rng.choice("abc"), rng.random()
+        p = pins.get(key)
+        tokens = [] if p is None else list(p.token_ids)
+        if op < 0.45:  # a turn extends the session (adopting all its blocks, the partial tail too)
+            run_turn(
+                key, tokens + [rng.randrange(3) for _ in range(rng.randrange(1, 9))], [] if p is None else p.blocks
+            )
+        elif op < 0.6 and tokens:  # fork/rewind: keep some full blocks, recompute the rest
+            k = rng.randrange(0, len(tokens) // bs + 1)
+            run_turn(key, tokens[: k * bs] + [rng.randrange(3) for _ in range(rng.randrange(1, 6))], p.blocks[:k])
+        elif op < 0.7:  # other content is recomputed in fresh blocks (shared by hash with any pin of it)
+            src = pins.get(rng.choice("abc"))
+            run_turn(key, list(src.token_ids) if src and src.token_ids else [1, 2, 3, 4, 5], [])
+        elif op < 0.85 and tokens:
+            pins.truncate(key, rng.randrange(0, len(tokens)))
+        else:
+            pins.release(key)
+        held = sum(len(pins.get(k).blocks) for k in pins.session_ids())
+        assert pins.num_pinned_blocks() == len({id(b) for k in pins.session_ids() for b in pins.get(k).blocks})
+        assert pins.fragmentation() == pytest.approx(_fragmentation_by_every_block(pins))
+        assert sum(b.ref_cnt for b in pool.blocks) == held and pins.check_integrity() == []
+    pins.release_all()
+    assert pool.free() == len(pool.blocks) and pins.num_pinned_blocks() == 0 and pins._by_hash == {}
+
+
+def test_a_turn_keeps_the_sessions_full_blocks_and_indexes_its_filled_tail():
+    pool = FakePool(8)
+    pins = SessionPins(pool, block_size=4)
+    pins.pin("a", list(range(6)), pool.blocks[:2])  # block 1 partial: no hash yet
+    touched = []
+    pool.touch = lambda blocks, touch=pool.touch: (touched.extend(blocks), touch(blocks))
+    pool.blocks[1].block_hash = "h1"  # the next turn filled it; vLLM hashed it
+    pins.pin("a", list(range(10)), pool.blocks[:3])
+    assert touched == pool.blocks[1:3]  # block 0 kept its reference: no touch, no free
+    assert [b.ref_cnt for b in pool.blocks[:3]] == [1, 1, 1] and pins.check_integrity() == []
+    # the filled block now stands for its content: a recomputation of it is pinned there
+    pool.blocks[5].block_hash = "h1"
+    pins.pin("b", list(range(8)), [pool.blocks[0], pool.blocks[5]])
+    assert pins.block_ids("b") == [0, 1] and pins.num_pinned_blocks() == 3

@@ -17,6 +17,7 @@ No vLLM import here: the scheduler passes its ``BlockPool``; tests pass a fake.
 from __future__ import annotations
 
 import hashlib
+import operator
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,17 @@ def cdiv(a: int, b: int) -> int:
 def token_digest(token_ids: Sequence[int]) -> str:
     """A fingerprint of a token sequence, computed the same way on both sides of the plugin."""
     return hashlib.sha256(array("q", token_ids).tobytes()).hexdigest()[:32]
+
+
+def _same_prefix_len(held: Sequence[Any], blocks: Sequence[Any], limit: int) -> int:
+    """How many leading ``blocks`` (of the first ``limit``) are the very blocks ``held`` at the same positions."""
+    limit = min(limit, len(held), len(blocks))
+    if all(map(operator.is_, held[:limit], blocks[:limit])):  # the usual turn: at C speed
+        return limit
+    n = 0
+    while blocks[n] is held[n]:
+        n += 1
+    return n
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -95,6 +107,8 @@ class SessionPins:
         # id(block) -> the hash it was indexed under (vLLM may reset a block's hash, see _canonical)
         self._by_hash: dict[Any, list[Any]] = {}
         self._hash_of: dict[int, Any] = {}
+        # id(block) -> sessions holding it: kept as pins change, so the totals cost O(sessions)
+        self._holders: dict[int, int] = {}
         self._serial = 0
 
     def __contains__(self, session_id: str) -> bool:
@@ -143,22 +157,31 @@ class SessionPins:
         content (vLLM's block hash) another session already pins is replaced by
         that pinned block: each content is pinned in one physical block, so
         sessions with a common prefix share it (the budget charges it once).
+
+        The session's full blocks that ``blocks`` starts with, the very same ones in place, keep
+        their reference untouched: a turn that extends the session costs its new blocks, not its
+        history. A partial last block goes round again, so once filled (hashed) it is indexed.
         """
         needed = cdiv(len(token_ids), self.block_size)
         if len(blocks) < needed:
             raise ValueError(f"{len(blocks)} blocks cannot hold {len(token_ids)} tokens")
-        new_blocks = [self._canonical(b) for b in blocks[:needed]]
-        self._pool.touch(new_blocks)
-        self._index(new_blocks, +1)
         old = self._sessions.get(session_id)
+        kept = (
+            0 if old is None else _same_prefix_len(old.blocks, blocks, min(needed, old.num_tokens // self.block_size))
+        )
+        added = [self._canonical(b) for b in blocks[kept:needed]]
+        dropped = [] if old is None else old.blocks[kept:]
+        self._pool.touch(added)
+        self._hold(dropped, -1)  # counts before adding: a block dropped and added again is indexed as it is now
+        self._hold(added, +1)
         full = len(token_ids) // self.block_size
         hashes = None if block_hashes is None or len(block_hashes) < full else list(block_hashes[:full])
         self._serial += 1
+        new_blocks = (old.blocks[:kept] if old is not None else []) + added
         self._sessions[session_id] = PinnedSession(
             session_id, list(token_ids), new_blocks, hashes, cache_salt, self._serial
         )
-        if old is not None:
-            self._drop(old.blocks)
+        self._pool.free_blocks(reversed(dropped))
 
     def truncate(self, session_id: str, num_tokens: int) -> int:
         """Keep only the first ``num_tokens`` tokens; returns blocks released."""
@@ -193,7 +216,7 @@ class SessionPins:
 
     def num_pinned_blocks(self) -> int:
         """Distinct blocks held by at least one session."""
-        return len({id(b) for p in self._sessions.values() for b in p.blocks})
+        return len(self._holders)
 
     def block_ids(self, session_id: str) -> list[int]:
         pinned = self._sessions.get(session_id)
@@ -201,15 +224,18 @@ class SessionPins:
 
     def fragmentation(self) -> float:
         """Token slots allocated but unused in pinned blocks (partial last blocks) over all
-        pinned slots; 0.0 when nothing is pinned."""
-        slots: dict[int, int] = {}  # distinct block -> slots used in it
-        for p in self._sessions.values():
-            for i, b in enumerate(p.blocks):
-                used = min(self.block_size, p.num_tokens - i * self.block_size)
-                slots[id(b)] = max(slots.get(id(b), 0), used)
-        if not slots:
+        pinned slots; 0.0 when nothing is pinned. O(sessions): only a session's last block can be
+        partial, and a block another session holds at an earlier position is full there."""
+        if not self._holders:
             return 0.0
-        return 1.0 - sum(slots.values()) / (len(slots) * self.block_size)
+        tails: dict[int, list[int]] = {}  # id(partial last block) -> [most slots used, sessions ending in it]
+        for p in self._sessions.values():
+            used = p.num_tokens % self.block_size
+            if used and p.blocks:
+                tail = tails.setdefault(id(p.blocks[-1]), [0, 0])
+                tail[0], tail[1] = max(tail[0], used), tail[1] + 1
+        unused = sum(self.block_size - used for key, (used, n) in tails.items() if self._holders.get(key) == n)
+        return unused / (len(self._holders) * self.block_size)
 
     def _canonical(self, block: Any) -> Any:
         h = getattr(block, "block_hash", None)
@@ -235,8 +261,19 @@ class SessionPins:
                 del self._by_hash[h]
                 del self._hash_of[id(b)]
 
+    def _hold(self, blocks: Sequence[Any], delta: int) -> None:
+        """Count ``delta`` session references on ``blocks`` (in ``_holders`` and the hash index)."""
+        holders = self._holders
+        for b in blocks:
+            n = holders.get(id(b), 0) + delta
+            if n > 0:
+                holders[id(b)] = n
+            else:
+                holders.pop(id(b), None)
+        self._index(blocks, delta)
+
     def _drop(self, blocks: Sequence[Any]) -> None:
-        self._index(blocks, -1)
+        self._hold(blocks, -1)
         self._pool.free_blocks(reversed(blocks))
 
     def references(self) -> dict[int, int]:
