@@ -30,6 +30,10 @@ says how each was established.
 prompt sent whole (``prefix_references: false``), then with prefix references (the default): both
 tables, and the overhead of each side by side (``profile.csv`` then has a ``prefix_references`` column).
 
+The worker's per-step bookkeeping (``worker_bookkeeping``: new requests into its input batch, block
+tables, inputs) runs under ``execute_model`` but is overhead, not forward. Each round's CPU seconds and
+sample counts per process are in ``rounds.csv`` (next to the stacks), to check the split against.
+
 Needs py-spy (``pip install py-spy``) and permission to ptrace the server (same user, or root).
 Writes ``profile.csv``, ``summary.md``, ``machine.json`` and the raw collapsed stacks per context
 (``stacks-N-R.txt``, large: not committed) to ``--out-dir`` (default ``benchmarks/results/profile_request``).
@@ -58,6 +62,7 @@ from harness.results import out_path, record_command, summary_header, write_json
 from harness.servers import launched_server
 
 SESSION = "profile"
+SETTLE_S = 1.5  # longer than vLLM's worker busy loop keeps spinning after a step (1 s)
 
 # (stage, substrings of a frame "function (file:line)"); checked from the innermost frame outwards,
 # so a hashing frame inside request creation counts as hashing. Order within the tuple does not matter.
@@ -66,6 +71,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # engine core for the worker's output): CPU time spent spinning, no work; it grows with the forward
     ("busy_poll", ("SpinCondition.wait", "sched_yield", "should_warn", "acquire_read.<locals>.check")),
     ("forward_attention", ("attention", "Attention", "attn", "Attn", "sdpa")),
+    # the worker's per-step bookkeeping: new requests into its input batch, block tables, inputs
+    ("worker_bookkeeping", ("_update_states", "_prepare_inputs", "gpu_input_batch", "block_table")),
     ("forward_other", ("execute_model", "model_runner", "forward (", "torch/nn/")),
     ("engine_block_hashing", ("block_hash", "hash_block_tokens", "sha256", "xxhash", "cbor")),
     ("engine_request_creation", ("preprocess_add_request", "from_engine_core_request", "Request.__init__")),
@@ -87,14 +94,16 @@ RING_WAIT_FRAMES = ("MessageQueue.acquire_read (", "ReadTimeoutWithWarnings.", "
 # - ``event_loop_wait``: the API server's innermost Python frame is the event loop's ``run``: uvloop's C
 #   code, which a native profile of the server under this load found in ``epoll_pwait`` in 98% of samples
 #   (waiting for the engine's output); it grows with how long a request is in flight.
-# - ``forward_native_threads``: a worker thread with no Python frame, torch's intra-op (OpenMP) pool.
-# - ``unreadable_stack``: a thread with no Python frame in the API server or engine core. A blocking
-#   native profile of the engine core under this load had no such samples: these are stacks that
-#   ``--nonblocking`` sampling read mid-change (mostly the main thread's busy poll).
+# - ``unreadable_stack``: a thread with no Python frame. A blocking native profile of the engine core
+#   under this load had no such samples, and in the worker their count follows its busy poll, not its
+#   forward: stacks that ``--nonblocking`` sampling read mid-change (mostly a main thread's busy poll).
 WAIT_STAGES = ("busy_poll", "event_loop_wait", "unreadable_stack", "idle_loop")
 # samples of a thread blocked in the kernel, using no CPU: no share of the process's CPU time
 NO_CPU_STAGES = ("idle_loop", "event_loop_wait")
-OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith("forward") and s not in WAIT_STAGES] + ["other"]
+OVERHEAD_STAGES = [s for s, _ in STAGES if not s.startswith("forward") and s not in WAIT_STAGES] + [
+    "other",
+    "unsampled",
+]
 
 
 def stage_of(frames: list[str]) -> str:
@@ -106,7 +115,7 @@ def stage_of(frames: list[str]) -> str:
         return poll[0]
     python = [f for f in frames if not f.startswith("process ")]
     if not python:
-        return "forward_native_threads" if "VLLM::Worker" in innermost else "unreadable_stack"
+        return "unreadable_stack"
     if python[-1].startswith("Runner.run ("):
         return "event_loop_wait"
     for frame in reversed(python):
@@ -135,7 +144,9 @@ def tally_by_process(collapsed: str) -> dict[int, Counter[str]]:
         frames = stack.split(";")
         procs = [f for f in frames if f.startswith("process ")]
         pid = int(procs[-1].split()[1].split(":")[0]) if procs else 0
-        stage = "idle_loop" if is_idle(frames) else stage_of(frames)
+        stage = stage_of(frames)
+        if stage != "busy_poll" and is_idle(frames):  # a spin's ``SpinCondition.wait`` is not blocked
+            stage = "idle_loop"
         counts.setdefault(pid, Counter())[stage] += int(n)
     return counts
 
@@ -148,13 +159,16 @@ def tally(collapsed: str) -> Counter[str]:
 def cpu_by_stage(samples: dict[int, Counter[str]], cpu_s: dict[int, float]) -> dict[str, float]:
     """Each process's CPU seconds (from the kernel, exact) split over stages in proportion to its samples
     that used CPU. py-spy on a loaded 2-core machine drops samples unevenly (a round may get a tenth of
-    another's), so sample counts alone are not times; their proportions within a process are."""
+    another's), so sample counts alone are not times; their proportions within a process are. CPU of a
+    process without such samples cannot be placed: it goes to ``unsampled`` (overhead, so it is not lost)."""
     out: Counter[str] = Counter()
-    for pid, counts in samples.items():
-        busy = {stage: n for stage, n in counts.items() if stage not in NO_CPU_STAGES}
+    for pid, seconds in cpu_s.items():
+        busy = {stage: n for stage, n in samples.get(pid, Counter()).items() if stage not in NO_CPU_STAGES}
         total = sum(busy.values())
+        if not total:
+            out["unsampled"] += seconds
         for stage, n in busy.items():
-            out[stage] += cpu_s.get(pid, 0.0) * n / total
+            out[stage] += seconds * n / total
     return dict(out)
 
 
@@ -244,6 +258,7 @@ def measure(
     latencies: dict[int, list[float]] = {c: [] for c in contexts}
     sizes: dict[int, int] = {}
     k = max(1, n // rounds)
+    audit: list[dict] = []  # per round and process: kernel CPU seconds and py-spy's samples
     with httpx.Client(base_url=base, timeout=600) as client:
         for context in contexts:
             check(client.post("/sessions", json={"id": f"{SESSION}-{context}"}), 200, 201)
@@ -252,17 +267,31 @@ def measure(
             for context in contexts:
                 session = f"{SESSION}-{context}"
                 turns(client, model, session, 3, tokens, rng)  # warm-up at this size
-                before = process_cpu_seconds(pid)  # the CPU window holds the sampling window
+                # the CPU window is the sampling window: the worker spins for a while after each step
+                # (vLLM's busy loop), so both start after it settled and end after the last one settled
+                time.sleep(SETTLE_S)
+                before = process_cpu_seconds(pid)
                 sampler = Sampler(pid, rate, out_dir / f"stacks-{context}-{r}.txt")
                 latencies[context] += turns(client, model, session, k, tokens, rng)
+                time.sleep(SETTLE_S)
                 samples = tally_by_process(sampler.stop())
                 after = process_cpu_seconds(pid)
-                stages = cpu_by_stage(samples, {p: after[p] - before.get(p, 0.0) for p in after})
+                cpu = {p: after[p] - before.get(p, 0.0) for p in after}
+                stages = cpu_by_stage(samples, cpu)
+                audit += [
+                    {"context_tokens": context, "round": r, "pid": p, "cpu_s": f"{seconds:.4f}",
+                     "samples_using_cpu": sum(n for st, n in samples.get(p, {}).items() if st not in NO_CPU_STAGES),
+                     "samples": sum(samples.get(p, {}).values())}
+                    for p, seconds in sorted(cpu.items())
+                ]  # fmt: skip
                 per_round[context].append({stage: seconds / k for stage, seconds in stages.items()})
                 overhead = sum(per_round[context][-1].get(s, 0.0) for s in OVERHEAD_STAGES)
                 print(f"round {r} context {context}: overhead {overhead * 1000:.1f} ms/request", flush=True)
         for context in contexts:
             client.delete(f"/sessions/{SESSION}-{context}")
+    write_rows(
+        audit, out_dir / "rounds.csv", ("context_tokens", "round", "pid", "cpu_s", "samples_using_cpu", "samples")
+    )
     results = []
     for context in contexts:
         stages = {stage for one in per_round[context] for stage in one}
@@ -277,7 +306,7 @@ def measure(
 
 def table(results: list[Measured]) -> str:
     waits = [s for s in WAIT_STAGES if s not in NO_CPU_STAGES]
-    stages = [s for s, _ in STAGES[1:]] + ["forward_native_threads", "other", *waits]
+    stages = [s for s, _ in STAGES[1:]] + ["other", *waits]
     head = "| stage (CPU ms per request) | " + " | ".join(f"{r.context} tok" for r in results)
     lines = [head + f" | {results[-1].context}/{results[0].context} |", "|---" * (len(results) + 2) + "|"]
 

@@ -28,7 +28,7 @@ def test_turns_and_queries_reference_the_pin_and_answer_as_the_whole_prompt(stat
     rng = random.Random(11)
     history = server.fresh_session(sid, 1200, seed=11)
     before = _counters(server)
-    referenced = 0
+    referenced, prompts = 0, []
     for turn in range(4):
         new = [rng.randrange(10, 3000) for _ in range(12)]
         commit = turn % 2 == 0
@@ -36,6 +36,7 @@ def test_turns_and_queries_reference_the_pin_and_answer_as_the_whole_prompt(stat
         assert r.status_code == 200, r.text
         body = r.json()
         prompt = history + new
+        prompts.append(prompt)
         assert body["choices"][0]["token_ids"] == reference.greedy(prompt, 6), turn
         assert body["session"]["recomputed_tokens"] == 0 and body["session"]["context_tokens"] == len(prompt)
         if _primes_alone(tokenizer, prompt[-32:]):
@@ -47,6 +48,10 @@ def test_turns_and_queries_reference_the_pin_and_answer_as_the_whole_prompt(stat
     assert referenced > 0
     assert after.get("referenced_tokens", 0) - before.get("referenced_tokens", 0) == referenced
     assert after.get("unresolved_references", 0) == before.get("unresolved_references", 0)
+    # each spliced prompt reached the model-runner worker as one int32 buffer (the answers above are
+    # the reference engine's: the worker read the same tokens from it)
+    arrays = after.get("prompts_sent_as_arrays", 0) - before.get("prompts_sent_as_arrays", 0)
+    assert arrays == sum(_primes_alone(tokenizer, p[-32:]) for p in prompts) and arrays > 0
     server.integrity()
     assert server.delete(f"/v1/sessions/{sid}").status_code == 200
 

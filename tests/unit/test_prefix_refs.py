@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, splice, unresolved_reason
+from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, prompt_array, splice, unresolved_reason
 from vllm_stateful.engine.request_tags import PrefixRef
 from vllm_stateful.engine.session_pins import SessionPins
 
@@ -78,6 +78,27 @@ def test_a_spliced_request_is_the_request_of_the_whole_prompt(referenced):
     assert sent.block_hashes == whole.block_hashes and list(sent.all_token_ids) == list(whole.all_token_ids)
     # the session's hit skips comparing the spliced prefix, with the same answer as comparing it
     assert pins.hit("k", sent.all_token_ids, known_equal=referenced) == pins.hit("k", sent.all_token_ids)
+    # what the worker gets instead of the list: the same tokens in one int32 buffer
+    array = prompt_array(pinned, ref, (history + new)[referenced:])
+    assert array.dtype.name == "int32" and array.tolist() == whole.prompt_token_ids
+
+
+def test_a_pins_token_array_follows_its_tokens_through_turns_rewinds_and_trims():
+    pins = SessionPins(Pool(), 4)
+    blocks = [Block(i) for i in range(20)]
+    pins.pin("k", list(range(10)), blocks[:3])
+    first = pins.get("k").token_array
+    pins.pin("k", list(range(10)) + [50, 51, 52], [*blocks[:2], blocks[5], blocks[6]])  # a turn: 2 blocks kept
+    assert pins.get("k").token_array.tolist() == list(range(10)) + [50, 51, 52] and pins.check_integrity() == []
+    assert first.tolist() == list(range(10))  # the old pin's array is not written
+    pins.pin("k", [1, 2, 3, 4, 9], [blocks[7], blocks[8]])  # nothing kept: built anew
+    assert pins.get("k").token_array.tolist() == [1, 2, 3, 4, 9]
+    pins.truncate("k", 3)
+    assert pins.get("k").token_array.tolist() == [1, 2, 3] and pins.check_integrity() == []
+    ref = PrefixRef(generation=1, tokens=2)
+    assert prompt_array(pins.get("k"), ref, [8]).tolist() == [1, 2, 8]
+    pins.get("k").token_array = None  # a pin without one: the prompt goes as a list
+    assert prompt_array(pins.get("k"), ref, [8]) is None
 
 
 def test_another_salt_never_splices_and_a_pin_without_hashes_gets_them_computed():

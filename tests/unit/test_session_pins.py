@@ -165,10 +165,9 @@ def test_totals_kept_as_pins_change_match_a_recount_over_every_block():
         key, op = rng.choice("abc"), rng.random()
         p = pins.get(key)
         tokens = [] if p is None else list(p.token_ids)
-        if op < 0.45:  # a turn extends the session (adopting all its blocks, the partial tail too)
-            run_turn(
-                key, tokens + [rng.randrange(3) for _ in range(rng.randrange(1, 9))], [] if p is None else p.blocks
-            )
+        if op < 0.45:  # a turn extends the session: vLLM gives it the full blocks, a copy of the partial one
+            full = [] if p is None else p.blocks[: p.num_tokens // bs]
+            run_turn(key, tokens + [rng.randrange(3) for _ in range(rng.randrange(1, 9))], full)
         elif op < 0.6 and tokens:  # fork/rewind: keep some full blocks, recompute the rest
             k = rng.randrange(0, len(tokens) // bs + 1)
             run_turn(key, tokens[: k * bs] + [rng.randrange(3) for _ in range(rng.randrange(1, 6))], p.blocks[:k])
@@ -187,17 +186,40 @@ def test_totals_kept_as_pins_change_match_a_recount_over_every_block():
     assert pool.free() == len(pool.blocks) and pins.num_pinned_blocks() == 0 and pins._by_hash == {}
 
 
-def test_a_turn_keeps_the_sessions_full_blocks_and_indexes_its_filled_tail():
+def test_a_turn_keeps_the_sessions_full_blocks_and_gives_back_its_partial_tail():
     pool = FakePool(8)
     pins = SessionPins(pool, block_size=4)
-    pins.pin("a", list(range(6)), pool.blocks[:2])  # block 1 partial: no hash yet
-    touched = []
+    pool.blocks[0].block_hash = "h0"
+    pins.pin("a", list(range(6)), pool.blocks[:2])  # block 1 partial: no hash
+    touched, freed = [], []
     pool.touch = lambda blocks, touch=pool.touch: (touched.extend(blocks), touch(blocks))
-    pool.blocks[1].block_hash = "h1"  # the next turn filled it; vLLM hashed it
-    pins.pin("a", list(range(10)), pool.blocks[:3])
-    assert touched == pool.blocks[1:3]  # block 0 kept its reference: no touch, no free
-    assert [b.ref_cnt for b in pool.blocks[:3]] == [1, 1, 1] and pins.check_integrity() == []
-    # the filled block now stands for its content: a recomputation of it is pinned there
+    pool.free_blocks = lambda blocks, free=pool.free_blocks: (freed.extend(blocks := list(blocks)), free(blocks))
+    # the next turn: vLLM gives the request block 0 and a copy of the partial block 1 (block 6), which
+    # it fills and hashes, then block 2 for the rest
+    pool.blocks[6].block_hash = "h1"
+    pins.pin("a", list(range(10)), [pool.blocks[0], pool.blocks[6], pool.blocks[2]])
+    assert touched == [pool.blocks[6], pool.blocks[2]] and freed == [pool.blocks[1]]  # block 0 untouched
+    assert [b.ref_cnt for b in pool.blocks[:3]] == [1, 0, 1] and pins.check_integrity() == []
+    # the filled copy stands for its content: a recomputation of it is pinned there
     pool.blocks[5].block_hash = "h1"
     pins.pin("b", list(range(8)), [pool.blocks[0], pool.blocks[5]])
-    assert pins.block_ids("b") == [0, 1] and pins.num_pinned_blocks() == 3
+    assert pins.block_ids("b") == [0, 6] and pins.num_pinned_blocks() == 3
+
+
+def test_a_kept_block_whose_hash_vllm_reset_gives_way_to_the_next_block_of_that_content():
+    """vLLM resets a pinned block's hash when a KV connector reports it failed to load; the session
+    keeps it in place across turns. The next block computed with that content takes over the index."""
+    pool = FakePool(8)
+    pins = SessionPins(pool, block_size=4)
+    pool.blocks[0].block_hash = "h0"
+    pins.pin("a", list(range(5)), pool.blocks[0:2])
+    pool.blocks[0].block_hash = None
+    pins.pin("a", list(range(9)), [pool.blocks[0], pool.blocks[2], pool.blocks[3]])  # keeps block 0 in place
+    pins.pin("b", list(range(9)), pins.get("a").blocks)  # a fork
+    assert pins.check_integrity() == []
+    pool.blocks[4].block_hash = pool.blocks[5].block_hash = "h0"  # the content computed again, twice
+    pins.pin("c", list(range(4)), [pool.blocks[4]])
+    pins.pin("d", list(range(4)), [pool.blocks[5]])
+    assert pins.block_ids("c") == pins.block_ids("d") == [4] and pins.check_integrity() == []
+    pins.release_all()
+    assert pool.free() == 8 and pins._by_hash == {} and pins._hash_of == {}

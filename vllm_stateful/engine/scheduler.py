@@ -60,7 +60,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.control import SessionControl
-from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, splice, unresolved_reason
+from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, prompt_array, splice, unresolved_reason
 from vllm_stateful.engine.request_tags import REF_KEY, UNRESOLVED_STOP_REASON, SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
@@ -75,6 +75,7 @@ CLASS_ATTR = "_vllm_stateful_class"
 LOOKUP_ATTR = "_vllm_stateful_lookup"
 SPLICED_ATTR = "_vllm_stateful_spliced"
 COUNTED_ATTR = "_vllm_stateful_counted"
+PROMPT_ARRAY_ATTR = "_vllm_stateful_prompt_array"
 
 
 def work_class(request: Request) -> WorkClass:
@@ -122,6 +123,10 @@ class StatefulSchedulerMixin:
         self._unresolved: list[Request] = []
         # pins keep the pinning request's block hashes when vLLM hashes at the KV block size
         self._keeps_hashes = getattr(self, "hash_block_size", None) == self.session_pins.block_size
+        # spliced prompts reach the worker as arrays, except where vLLM's worker hands the prompt to code
+        # that may want a list: M-RoPE position builders and user logits processors
+        model_config = self.vllm_config.model_config
+        self._array_prompts = not model_config.uses_mrope and not model_config.logits_processors
         logger.info(
             "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
             "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
@@ -209,6 +214,7 @@ class StatefulSchedulerMixin:
         try:
             output = super().schedule(*args, **kwargs)
             self._count_sent_only(output.scheduled_new_reqs)
+            self._hand_over_prompt_arrays(output.scheduled_new_reqs)
         finally:
             self.max_num_scheduled_tokens = full_budget
             self.scheduler_config.long_prefill_token_threshold = own_cap
@@ -242,6 +248,19 @@ class StatefulSchedulerMixin:
             except Exception:
                 self.session_control.fault("prefill stats", new.req_id)
             setattr(request, COUNTED_ATTR, True)
+
+    def _hand_over_prompt_arrays(self, scheduled_new: list[Any]) -> None:
+        """A spliced request's prompt goes to the worker as the array ``prefix_refs.prompt_array`` built
+        (same tokens; the engine's request keeps its list), once: a preempted request resumes as vLLM sends it."""
+        for new in scheduled_new:
+            request = self.requests.get(new.req_id)
+            array = getattr(request, PROMPT_ARRAY_ATTR, None)
+            if array is None:
+                continue
+            delattr(request, PROMPT_ARRAY_ATTR)
+            if new.prompt_token_ids is not None and len(array) == len(new.prompt_token_ids):
+                new.prompt_token_ids = array
+                self.session_control.counters["prompts_sent_as_arrays"] += 1
 
     def _order_waiting(self) -> None:
         """FCFS waiting queue in class order (stable). A priority queue keeps vLLM's order:
@@ -342,7 +361,11 @@ class StatefulSchedulerMixin:
             shared = self.session_control.referencable_tokens(tag.key, tag.prefix.generation)
             reason = unresolved_reason(tag.prefix, pinned, shared, request, self.max_model_len)
             if reason is None and pinned is not None:
+                sent = list(request.prompt_token_ids)
                 setattr(request, SPLICED_ATTR, splice(request, pinned, tag.prefix, self.session_pins.block_size))
+                params = request.sampling_params
+                if self._array_prompts and (params is None or params.prompt_logprobs is None):
+                    setattr(request, PROMPT_ARRAY_ATTR, prompt_array(pinned, tag.prefix, sent))
                 self.session_control.counters["referenced_tokens"] += tag.prefix.tokens
                 return True
             self.session_control.unresolved(request.request_id, reason or "no pin")

@@ -51,6 +51,22 @@ def _same_prefix_len(held: Sequence[Any], blocks: Sequence[Any], limit: int) -> 
     return n
 
 
+def _extended(old: PinnedSession | None, tokens: list[int], same: int) -> Any:
+    """``tokens`` as an int32 array, reusing the old pin's for its first ``same`` tokens (the tokens of
+    the full blocks the new pin kept in place: the same blocks hold the same tokens)."""
+    import numpy as np
+
+    head = old.token_array[:same] if old is not None and old.token_array is not None else None
+    if head is None or len(head) != same:
+        return np.asarray(tokens, dtype=np.int32)
+    return np.concatenate((head, np.asarray(tokens[same:], dtype=np.int32)))
+
+
+def _stale(block: Any, indexed_hash: Any) -> bool:
+    """The block no longer carries the hash it was indexed under (vLLM reset it)."""
+    return getattr(block, "block_hash", None) != indexed_hash
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
@@ -82,6 +98,9 @@ class PinnedSession:
     cache_salt: str | None = None
     # changes whenever ``token_ids`` does (a new pin or a trim): equal serials, equal tokens
     serial: int = 0
+    # ``token_ids`` as int32 (None when not kept): a spliced prompt reaches the model-runner worker as
+    # one buffer (``prefix_refs.prompt_array``), not as a list it pickles, unpickles and copies
+    token_array: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -178,8 +197,15 @@ class SessionPins:
         hashes = None if block_hashes is None or len(block_hashes) < full else list(block_hashes[:full])
         self._serial += 1
         new_blocks = (old.blocks[:kept] if old is not None else []) + added
+        tokens = list(token_ids)
         self._sessions[session_id] = PinnedSession(
-            session_id, list(token_ids), new_blocks, hashes, cache_salt, self._serial
+            session_id,
+            tokens,
+            new_blocks,
+            hashes,
+            cache_salt,
+            self._serial,
+            _extended(old, tokens, kept * self.block_size),
         )
         self._pool.free_blocks(reversed(dropped))
 
@@ -192,6 +218,8 @@ class SessionPins:
         dropped = pinned.blocks[keep:]
         pinned.blocks = pinned.blocks[:keep]
         pinned.token_ids = pinned.token_ids[: max(num_tokens, 0)]
+        if pinned.token_array is not None:
+            pinned.token_array = pinned.token_array[: pinned.num_tokens]
         if pinned.block_hashes is not None:
             pinned.block_hashes = pinned.block_hashes[: pinned.num_tokens // self.block_size]
         self._serial += 1
@@ -241,7 +269,7 @@ class SessionPins:
         h = getattr(block, "block_hash", None)
         entry = self._by_hash.get(h) if h is not None else None
         # a pinned block whose hash vLLM reset (evicted as invalid) no longer stands for this content
-        if entry is None or getattr(entry[0], "block_hash", None) != h:
+        if entry is None or _stale(entry[0], h):
             return block
         return entry[0]
 
@@ -251,6 +279,11 @@ class SessionPins:
             if h is None:
                 continue
             entry = self._by_hash.get(h)
+            if delta > 0 and entry is not None and _stale(entry[0], h):
+                # the indexed block's hash was reset (vLLM evicted it as invalid): ``b`` stands for it now
+                if self._hash_of.get(id(entry[0])) == h:
+                    del self._hash_of[id(entry[0])]
+                entry = None
             if entry is None and delta > 0:
                 entry = self._by_hash[h] = [b, 0]
                 self._hash_of[id(b)] = h
@@ -292,9 +325,13 @@ class SessionPins:
         for p in self._sessions.values():
             if len(p.blocks) != cdiv(p.num_tokens, self.block_size):
                 problems.append(f"session {p.session_id}: {len(p.blocks)} blocks for {p.num_tokens} tokens")
+            if p.token_array is not None and p.token_array.tolist() != p.token_ids:
+                problems.append(f"session {p.session_id}: its token array differs from its tokens")
         by_id = {b.block_id: b for p in self._sessions.values() for b in p.blocks}
         held = Counter(id(b) for p in self._sessions.values() for b in p.blocks)
-        for block, count in self._by_hash.values():
+        for h, (block, count) in self._by_hash.items():
+            if _stale(block, h):
+                continue  # never used again: replaced when the content is indexed anew
             if count != held[id(block)]:
                 problems.append(f"block {block.block_id}: indexed with {count} session refs, held by another number")
         hashed: dict[Any, set[int]] = {}

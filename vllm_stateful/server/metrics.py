@@ -177,7 +177,9 @@ class SessionMetrics:
         self.step_seconds.set(info.get("step_s", 0.0))
 
 
-ENGINE_EVENTS = frozenset({"forged_tags", "faults", "referenced_tokens", "unresolved_references"})
+ENGINE_EVENTS = frozenset(
+    {"forged_tags", "faults", "referenced_tokens", "unresolved_references", "prompts_sent_as_arrays"}
+)
 _PER_ENGINE = frozenset({"rank", "kv_epoch", "block_size", "max_model_len", "token_budget"})
 
 
