@@ -44,6 +44,19 @@ def test_turns_and_queries_reference_the_pin_and_answer_as_the_whole_prompt(stat
         if commit:
             history = server.session(sid, tokens=True)["token_ids"]
             assert history[: len(prompt)] == prompt
+    # a penalty reads the whole prompt in the worker (the cached prefix too), so this answer checks
+    # the spliced prompt the worker holds, not only the tokens it computes
+    while not _primes_alone(tokenizer, (history + (new := [rng.randrange(10, 3000) for _ in range(12)]))[-32:]):
+        pass
+    prompt = history + new
+    body = {"model": "tiny", "prompt": new, "max_tokens": 6, "temperature": 0, "stateful": sid,
+            "stateful_commit": False, "return_token_ids": True, "repetition_penalty": 1.5}  # fmt: skip
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == reference.greedy(prompt, 6, repetition_penalty=1.5)
+    assert reference.greedy(prompt, 6, repetition_penalty=1.5) != reference.greedy(prompt, 6)  # it matters here
+    prompts.append(prompt)
+    referenced += len(prompt) - 32
     after = _counters(server)
     assert referenced > 0
     assert after.get("referenced_tokens", 0) - before.get("referenced_tokens", 0) == referenced

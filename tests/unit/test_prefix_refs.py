@@ -181,3 +181,29 @@ def test_pins_keep_their_hashes_through_trims_and_change_serial():
     assert pinned.block_hashes == _request(history[:100]).block_hashes
     pins.pin("j", pinned.token_ids, pinned.blocks)  # without hashes: none kept, none invented
     assert pins.get("j").block_hashes is None
+
+
+def test_prompt_arrays_go_only_where_every_reader_in_the_worker_takes_one():
+    from types import SimpleNamespace as NS
+
+    from vllm_stateful.engine.prefix_refs import array_safe, arrays_reach_the_worker
+
+    def config(**changes):
+        base = {
+            "model_config": NS(uses_mrope=False, logits_processors=None),
+            "use_v2_model_runner": False,
+            "parallel_config": NS(distributed_executor_backend="mp"),
+        }
+        return NS(**{**base, **changes})
+
+    assert arrays_reach_the_worker(config()) and arrays_reach_the_worker(
+        config(parallel_config=NS(distributed_executor_backend="uni"))
+    )
+    assert not arrays_reach_the_worker(config(use_v2_model_runner=True))  # V2 reads another field
+    assert not arrays_reach_the_worker(config(parallel_config=NS(distributed_executor_backend="ray")))
+    assert not arrays_reach_the_worker(config(model_config=NS(uses_mrope=True, logits_processors=None)))
+    assert not arrays_reach_the_worker(config(model_config=NS(uses_mrope=False, logits_processors=["m:P"])))
+    from vllm import SamplingParams
+
+    assert array_safe(SamplingParams(max_tokens=1, repetition_penalty=1.3))
+    assert not array_safe(SamplingParams(max_tokens=1, prompt_logprobs=1))

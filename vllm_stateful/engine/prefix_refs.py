@@ -83,11 +83,36 @@ def splice(request: Any, pinned: PinnedSession, ref: PrefixRef, block_size: int)
     return Spliced(pinned.serial, ref.tokens)
 
 
+def arrays_reach_the_worker(vllm_config: Any) -> bool:
+    """Whether a prompt array reaches only readers that take one: vLLM's V1 model runner (the V2 one reads
+    the prompt from another field), through the multiprocessing or in-process executor (Ray's compiled
+    graphs hand numpy arrays over zero-copy, and the worker keeps this one for the request's life), with no
+    model whose positions are built from the prompt (M-RoPE) and no logits processor beyond vLLM's own
+    (user ones and ``vllm.logits_processors`` plugins get the prompt and may treat it as a list)."""
+    from importlib.metadata import entry_points
+
+    model = vllm_config.model_config
+    backend = vllm_config.parallel_config.distributed_executor_backend
+    return (
+        not getattr(vllm_config, "use_v2_model_runner", False)
+        and backend in ("mp", "uni", None)
+        and not model.uses_mrope
+        and not model.logits_processors
+        and not list(entry_points(group="vllm.logits_processors"))
+    )
+
+
+def array_safe(params: Any) -> bool:
+    """Per request: not with prompt logprobs (read from the prompt as a tensor) or a thinking-token
+    budget (its state compares prompt slices as lists)."""
+    return params.prompt_logprobs is None and getattr(params, "thinking_token_budget", None) is None
+
+
 def prompt_array(pinned: PinnedSession, ref: PrefixRef, sent: list[int]) -> Any:
     """The spliced prompt (the pin's first ``ref.tokens`` tokens, then ``sent``) as one int32 array, or
     None when the pin keeps no array. vLLM's scheduler output carries a new request's whole prompt to
     the model-runner worker, which pickles, unpickles and copies it into its input batch: O(history)
-    per request as a list (~3 ms at 32k tokens on a 2-core CPU), a buffer copy as an array
+    per request as a list (~3 ms at 32k tokens on a 2-core CPU), one buffer copy each way as an array
     (``StatefulSchedulerMixin`` hands it over when the request is first scheduled)."""
     import numpy as np
 

@@ -60,7 +60,15 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_stateful.config import StatefulConfig
 from vllm_stateful.engine.control import SessionControl
-from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, prompt_array, splice, unresolved_reason
+from vllm_stateful.engine.prefix_refs import (
+    Spliced,
+    array_safe,
+    arrays_reach_the_worker,
+    count_sent_only,
+    prompt_array,
+    splice,
+    unresolved_reason,
+)
 from vllm_stateful.engine.request_tags import REF_KEY, UNRESOLVED_STOP_REASON, SessionTag, read_tag
 from vllm_stateful.engine.session_pins import SessionPins
 from vllm_stateful.engine.support import KVGroupShape, unsupported_reason
@@ -123,10 +131,7 @@ class StatefulSchedulerMixin:
         self._unresolved: list[Request] = []
         # pins keep the pinning request's block hashes when vLLM hashes at the KV block size
         self._keeps_hashes = getattr(self, "hash_block_size", None) == self.session_pins.block_size
-        # spliced prompts reach the worker as arrays, except where vLLM's worker hands the prompt to code
-        # that may want a list: M-RoPE position builders and user logits processors
-        model_config = self.vllm_config.model_config
-        self._array_prompts = not model_config.uses_mrope and not model_config.logits_processors
+        self._array_prompts = arrays_reach_the_worker(self.vllm_config)
         logger.info(
             "vllm-stateful scheduler active (block size %d); the HTTP session routes also need "
             "VLLM_PLUGINS to name 'stateful' (vllm-stateful serve sets it)",
@@ -249,18 +254,33 @@ class StatefulSchedulerMixin:
                 self.session_control.fault("prefill stats", new.req_id)
             setattr(request, COUNTED_ATTR, True)
 
+    def _keep_prompt_array(self, request: Request, pinned: Any, ref: Any, sent: list[int]) -> None:
+        """The spliced prompt as an array for the worker (``prefix_refs.prompt_array``), where every
+        reader of it there takes one: otherwise, or on any failure, it goes as vLLM's list."""
+        params = request.sampling_params
+        if not self._array_prompts or (params is not None and not array_safe(params)):
+            return
+        try:
+            setattr(request, PROMPT_ARRAY_ATTR, prompt_array(pinned, ref, sent))
+        except Exception:
+            self.session_control.fault("prompt array", request.request_id)
+
     def _hand_over_prompt_arrays(self, scheduled_new: list[Any]) -> None:
-        """A spliced request's prompt goes to the worker as the array ``prefix_refs.prompt_array`` built
-        (same tokens; the engine's request keeps its list), once: a preempted request resumes as vLLM sends it."""
+        """A spliced request's prompt goes to the worker as the array kept for it (same tokens; the
+        engine's request keeps its list), once: a preempted request resumes as vLLM sends it. vLLM only
+        ever shortens a prompt list it sends (KV connector back-off), so equal lengths mean equal tokens."""
         for new in scheduled_new:
             request = self.requests.get(new.req_id)
             array = getattr(request, PROMPT_ARRAY_ATTR, None)
             if array is None:
                 continue
-            delattr(request, PROMPT_ARRAY_ATTR)
-            if new.prompt_token_ids is not None and len(array) == len(new.prompt_token_ids):
-                new.prompt_token_ids = array
-                self.session_control.counters["prompts_sent_as_arrays"] += 1
+            try:
+                delattr(request, PROMPT_ARRAY_ATTR)
+                if new.prompt_token_ids is not None and len(array) == len(new.prompt_token_ids):
+                    new.prompt_token_ids = array
+                    self.session_control.counters["prompts_sent_as_arrays"] += 1
+            except Exception:
+                self.session_control.fault("prompt array", new.req_id)
 
     def _order_waiting(self) -> None:
         """FCFS waiting queue in class order (stable). A priority queue keeps vLLM's order:
@@ -363,9 +383,7 @@ class StatefulSchedulerMixin:
             if reason is None and pinned is not None:
                 sent = list(request.prompt_token_ids)
                 setattr(request, SPLICED_ATTR, splice(request, pinned, tag.prefix, self.session_pins.block_size))
-                params = request.sampling_params
-                if self._array_prompts and (params is None or params.prompt_logprobs is None):
-                    setattr(request, PROMPT_ARRAY_ATTR, prompt_array(pinned, tag.prefix, sent))
+                self._keep_prompt_array(request, pinned, tag.prefix, sent)
                 self.session_control.counters["referenced_tokens"] += tag.prefix.tokens
                 return True
             self.session_control.unresolved(request.request_id, reason or "no pin")
