@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from vllm_stateful.engine.prefix_refs import Spliced, count_sent_only, prompt_array, splice, unresolved_reason
+from vllm_stateful.engine.prefix_refs import (
+    Spliced,
+    count_sent_only,
+    prompt_array,
+    prompt_head,
+    splice,
+    unresolved_reason,
+)
 from vllm_stateful.engine.request_tags import PrefixRef
 from vllm_stateful.engine.session_pins import SessionPins
 
@@ -79,7 +86,7 @@ def test_a_spliced_request_is_the_request_of_the_whole_prompt(referenced):
     # the session's hit skips comparing the spliced prefix, with the same answer as comparing it
     assert pins.hit("k", sent.all_token_ids, known_equal=referenced) == pins.hit("k", sent.all_token_ids)
     # what the worker gets instead of the list: the same tokens in one int32 buffer
-    array = prompt_array(pinned, ref, (history + new)[referenced:])
+    array = prompt_array(prompt_head(pinned, ref), (history + new)[referenced:])
     assert array.dtype.name == "int32" and array.tolist() == whole.prompt_token_ids
 
 
@@ -96,9 +103,25 @@ def test_a_pins_token_array_follows_its_tokens_through_turns_rewinds_and_trims()
     pins.truncate("k", 3)
     assert pins.get("k").token_array.tolist() == [1, 2, 3] and pins.check_integrity() == []
     ref = PrefixRef(generation=1, tokens=2)
-    assert prompt_array(pins.get("k"), ref, [8]).tolist() == [1, 2, 8]
+    assert prompt_array(prompt_head(pins.get("k"), ref), [8]).tolist() == [1, 2, 8]
+    assert prompt_head(pins.get("k"), PrefixRef(generation=1, tokens=4)) is None  # longer than the pin
     pins.get("k").token_array = None  # a pin without one: the prompt goes as a list
-    assert prompt_array(pins.get("k"), ref, [8]) is None
+    assert prompt_head(pins.get("k"), ref) is None
+
+
+def test_a_waiting_requests_prompt_head_is_a_view_that_later_pins_never_change():
+    import numpy as np
+
+    pins = SessionPins(Pool(), 4)
+    blocks = [Block(i) for i in range(20)]
+    pins.pin("k", list(range(12)), blocks[:3])
+    head = prompt_head(pins.get("k"), PrefixRef(generation=1, tokens=8))
+    assert np.shares_memory(head, pins.get("k").token_array)  # held while waiting: no copy
+    pins.pin("k", list(range(12)) + [40, 41], [*blocks[:3], blocks[9]])  # the session moves on
+    pins.truncate("k", 5)  # and rewinds below the head
+    pins.pin("k", [9] * 16, blocks[10:14])  # and is replaced
+    assert head.tolist() == list(range(8))
+    assert prompt_array(head, [3, 4]).tolist() == [*range(8), 3, 4]
 
 
 def test_another_salt_never_splices_and_a_pin_without_hashes_gets_them_computed():

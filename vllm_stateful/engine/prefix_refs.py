@@ -25,6 +25,7 @@ No vLLM import at module level.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,17 +109,24 @@ def array_safe(params: Any) -> bool:
     return params.prompt_logprobs is None and getattr(params, "thinking_token_budget", None) is None
 
 
-def prompt_array(pinned: PinnedSession, ref: PrefixRef, sent: list[int]) -> Any:
-    """The spliced prompt (the pin's first ``ref.tokens`` tokens, then ``sent``) as one int32 array, or
-    None when the pin keeps no array. vLLM's scheduler output carries a new request's whole prompt to
-    the model-runner worker, which pickles, unpickles and copies it into its input batch: O(history)
-    per request as a list (~3 ms at 32k tokens on a 2-core CPU), one buffer copy each way as an array
-    (``StatefulSchedulerMixin`` hands it over when the request is first scheduled)."""
-    import numpy as np
-
+def prompt_head(pinned: PinnedSession, ref: PrefixRef) -> Any:
+    """The pin's first ``ref.tokens`` tokens as an int32 array view (no copy), or None when the pin keeps
+    no array. A pin's array is never written (``SessionPins`` builds a new one for a new pin), so the
+    view stays the request's prefix while it waits, whatever the session does meanwhile."""
     if pinned.token_array is None or len(pinned.token_array) < ref.tokens:
         return None
-    return np.concatenate((pinned.token_array[: ref.tokens], np.asarray(sent, dtype=np.int32)))
+    return pinned.token_array[: ref.tokens]
+
+
+def prompt_array(head: Any, sent: Sequence[int]) -> Any:
+    """The spliced prompt (``head``, then ``sent``) as one int32 array. vLLM's scheduler output carries
+    a new request's whole prompt to the model-runner worker, which pickles, unpickles and copies it
+    into its input batch: O(history) per request as a list (~3 ms at 32k tokens on a 2-core CPU), one
+    buffer copy each way as an array (``StatefulSchedulerMixin`` builds it when the request is first
+    scheduled, and hands it over)."""
+    import numpy as np
+
+    return np.concatenate((head, np.asarray(sent, dtype=np.int32)))
 
 
 def count_sent_only(stats: Any, spliced: Spliced) -> None:

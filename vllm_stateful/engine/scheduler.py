@@ -66,6 +66,7 @@ from vllm_stateful.engine.prefix_refs import (
     arrays_reach_the_worker,
     count_sent_only,
     prompt_array,
+    prompt_head,
     splice,
     unresolved_reason,
 )
@@ -83,7 +84,7 @@ CLASS_ATTR = "_vllm_stateful_class"
 LOOKUP_ATTR = "_vllm_stateful_lookup"
 SPLICED_ATTR = "_vllm_stateful_spliced"
 COUNTED_ATTR = "_vllm_stateful_counted"
-PROMPT_ARRAY_ATTR = "_vllm_stateful_prompt_array"
+PROMPT_HEAD_ATTR = "_vllm_stateful_prompt_head"
 
 
 def work_class(request: Request) -> WorkClass:
@@ -254,30 +255,33 @@ class StatefulSchedulerMixin:
                 self.session_control.fault("prefill stats", new.req_id)
             setattr(request, COUNTED_ATTR, True)
 
-    def _keep_prompt_array(self, request: Request, pinned: Any, ref: Any, sent: list[int]) -> None:
-        """The spliced prompt as an array for the worker (``prefix_refs.prompt_array``), where every
-        reader of it there takes one: otherwise, or on any failure, it goes as vLLM's list."""
+    def _keep_prompt_head(self, request: Request, pinned: Any, ref: Any) -> None:
+        """Keep a view of the pin's array over the referenced prefix (``prefix_refs.prompt_head``: no
+        copy while the request waits), where every reader of the prompt in the worker takes an array:
+        otherwise, or on any failure, the prompt goes as vLLM's list."""
         params = request.sampling_params
         if not self._array_prompts or (params is not None and not array_safe(params)):
             return
         try:
-            setattr(request, PROMPT_ARRAY_ATTR, prompt_array(pinned, ref, sent))
+            setattr(request, PROMPT_HEAD_ATTR, prompt_head(pinned, ref))
         except Exception:
             self.session_control.fault("prompt array", request.request_id)
 
     def _hand_over_prompt_arrays(self, scheduled_new: list[Any]) -> None:
-        """A spliced request's prompt goes to the worker as the array kept for it (same tokens; the
-        engine's request keeps its list), once: a preempted request resumes as vLLM sends it. vLLM only
-        ever shortens a prompt list it sends (KV connector back-off), so equal lengths mean equal tokens."""
+        """A spliced request's prompt goes to the worker as one array (same tokens; the engine's request
+        keeps its list), once: a preempted request resumes as vLLM sends it. The array is the kept head
+        and the list's tokens after it: the head equals the request's prompt up to there (the splice), and
+        vLLM only ever sends the request's prompt or a prefix of it (KV connector back-off)."""
         for new in scheduled_new:
             request = self.requests.get(new.req_id)
-            array = getattr(request, PROMPT_ARRAY_ATTR, None)
-            if array is None:
+            head = getattr(request, PROMPT_HEAD_ATTR, None)
+            if head is None:
                 continue
             try:
-                delattr(request, PROMPT_ARRAY_ATTR)
-                if new.prompt_token_ids is not None and len(array) == len(new.prompt_token_ids):
-                    new.prompt_token_ids = array
+                delattr(request, PROMPT_HEAD_ATTR)
+                sent = new.prompt_token_ids
+                if sent is not None and len(sent) >= len(head):
+                    new.prompt_token_ids = prompt_array(head, sent[len(head) :])
                     self.session_control.counters["prompts_sent_as_arrays"] += 1
             except Exception:
                 self.session_control.fault("prompt array", new.req_id)
@@ -381,9 +385,8 @@ class StatefulSchedulerMixin:
             shared = self.session_control.referencable_tokens(tag.key, tag.prefix.generation)
             reason = unresolved_reason(tag.prefix, pinned, shared, request, self.max_model_len)
             if reason is None and pinned is not None:
-                sent = list(request.prompt_token_ids)
                 setattr(request, SPLICED_ATTR, splice(request, pinned, tag.prefix, self.session_pins.block_size))
-                self._keep_prompt_array(request, pinned, tag.prefix, sent)
+                self._keep_prompt_head(request, pinned, tag.prefix)
                 self.session_control.counters["referenced_tokens"] += tag.prefix.tokens
                 return True
             self.session_control.unresolved(request.request_id, reason or "no pin")

@@ -99,7 +99,8 @@ class PinnedSession:
     # changes whenever ``token_ids`` does (a new pin or a trim): equal serials, equal tokens
     serial: int = 0
     # ``token_ids`` as int32 (None when not kept): a spliced prompt reaches the model-runner worker as
-    # one buffer (``prefix_refs.prompt_array``), not as a list it pickles, unpickles and copies
+    # one buffer (``prefix_refs.prompt_array``), not as a list it pickles, unpickles and copies.
+    # Never written once set: a waiting request holds a view of it (``prefix_refs.prompt_head``)
     token_array: Any = None
 
     @property
