@@ -79,13 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", default="17,128,512,2048")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", type=Path, default=out_path("benchmarks/results/ingest_vs_prefill"))
+    p.add_argument(
+        "--stateful-config",
+        default=None,
+        help='the stateful server\'s --additional-config, e.g. \'{"stateful": {"ingest_step_target_ms": 1000}}\'',
+    )
     args = p.parse_args(argv)
     model, dtype = str(model_dir(args.model)), serving_dtype(args.model)
     contexts, chunks = int_list(args.contexts), int_list(args.chunks)
     cases = [(c, s, r) for c in contexts for s in chunks for r in range(args.repeats)]
     common = ["--block-size", "32", "--max-model-len", "10240", "--enforce-eager", "--dtype", dtype]
     rows: list[dict] = []
-    for kind, extra in (("stateful", []), ("vllm", ["--enable-prefix-caching"])):
+    own = ["--additional-config", args.stateful_config] if args.stateful_config else []
+    for kind, extra in (("stateful", own), ("vllm", ["--enable-prefix-caching"])):
         log = args.out_dir / "logs" / f"{kind}.log"
         with launched_server(kind, model, "bench", common + extra, log, cpu_env()) as base:
             rows += run(kind, base, cases, model)

@@ -86,6 +86,12 @@ class StatefulConfig:
         ingestion step runs waits for that step, so this bounds the wait;
         smaller steps cost ingestion some throughput (each step reads every
         weight once).
+    ingest_step_target_ms: a wall-time target for those steps (0: none):
+        their token bound follows the measured time per token of recent
+        ones (``engine/ingest_step.py``), from ``ingest_share_tokens`` up to
+        ``ingest_step_tokens``; so a query waits about this long at most for
+        a running ingestion step, on whatever machine, at some cost in
+        ingestion throughput where a step's fixed cost is a large part of it.
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B
@@ -115,6 +121,7 @@ class StatefulConfig:
     max_ingest_hold_steps: int = 1
     ingest_yield_steps: int = 8
     ingest_step_tokens: int = 512
+    ingest_step_target_ms: int = 0
     prefix_references: bool = True
     state_dir: str | None = None
     restore: str = "lazy"
@@ -185,6 +192,9 @@ class StatefulConfig:
         cap = self.ingest_step_tokens
         if not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 1 << 20:
             raise ValueError("stateful.ingest_step_tokens must be an integer in [0, 1048576]")
+        target = self.ingest_step_target_ms
+        if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= 600_000:
+            raise ValueError("stateful.ingest_step_target_ms must be an integer in [0, 600000]")
         for name in ("debug_routes", "prefix_references"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"stateful.{name} must be true or false")

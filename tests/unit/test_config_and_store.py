@@ -42,6 +42,9 @@ def test_config_defaults_and_parsing():
         {"ingest_step_tokens": -1},
         {"ingest_step_tokens": 1.5},
         {"ingest_step_tokens": True},
+        {"ingest_step_target_ms": -1},
+        {"ingest_step_target_ms": 0.5},
+        {"ingest_step_target_ms": 600_001},
     ],
 )
 def test_config_rejects_bad_values(section):

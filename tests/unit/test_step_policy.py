@@ -359,3 +359,25 @@ def test_share_config_is_validated():
         ShareConfig(ingest_yield_steps=-1)
     with pytest.raises(ValueError):
         ShareConfig(ingest_step_tokens=-1)
+
+
+def test_a_step_time_target_sizes_ingestion_steps_from_their_measured_time():
+    e = Engine(budget=512, share=32, step_cap=400)
+    e.policy = StepPolicy(ShareConfig(32, 1, 0, 400, ingest_step_target_s=1.0), e.counters, clock=lambda: 0.0)
+    e.add(Req("i", ING, prompt=5000))
+    sizes = []
+    for _ in range(8):
+        got = e.step()
+        sizes.append(got["i"])
+        e.policy.bounded_step_took(got["i"], 0.2 + got["i"] * 0.01)  # 1 s at 80 tokens
+    assert sizes[0] == 32 and 75 <= sizes[-1] <= 82
+    assert e.counters["ingest_bounded_steps"] == 8 and e.counters["ingest_bounded_tokens"] == sum(sizes)
+    e.add(Req("q", Q, prompt=20))
+    assert e.step() == {"q": 20}  # a query is admitted as before: the target only sizes ingestion alone
+    full = Engine(budget=512, share=32)  # no token bound: with a target a full-budget step is still bounded
+    full.policy = StepPolicy(ShareConfig(32, 1, 0, 0, ingest_step_target_s=60.0), full.counters, clock=lambda: 0.0)
+    full.add(Req("i", ING, prompt=5000))
+    for _ in range(6):
+        got = full.step()
+        full.policy.bounded_step_took(got["i"], 0.01 * got["i"])
+    assert got == {"i": 512} and full.counters["ingest_bounded_steps"] == 6

@@ -85,6 +85,8 @@ LOOKUP_ATTR = "_vllm_stateful_lookup"
 SPLICED_ATTR = "_vllm_stateful_spliced"
 COUNTED_ATTR = "_vllm_stateful_counted"
 PROMPT_HEAD_ATTR = "_vllm_stateful_prompt_head"
+# on a SchedulerOutput of a bounded ingestion step: (perf_counter at its scheduling, its tokens)
+BOUNDED_STEP_ATTR = "_vllm_stateful_bounded_step"
 
 
 def work_class(request: Request) -> WorkClass:
@@ -125,6 +127,7 @@ class StatefulSchedulerMixin:
             config.max_ingest_hold_steps,
             config.ingest_yield_steps,
             config.ingest_step_tokens,
+            config.ingest_step_target_ms / 1000.0,
         )
         self.step_policy = StepPolicy(share, self.session_control.counters)
         self._last_step_start: float | None = None
@@ -159,6 +162,10 @@ class StatefulSchedulerMixin:
             self._unresolved.append(request)
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> dict[int, EngineCoreOutputs]:
+        bounded = getattr(scheduler_output, BOUNDED_STEP_ATTR, None)
+        if bounded is not None:  # a bounded ingestion step's wall time, for the step's time target
+            started, tokens = bounded
+            self.step_policy.bounded_step_took(tokens, time.perf_counter() - started)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         refused, self._unresolved = self._unresolved, []
         for request in refused:
@@ -221,6 +228,8 @@ class StatefulSchedulerMixin:
             output = super().schedule(*args, **kwargs)
             self._count_sent_only(output.scheduled_new_reqs)
             self._hand_over_prompt_arrays(output.scheduled_new_reqs)
+            if plan.ingest_bounded and self._ingestion_ran(output.num_scheduled_tokens):
+                setattr(output, BOUNDED_STEP_ATTR, (started, output.total_num_scheduled_tokens))
         finally:
             self.max_num_scheduled_tokens = full_budget
             self.scheduler_config.long_prefill_token_threshold = own_cap
@@ -317,6 +326,9 @@ class StatefulSchedulerMixin:
                 name = f"{queue}_{work_class(request).label}"
                 depth[name] = depth.get(name, 0) + 1
         return depth
+
+    def _ingestion_ran(self, scheduled: dict[str, int]) -> bool:
+        return any(self._class_of_id(request_id) == WorkClass.INGEST for request_id in scheduled)
 
     def _class_of_id(self, request_id: str) -> WorkClass:
         request = self.requests.get(request_id)

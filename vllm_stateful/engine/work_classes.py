@@ -36,8 +36,9 @@ Contract of ``StepPolicy.plan`` (one call per engine step, before vLLM's own
   held for this one step, so ingestion (running or waiting) gets its share.
 * No admittable foreground: ingestion gets vLLM's whole token budget (prefill
   speed), at most ``ingest_step_tokens`` of it when that is set (the step's
-  budget: running flash that cannot be held shares it): a foreground request
-  that arrives while an ingestion step runs waits for that step (and the one
+  budget: running flash that cannot be held shares it), or the bound a
+  wall-time target gives (``ingest_step``): a foreground request that
+  arrives while an ingestion step runs waits for that step (and the one
   vLLM's async scheduling may already have scheduled), so its size bounds the
   wait. Neither this bound nor the cap below applies without chunked prefill.
 * Bounds, both ways: ingestion is held at most ``max(max_ingest_hold_steps,
@@ -80,6 +81,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from vllm_stateful.engine.ingest_step import IngestStepSizer
+
 CLASS_KEY = "stateful_class"
 FLASH = "flash"
 INGEST = "ingest"
@@ -115,18 +118,20 @@ class ShareConfig:
     step carries). max_ingest_hold_steps: consecutive steps ingestion may be held for foreground
     admissions. ingest_yield_steps: the first steps of a foreground burst (foreground running or
     waiting), in which it is held (0: it shares every step beside running foreground).
-    ingest_step_tokens: the most tokens of a step with ingestion and no foreground (0: vLLM's budget)."""
+    ingest_step_tokens: the most tokens of a step with ingestion and no foreground (0: vLLM's budget).
+    ingest_step_target_s: that step's wall-time target (0: none), see ``ingest_step``."""
 
     ingest_share_tokens: int = 64
     max_ingest_hold_steps: int = 1
     ingest_yield_steps: int = 0
     ingest_step_tokens: int = 0
+    ingest_step_target_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ingest_share_tokens < 1 or self.max_ingest_hold_steps < 1:
             raise ValueError("ingest_share_tokens and max_ingest_hold_steps must be >= 1")
-        if self.ingest_yield_steps < 0 or self.ingest_step_tokens < 0:
-            raise ValueError("ingest_yield_steps and ingest_step_tokens must be >= 0")
+        if self.ingest_yield_steps < 0 or self.ingest_step_tokens < 0 or self.ingest_step_target_s < 0:
+            raise ValueError("ingest_yield_steps, ingest_step_tokens and ingest_step_target_s must be >= 0")
 
 
 @dataclass
@@ -159,6 +164,9 @@ class StepPolicy:
     def __init__(self, config: ShareConfig, counters: Counter[str], clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.counters = counters
+        self.step_sizer = IngestStepSizer(
+            config.ingest_step_tokens, config.ingest_step_target_s, config.ingest_share_tokens
+        )
         self.clock = clock
         self.step = 0
         self._ingest_held_streak = 0
@@ -227,8 +235,8 @@ class StepPolicy:
             fg_demand = sum(demand(r) for r, c in zip(running, run_cls) if c in FOREGROUND)
             budget = min(token_budget, max(1, fg_demand + cfg.ingest_share_tokens))
             held_fg_waiting = [r for r, c in zip(waiting, wait_cls) if c in FOREGROUND]
-        elif ingest and may_chunk and 0 < cfg.ingest_step_tokens < token_budget:  # no admittable foreground
-            budget, bounded = cfg.ingest_step_tokens, True
+        elif ingest and may_chunk and self.step_sizer.applies(token_budget):
+            budget, bounded = self.step_sizer.bound(token_budget), True  # no admittable foreground: bounded
         held_running = [r for r, c in zip(running, run_cls) if c in held] if may_hold_running else []
         held_waiting = [r for r, c in zip(waiting, wait_cls) if c in held]
         held_waiting += held_fg_waiting
@@ -272,8 +280,9 @@ class StepPolicy:
                 self.counters["ingest_yield_steps"] += 1
         else:
             self._ingest_held_streak = 0
-            if plan.ingest_bounded:
-                self.counters["ingest_bounded_steps"] += 1 if ingest_tokens else 0
+            if plan.ingest_bounded and ingest_tokens:
+                self.counters["ingest_bounded_steps"] += 1
+                self.counters["ingest_bounded_tokens"] += sum(scheduled.values())
             elif plan.token_budget is not None:
                 self.counters["ingest_share_steps"] += 1
                 self.counters["tokens_ingest_beside_foreground"] += ingest_tokens
@@ -284,6 +293,11 @@ class StepPolicy:
         elif by_class[WorkClass.FLASH] and len(by_class) > 1:
             self.counters["flash_shared_steps"] += 1
         self._starved = bool(plan.held_classes) and not scheduled
+
+    def bounded_step_took(self, tokens: int, seconds: float) -> None:
+        """A bounded ingestion step (``StepPlan.ingest_bounded``) of ``tokens`` ran ``seconds`` from its
+        scheduling to its output: the time target's measure (``ingest_step``)."""
+        self.step_sizer.observe(tokens, seconds)
 
     def _admitted(self, request_id: str, arrival: _Arrival, now: float) -> None:
         label = arrival.klass.label
