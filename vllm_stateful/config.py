@@ -89,9 +89,12 @@ class StatefulConfig:
     ingest_step_target_ms: a wall-time target for those steps (0: none):
         their token bound follows the measured time per token of recent
         ones (``engine/ingest_step.py``), from ``ingest_share_tokens`` up to
-        ``ingest_step_tokens``; so a query waits about this long at most for
-        a running ingestion step, on whatever machine, at some cost in
-        ingestion throughput where a step's fixed cost is a large part of it.
+        ``ingest_step_tokens``; so a query's wait for a running ingestion
+        step is about this long once steps are measured, on whatever
+        machine, at some cost in ingestion throughput where a step's fixed
+        cost is a large part of it. Not below one ``ingest_share_tokens``
+        step; and a step may overrun it once where tokens got dearer (a
+        longer context) while only short steps ran, which are not measures.
     prefix_references: session requests send only the tokens after the
         engine's pinned prefix, which the engine splices back in (see
         ``engine/prefix_refs.py``); false sends every prompt whole (for A/B

@@ -381,3 +381,16 @@ def test_a_step_time_target_sizes_ingestion_steps_from_their_measured_time():
         got = full.step()
         full.policy.bounded_step_took(got["i"], 0.01 * got["i"])
     assert got == {"i": 512} and full.counters["ingest_bounded_steps"] == 6
+
+
+def test_a_bounded_step_in_which_ingestion_gets_nothing_counts_as_no_kind_of_step():
+    from vllm_stateful.engine.work_classes import StepPlan
+
+    counters: Counter = Counter()
+    policy = StepPolicy(ShareConfig(64, 1, 0, 256), counters, clock=lambda: 0.0)
+    bounded = StepPlan(token_budget=256, ingest_bounded=True)
+    policy.after_step(bounded, {}, lambda rid: ING)  # ingestion waits on something else: nothing scheduled
+    policy.after_step(bounded, {"f": 1}, lambda rid: F)  # running flash only
+    assert counters["ingest_bounded_steps"] == counters["ingest_share_steps"] == 0
+    policy.after_step(bounded, {"i": 200, "f": 1}, lambda rid: ING if rid == "i" else F)
+    assert counters["ingest_bounded_steps"] == 1 and counters["ingest_bounded_tokens"] == 201

@@ -144,7 +144,7 @@ class StepPlan:
     held_classes: frozenset[WorkClass] = frozenset()
     ingest_yielded: bool = False  # ingestion held by a yield step (not an admission step)
     prefill_cap: int | None = None  # the most new tokens any one request gets this step (None: vLLM's own)
-    ingest_bounded: bool = False  # token_budget is ingest_step_tokens: ingestion without foreground
+    ingest_bounded: bool = False  # token_budget is the ingestion-alone bound (``ingest_step``)
 
 
 @dataclass
@@ -280,9 +280,10 @@ class StepPolicy:
                 self.counters["ingest_yield_steps"] += 1
         else:
             self._ingest_held_streak = 0
-            if plan.ingest_bounded and ingest_tokens:
-                self.counters["ingest_bounded_steps"] += 1
-                self.counters["ingest_bounded_tokens"] += sum(scheduled.values())
+            if plan.ingest_bounded:
+                if ingest_tokens:
+                    self.counters["ingest_bounded_steps"] += 1
+                    self.counters["ingest_bounded_tokens"] += sum(scheduled.values())
             elif plan.token_budget is not None:
                 self.counters["ingest_share_steps"] += 1
                 self.counters["tokens_ingest_beside_foreground"] += ingest_tokens
