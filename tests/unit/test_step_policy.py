@@ -389,8 +389,10 @@ def test_a_bounded_step_in_which_ingestion_gets_nothing_counts_as_no_kind_of_ste
     counters: Counter = Counter()
     policy = StepPolicy(ShareConfig(64, 1, 0, 256), counters, clock=lambda: 0.0)
     bounded = StepPlan(token_budget=256, ingest_bounded=True)
-    policy.after_step(bounded, {}, lambda rid: ING)  # ingestion waits on something else: nothing scheduled
-    policy.after_step(bounded, {"f": 1}, lambda rid: F)  # running flash only
+    # neither is a measure for the time target either
+    assert not policy.after_step(bounded, {}, lambda rid: ING)  # ingestion waits on something else
+    assert not policy.after_step(bounded, {"f": 1}, lambda rid: F)  # running flash only
     assert counters["ingest_bounded_steps"] == counters["ingest_share_steps"] == 0
-    policy.after_step(bounded, {"i": 200, "f": 1}, lambda rid: ING if rid == "i" else F)
+    assert policy.after_step(bounded, {"i": 200, "f": 1}, lambda rid: ING if rid == "i" else F)
     assert counters["ingest_bounded_steps"] == 1 and counters["ingest_bounded_tokens"] == 201
+    assert not policy.after_step(StepPlan(token_budget=100), {"i": 36, "q": 64}, lambda rid: ING)  # share step

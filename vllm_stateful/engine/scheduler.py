@@ -228,8 +228,6 @@ class StatefulSchedulerMixin:
             output = super().schedule(*args, **kwargs)
             self._count_sent_only(output.scheduled_new_reqs)
             self._hand_over_prompt_arrays(output.scheduled_new_reqs)
-            if plan.ingest_bounded and self._ingestion_ran(output.num_scheduled_tokens):
-                setattr(output, BOUNDED_STEP_ATTR, (started, output.total_num_scheduled_tokens))
         finally:
             self.max_num_scheduled_tokens = full_budget
             self.scheduler_config.long_prefill_token_threshold = own_cap
@@ -240,7 +238,8 @@ class StatefulSchedulerMixin:
             if held_waiting:
                 self.waiting.prepend_requests(reversed(held_waiting))  # back at the head, in order
         try:
-            self.step_policy.after_step(plan, output.num_scheduled_tokens, self._class_of_id)
+            if self.step_policy.after_step(plan, output.num_scheduled_tokens, self._class_of_id):
+                setattr(output, BOUNDED_STEP_ATTR, (started, output.total_num_scheduled_tokens))
         except Exception:
             self.session_control.fault("step accounting", "-")
         now = time.perf_counter()
@@ -326,9 +325,6 @@ class StatefulSchedulerMixin:
                 name = f"{queue}_{work_class(request).label}"
                 depth[name] = depth.get(name, 0) + 1
         return depth
-
-    def _ingestion_ran(self, scheduled: dict[str, int]) -> bool:
-        return any(self._class_of_id(request_id) == WorkClass.INGEST for request_id in scheduled)
 
     def _class_of_id(self, request_id: str) -> WorkClass:
         request = self.requests.get(request_id)

@@ -250,8 +250,9 @@ class StepPolicy:
             ingest_bounded=bounded,
         )
 
-    def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> None:
-        """Record the step: ``scheduled`` maps request id -> tokens it got."""
+    def after_step(self, plan: StepPlan, scheduled: dict[str, int], klass_of: Callable[[str], WorkClass]) -> bool:
+        """Record the step: ``scheduled`` maps request id -> tokens it got. True when it is a bounded step in
+        which ingestion got tokens: its wall time is a measure for the time target (``bounded_step_took``)."""
         self.step += 1
         now = self.clock()
         by_class: Counter[WorkClass] = Counter()
@@ -294,6 +295,7 @@ class StepPolicy:
         elif by_class[WorkClass.FLASH] and len(by_class) > 1:
             self.counters["flash_shared_steps"] += 1
         self._starved = bool(plan.held_classes) and not scheduled
+        return plan.ingest_bounded and ingest_tokens > 0
 
     def bounded_step_took(self, tokens: int, seconds: float) -> None:
         """A bounded ingestion step (``StepPlan.ingest_bounded``) of ``tokens`` ran ``seconds`` from its
