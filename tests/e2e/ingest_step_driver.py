@@ -1,19 +1,15 @@
-"""Run by ``test_ingest_step_target.py`` in a process of its own: an in-process vLLM engine with our
-scheduler class and an ingestion step time target, stepped one step at a time; reports as JSON on
-stdout the tokens each step of an ingestion got.
+"""Run by ``test_ingest_step_target.py`` in a process of its own (``stepped_engine``), on an engine with an
+ingestion step time target: reports the tokens each step of an ingestion got.
 
-Its own process for the reason ``kv_pressure_driver.py`` gives.
-
-    python tests/e2e/ingest_step_driver.py MODEL_DIR
+    python -m tests.e2e.ingest_step_driver MODEL_DIR
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-BLOCK = 32
+from tests.e2e.stepped_engine import computed, print_report, stepped_llm
+
 BUDGET = 512  # vLLM's step budget
 STEP_TOKENS = 256  # ingest_step_tokens: the time target's bound never exceeds it
 FLOOR = 16  # ingest_share_tokens: the time target's bound never goes under it
@@ -34,8 +30,7 @@ def _ingest(engine, scheduler, request_id: str) -> list[int]:
     steps, done = [], 0
     for _ in range(400):
         engine.step()
-        found = [r for rid, r in scheduler.requests.items() if rid.startswith(request_id + "-") or rid == request_id]
-        now = found[0].num_computed_tokens if found else INGEST_TOKENS
+        now = computed(scheduler, request_id) or INGEST_TOKENS  # 0 once gone: finished, all computed
         if now > done:
             steps.append(now - done)
             done = now
@@ -45,26 +40,12 @@ def _ingest(engine, scheduler, request_id: str) -> list[int]:
 
 
 def main() -> int:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: stepped and inspected here
-    from vllm import LLM
-
-    llm = LLM(
+    llm = stepped_llm(
         sys.argv[1],
-        block_size=BLOCK,
-        enforce_eager=True,
+        {"ingest_share_tokens": FLOOR, "ingest_step_tokens": STEP_TOKENS, "ingest_step_target_ms": TARGET_MS},
         max_model_len=2048,
         max_num_batched_tokens=BUDGET,
-        seed=0,
-        dtype="float32",
         async_scheduling=False,  # each step measured before the next is planned (vLLM's CPU default)
-        scheduler_cls="vllm_stateful.engine.scheduler.StatefulScheduler",
-        additional_config={
-            "stateful": {
-                "ingest_share_tokens": FLOOR,
-                "ingest_step_tokens": STEP_TOKENS,
-                "ingest_step_target_ms": TARGET_MS,
-            }
-        },
     )
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
@@ -76,7 +57,7 @@ def main() -> int:
     scheduler.step_policy.step_sizer.target_s = TIGHT_TARGET_S
     report["shrinking"] = _ingest(engine, scheduler, "shrink")
     report["bounded_steps"] = counters["ingest_bounded_steps"]
-    print("REPORT " + json.dumps(report), flush=True)
+    print_report(report)
     return 0
 
 

@@ -1,32 +1,21 @@
-"""Run by ``test_kv_pressure_admission.py`` in a process of its own: an in-process vLLM engine with our
-scheduler class, stepped one step at a time, reporting what each request got as JSON on stdout.
+"""Run by ``test_kv_pressure_admission.py`` in a process of its own (``stepped_engine``): reports what
+each request got, step by step, under KV pressure.
 
-Its own process because a second in-process engine in the test process tears down vLLM's
-process-wide parallel state when it goes, under the shared reference engine.
-
-    python tests/e2e/kv_pressure_driver.py MODEL_DIR
+    python -m tests.e2e.kv_pressure_driver MODEL_DIR
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-BLOCK = 32
+from tests.e2e.stepped_engine import computed, print_report, stepped_llm
+
 BUDGET = 128  # tokens per step: a step needs BUDGET / BLOCK = 4 free blocks, plus one per running request
 POOL_BLOCKS = 128
 PINNED = POOL_BLOCKS - 1 - 44  # blocks held elsewhere (one is vLLM's null block): 44 left free
 SHARE = 32
 INGEST_TOKENS = 1400  # 44 blocks: admitted (vLLM wants the whole prompt to fit), then the pool runs low
 QUERY_TOKENS = 20
-
-
-def _computed(scheduler, request_id: str) -> int:
-    """Tokens computed for the engine request made from ``request_id`` (vLLM adds a suffix to it)."""
-    found = [r for rid, r in scheduler.requests.items() if rid == request_id or rid.startswith(request_id + "-")]
-    assert len(found) <= 1, found
-    return found[0].num_computed_tokens if found else 0
 
 
 def drive(engine) -> dict:
@@ -46,13 +35,13 @@ def drive(engine) -> dict:
         engine.step()
         steps += 1
     report["steps_to_pressure"] = steps
-    report["ingest_left"] = INGEST_TOKENS - _computed(scheduler, "ingest")
-    before = _computed(scheduler, "ingest"), counters["ingest_capped_admission_steps"]
+    report["ingest_left"] = INGEST_TOKENS - computed(scheduler, "ingest")
+    before = computed(scheduler, "ingest"), counters["ingest_capped_admission_steps"]
     query = {"prompt_token_ids": list(range(100, 100 + QUERY_TOKENS))}
     engine.add_request("query", query, SamplingParams(max_tokens=2))
     engine.step()  # the admission step
-    report["query_computed_after_admission_step"] = _computed(scheduler, "query")
-    report["ingest_tokens_in_admission_step"] = _computed(scheduler, "ingest") - before[0]
+    report["query_computed_after_admission_step"] = computed(scheduler, "query")
+    report["ingest_tokens_in_admission_step"] = computed(scheduler, "ingest") - before[0]
     report["capped_admission_steps"] = counters["ingest_capped_admission_steps"] - before[1]
     report["threshold_after_step"] = scheduler.scheduler_config.long_prefill_token_threshold
     finished: dict[str, int] = {}
@@ -69,23 +58,14 @@ def drive(engine) -> dict:
 
 
 def main() -> int:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: stepped and inspected here
-    from vllm import LLM
-
-    llm = LLM(
+    llm = stepped_llm(
         sys.argv[1],
-        block_size=BLOCK,
-        enforce_eager=True,
+        {"ingest_share_tokens": SHARE, "ingest_yield_steps": 4},
         max_model_len=2048,
         max_num_batched_tokens=BUDGET,
         num_gpu_blocks_override=POOL_BLOCKS,
-        seed=0,
-        dtype="float32",
-        scheduler_cls="vllm_stateful.engine.scheduler.StatefulScheduler",
-        additional_config={"stateful": {"ingest_share_tokens": SHARE, "ingest_yield_steps": 4}},
     )
-    report = drive(llm.llm_engine)
-    print("REPORT " + json.dumps(report), flush=True)
+    print_report(drive(llm.llm_engine))
     return 0
 
 

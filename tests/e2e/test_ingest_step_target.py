@@ -10,25 +10,16 @@ policy, or reach it for the wrong steps.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from tests.e2e import ingest_step_driver as d
+from tests.e2e.stepped_engine import run_driver
 
 pytestmark = pytest.mark.e2e
 
-DRIVER = Path(__file__).with_name("ingest_step_driver.py")
-
 
 def test_ingestion_steps_follow_their_measured_time(tiny_model_path):
-    done = subprocess.run([sys.executable, str(DRIVER), tiny_model_path], capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    report = run_driver("ingest_step_driver", tiny_model_path)
     grow, shrink = report["growing"], report["shrinking"]
     assert sum(grow) == sum(shrink) == d.INGEST_TOKENS, report
     # from the floor, doubling per measured step, up to ingest_step_tokens (vLLM's budget is 512)

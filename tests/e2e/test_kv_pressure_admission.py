@@ -11,25 +11,16 @@ free queue (``BlockPool.get_new_blocks``) and given back after.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from tests.e2e import kv_pressure_driver as d
+from tests.e2e.stepped_engine import run_driver
 
 pytestmark = pytest.mark.e2e
 
-DRIVER = Path(__file__).with_name("kv_pressure_driver.py")
-
 
 def test_a_query_is_admitted_beside_a_running_ingestion_when_blocks_run_low(tiny_model_path):
-    done = subprocess.run([sys.executable, str(DRIVER), tiny_model_path], capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT ") :])
+    report = run_driver("kv_pressure_driver", tiny_model_path)
     assert report["steps_to_pressure"] < 40, report  # the pool ran low ...
     assert report["ingest_left"] > d.SHARE, report  # ... while the ingestion still had more than a share to go
     # the admission step: the query computed in it, beside the ingestion, which got its share only
