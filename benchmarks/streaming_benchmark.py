@@ -168,6 +168,7 @@ class StatefulProvider(_Provider):
     poll_interval_s = 0.05
     settle_s = 3.0
     consistency: str | None = None  # "ingested": questions do not wait for the append backlog
+    max_staleness_ms: float | None = None  # with "ingested": they wait for appends older than this
 
     async def open(self, feed: rep.Feed) -> None:
         await super().open(feed)
@@ -221,6 +222,7 @@ class StatefulProvider(_Provider):
             "stateful": self.session_id,
             "stateful_commit": False,
             **({"consistency": self.consistency} if self.consistency else {}),
+            **({"max_staleness_ms": self.max_staleness_ms} if self.max_staleness_ms is not None else {}),
         }
         out = await self._complete(body, received)
         session, usage = out.session, out.usage
@@ -355,11 +357,15 @@ def make_provider(
     max_tokens: int,
     poll_interval_s: float = 0.05,
     api_key: str | None = None,
+    max_staleness_ms: float | None = None,
 ) -> _Provider:
+    if max_staleness_ms is not None and kind != "stateful-ingested":
+        raise ValueError(f"provider {name!r}: max_staleness_ms needs kind stateful-ingested")
     if kind in ("stateful", "stateful-ingested"):
         p = StatefulProvider(name, api_base, model, max_tokens, api_key=api_key)
         p.poll_interval_s = poll_interval_s
         p.consistency = "ingested" if kind == "stateful-ingested" else None
+        p.max_staleness_ms = max_staleness_ms
         return p
     if kind == "stateless":
         return StatelessProvider(name, api_base, model, max_tokens, api_key=api_key)
@@ -458,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def once(api_base: str, model: str | None, p: dict[str, Any] = p) -> ProviderRun:
-            prov = make_provider(p["kind"], p["name"], api_base, model, cfg["max_tokens"], cfg["poll_interval_s"])
+            prov = make_provider(p["kind"], p["name"], api_base, model, cfg["max_tokens"], cfg["poll_interval_s"],
+                                 max_staleness_ms=p.get("max_staleness_ms"))  # fmt: skip
             return run_provider_sync(prov, feed, cfg["rate"], log=True)
 
         if a.base_url:

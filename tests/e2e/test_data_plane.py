@@ -217,3 +217,54 @@ def test_ingested_consistency_answers_now_and_says_how_far_behind(stateful_serve
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_in_session", r.text
     assert server.session(sid)["version"] == 2  # refusals changed nothing
     assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
+def test_bounded_staleness_waits_only_for_appends_older_than_its_bound(stateful_server, reference):
+    """``max_staleness_ms`` with ``consistency: "ingested"``: a read-only query waits for the appends
+    acknowledged at least that long before it arrived, and for no others. The bounds decide by the
+    order of events, not by the machine's speed: 0 (the append was acknowledged before the query)
+    and ten minutes (it was not acknowledged that long ago)."""
+    server = stateful_server
+    sid = "dp-staleness"
+    history = server.fresh_session(sid, 64, seed=22)
+    extra, question = list(range(600, 630)), [905, 906, 907]
+
+    def query(**fields) -> httpx.Response:
+        body = {"model": "tiny", "prompt": question, "max_tokens": 3, "temperature": 0, "stateful": sid,
+                "stateful_commit": False, "return_token_ids": True, **fields}  # fmt: skip
+        return server.post("/v1/completions", json=body)
+
+    server.idle()  # nothing left of earlier tests in the engine: the counts below are this test's
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        with server.paused():  # the append is acknowledged but cannot be ingested yet
+            r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": extra})
+            assert r.status_code == 202 and r.json()["version"] == 2, r.text
+            strict = pool.submit(query, consistency="ingested", max_staleness_ms=0)
+            wait_until(lambda: server.integrity()["ingest_waiters"].get(sid) == 1, what="strict query waiting")
+            loose = pool.submit(query, consistency="ingested", max_staleness_ms=600_000)
+            # the loose query reached the engine beside the ingestion; the strict one still waits for it
+            wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] >= 2, what="loose query admitted")
+            assert server.integrity()["ingest_waiters"].get(sid) == 1 and not strict.done()
+        answers = {"loose": loose.result(), "strict": strict.result()}
+    finally:
+        pool.shutdown(wait=True)
+    for name, answer in answers.items():
+        assert answer.status_code == 200, (name, answer.text)
+    s = answers["loose"].json()["session"]
+    assert s["version"] == 1 and s["versions_behind"] == 1 and s["context_tokens"] == len(history) + len(question)
+    assert answers["loose"].json()["choices"][0]["token_ids"] == reference.greedy(history + question, 3)
+    s = answers["strict"].json()["session"]
+    assert s["version"] == 2 and s["versions_behind"] == 0
+    assert s["context_tokens"] == len(history) + len(extra) + len(question)
+    assert answers["strict"].json()["choices"][0]["token_ids"] == reference.greedy(history + extra + question, 3)
+
+    for bad in ({"max_staleness_ms": 1000}, {"consistency": "read_your_writes", "max_staleness_ms": 1000},
+                {"consistency": "ingested", "max_staleness_ms": -1},
+                {"consistency": "ingested", "max_staleness_ms": "1000"}):  # fmt: skip
+        r = query(**bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_staleness_ms", (bad, r.text)
+    r = query(consistency="ingested", max_staleness_ms=1000, stateful_commit=True)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_in_session", r.text
+    assert server.session(sid)["version"] == 2  # refusals changed nothing
+    assert server.delete(f"/v1/sessions/{sid}").status_code == 200

@@ -121,6 +121,7 @@ class Ingestor:
         label = session.version if version is None else version
         item = AppendItem(session.acked_seq, label, time.monotonic(), reservation, text, token_ids, messages)
         session.pending_appends.append(item)
+        session.uningested_acks.append((item.seq, item.acked_at))
         if session.ingest_task is None or session.ingest_task.done():
             session.ingest_task = asyncio.get_running_loop().create_task(self._drain(session))
         self.service.metrics.ingest_queued.inc(reservation.tokens)
@@ -233,6 +234,8 @@ class Ingestor:
         service.metrics.ingest_queued.dec(reserved)
         service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
         session.ingested_seq = batch[-1].seq
+        while session.uningested_acks and session.uningested_acks[0][0] <= session.ingested_seq:
+            session.uningested_acks.popleft()
 
     def _coalesce(
         self, messages: list[dict[str, Any]], pending: str, empty: bool, batch: list[AppendItem]

@@ -13,9 +13,10 @@ from vllm_stateful.server.errors import bad_request
 SESSION_BODY_FIELDS = ("stateful", "ark_stateful")
 SESSION_HEADER = "x-stateful-session"
 COMMIT_BODY_FIELD = "stateful_commit"
-# A read-only query's view of appends: every acknowledged one (default), or what is ingested now.
+# A read-only query's view of appends (sessions/consistency.py): every acknowledged one (default),
+# what is ingested now, or that with a bound on how recent the appends it may miss are.
 CONSISTENCY_FIELD = "consistency"
-CONSISTENCY_MODES = ("read_your_writes", "ingested")
+MAX_STALENESS_FIELD = "max_staleness_ms"
 
 
 class _Strict(BaseModel):

@@ -36,7 +36,7 @@ from vllm_stateful.server.openai_format import SSE_DONE, ResponseShape, sse
 from vllm_stateful.server.protocol import (
     COMMIT_BODY_FIELD,
     CONSISTENCY_FIELD,
-    CONSISTENCY_MODES,
+    MAX_STALENESS_FIELD,
     SESSION_BODY_FIELDS,
     SESSION_HEADER,
     check_token_ids,
@@ -45,6 +45,7 @@ from vllm_stateful.server.protocol import (
 from vllm_stateful.server.routes_sessions import claim
 from vllm_stateful.server.state import StatefulState, stateful_state
 from vllm_stateful.server.turn_types import TurnInput
+from vllm_stateful.sessions.consistency import READ_YOUR_WRITES, ConsistencyError, ReadConsistency
 from vllm_stateful.sessions.options import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -88,9 +89,10 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     if routed_id is not None and session_id != routed_id:  # the router would place it by another id
         raise bad_request(f"header '{alias}' and the request name different sessions", param=alias)
     commit = body.pop(COMMIT_BODY_FIELD, True)
-    consistency = CONSISTENCY_MODES[0]
+    consistency, max_staleness = READ_YOUR_WRITES, None
     if session_id is not None:
         consistency = body.pop(CONSISTENCY_FIELD, consistency)
+        max_staleness = body.pop(MAX_STALENESS_FIELD, None)
         drop_router_defaults(body)
     parsed = validated(state.chat_request_cls if chat else state.completion_request_cls, body)
     reserved = reserved_keys(parsed.vllm_xargs)
@@ -109,13 +111,10 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     session_id = checked_id(session_id)
     if not isinstance(commit, bool):
         raise bad_request("'stateful_commit' must be a boolean", param=COMMIT_BODY_FIELD)
-    if consistency not in CONSISTENCY_MODES:
-        raise bad_request(f"'consistency' must be one of {list(CONSISTENCY_MODES)}", param=CONSISTENCY_FIELD)
-    if commit and consistency != CONSISTENCY_MODES[0]:
-        raise bad_request(
-            "'consistency: ingested' is for read-only queries (stateful_commit: false); a committing request "
-            "always follows every acknowledged append", "unsupported_in_session", CONSISTENCY_FIELD,
-        )  # fmt: skip
+    try:
+        read = ReadConsistency.parse(consistency, max_staleness, commit, CONSISTENCY_FIELD, MAX_STALENESS_FIELD)
+    except ConsistencyError as exc:
+        raise bad_request(exc.message, exc.code or "invalid_request", exc.param) from None
     refuse_unsupported(parsed, chat)
     if parsed.model and parsed.model not in state.bridge.served_model_names:
         raise SessionError(404, f"the model '{parsed.model}' does not exist", "model_not_found", param="model")
@@ -124,7 +123,7 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     make_params(parsed, state, 1 if max_tokens is None else max_tokens)  # vLLM's checks, before any session is touched
     work = _run_session_request(
         state, raw_request, tenant, session_id, parsed, body, build, max_tokens, chat, commit,
-        read_your_writes=consistency == CONSISTENCY_MODES[0],
+        consistency=read,
     )  # fmt: skip
     return await cancel_on_disconnect(raw_request, work)
 
@@ -182,7 +181,7 @@ async def _run_session_request(
     max_tokens: int | None,
     chat: bool,
     commit: bool,
-    read_your_writes: bool = True,
+    consistency: ReadConsistency,
 ) -> Response:
     service = state.service
     await claim(state, raw_request, tenant, session_id)
@@ -199,7 +198,7 @@ async def _run_session_request(
         bool(parsed.stream),
         priority=parsed.priority,
         session_id=parsed.session_id,
-        read_your_writes=read_your_writes,
+        consistency=consistency,
     )
     if not parsed.stream:
         items = [item async for item in turn]

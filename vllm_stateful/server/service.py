@@ -41,6 +41,7 @@ from vllm_stateful.server.session_kv import SessionKV, finish_then_cancel, survi
 from vllm_stateful.server.spill import Spiller
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
 from vllm_stateful.sessions.admission import Budget, Reservation
+from vllm_stateful.sessions.consistency import READ_ALL, ReadConsistency
 from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.rank_ledgers import RankedLedgers
@@ -196,7 +197,7 @@ class SessionService:
         priority: int = 0,
         session_id: str | None = None,
         flash: bool = False,
-        read_your_writes: bool = True,
+        consistency: ReadConsistency = READ_ALL,
     ) -> AsyncIterator[tuple[TurnResult, RequestOutput | None]]:
         """Run one request on the session, yielding (result, delta) per engine output.
 
@@ -211,9 +212,10 @@ class SessionService:
         request). ``flash``: a background flash evaluation -- it reads what is
         committed now (no read-your-writes wait), runs in the engine's flash
         class (only on spare capacity), and is not client use of the session.
-        ``read_your_writes=False`` (read-only queries, ``consistency: "ingested"``): no wait for
-        acknowledged appends; the answer reads what is ingested now and says how many versions
-        it is behind (``versions_behind``).
+        ``consistency`` (read-only queries; see ``sessions/consistency.py``): without
+        read-your-writes, the wait is for the appends it names (none, or those older than its
+        bound); the answer reads what is ingested then and says how many versions it is behind
+        (``versions_behind``). A committing request always waits for every acknowledged append.
         """
         assert self.ledger is not None
         user_query = not commit and not flash  # a client's read-only query
@@ -227,8 +229,11 @@ class SessionService:
                 )
             if commit:
                 session.turn_in_flight = flagged = True
-            if not flash and (commit or read_your_writes):
-                await self.wait_ingested(session, session.acked_seq)
+            if not flash:
+                pending, now = session.uningested_acks, time.monotonic()
+                seq = session.acked_seq if commit else consistency.seq_to_see(session.acked_seq, pending, now)
+                if seq is not None:
+                    await self.wait_ingested(session, seq)
             if commit:
                 await self._acquire(session)
                 lock_held = True
@@ -256,7 +261,7 @@ class SessionService:
             result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version, read_seq=read_seq)
             if user_query:
                 result.flash_hit = False
-                if not read_your_writes:
+                if not consistency.read_your_writes:
                     result.versions_behind = session.version - read_version  # acknowledged, not yet ingested
             if user_query and not stream and self.cached_answer is not None:
                 if self.cached_answer(result, turn_input.token_ids, params):

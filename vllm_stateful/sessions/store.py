@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,9 @@ class Session:
     ingest_cond: asyncio.Condition = field(default_factory=asyncio.Condition)
     # This incarnation's append queue and its drain task (owned by the Ingestor).
     pending_appends: list[Any] = field(default_factory=list)
+    # (sequence number, acknowledged at: monotonic) of the appends acknowledged and not yet
+    # ingested, oldest first: what a query with bounded staleness waits for (sessions/consistency.py)
+    uningested_acks: deque[tuple[int, float]] = field(default_factory=deque)
     ingest_task: asyncio.Task | None = None
     # The newest version whose changes ``token_ids`` holds in full (``version`` also counts appends
     # acknowledged but not yet ingested), and a counter bumped by every change of ``token_ids``
