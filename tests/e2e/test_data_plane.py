@@ -259,6 +259,31 @@ def test_bounded_staleness_waits_only_for_appends_older_than_its_bound(stateful_
     assert s["context_tokens"] == len(history) + len(extra) + len(question)
     assert answers["strict"].json()["choices"][0]["token_ids"] == reference.greedy(history + extra + question, 3)
 
+    # nor for younger appends queued behind the ones it needs: the next batch stops at the last one a
+    # waiter needs (appends acknowledged after the query arrived are ingested in a later batch)
+    first, second, third = list(range(700, 710)), list(range(710, 720)), list(range(720, 730))
+    server.idle()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with server.paused():
+            assert server.post(f"/v1/sessions/{sid}/append", json={"token_ids": first}).status_code == 202
+            wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] == 1, what="first batch sent")
+            assert server.post(f"/v1/sessions/{sid}/append", json={"token_ids": second}).status_code == 202
+            strict = pool.submit(query, consistency="ingested", max_staleness_ms=0)
+            wait_until(lambda: server.integrity()["ingest_waiters"].get(sid) == 1, what="strict query waiting")
+            r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": third})
+            assert r.status_code == 202 and r.json()["version"] == 5, r.text
+        answer = strict.result()
+    finally:
+        pool.shutdown(wait=True)
+    assert answer.status_code == 200, answer.text
+    s = answer.json()["session"]
+    seen = history + extra + first + second
+    assert s["version"] == 4 and s["versions_behind"] == 1 and s["context_tokens"] == len(seen) + len(question)
+    assert answer.json()["choices"][0]["token_ids"] == reference.greedy(seen + question, 3)
+    server.idle()
+    assert server.session(sid, tokens=True)["token_ids"] == seen + third  # the rest is ingested after it
+
     for bad in ({"max_staleness_ms": 1000}, {"consistency": "read_your_writes", "max_staleness_ms": 1000},
                 {"consistency": "ingested", "max_staleness_ms": -1},
                 {"consistency": "ingested", "max_staleness_ms": "1000"}):  # fmt: skip
@@ -266,5 +291,5 @@ def test_bounded_staleness_waits_only_for_appends_older_than_its_bound(stateful_
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_staleness_ms", (bad, r.text)
     r = query(consistency="ingested", max_staleness_ms=1000, stateful_commit=True)
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_in_session", r.text
-    assert server.session(sid)["version"] == 2  # refusals changed nothing
+    assert server.session(sid)["version"] == 5  # refusals changed nothing
     assert server.delete(f"/v1/sessions/{sid}").status_code == 200

@@ -1,4 +1,5 @@
-"""A query's read consistency: which appends it waits for (sessions/consistency.py)."""
+"""A query's read consistency: which appends it waits for (sessions/consistency.py), and the
+ingestion batches and saved appends that make the wait exact (server/ingest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import math
 
 import pytest
 
+from vllm_stateful.server.ingest import ACKED_UNIX_KEY, AppendItem, next_batch
+from vllm_stateful.sessions.admission import Reservation
 from vllm_stateful.sessions.consistency import (
+    ABSENT,
     INGESTED,
     MAX_STALENESS_LIMIT_MS,
     READ_YOUR_WRITES,
@@ -17,7 +21,7 @@ from vllm_stateful.sessions.consistency import (
 pytestmark = pytest.mark.unit
 
 
-def parse(mode, staleness=None, commit=False) -> ReadConsistency:
+def parse(mode, staleness=ABSENT, commit=False) -> ReadConsistency:
     return ReadConsistency.parse(mode, staleness, commit, "consistency", "max_staleness_ms")
 
 
@@ -53,13 +57,15 @@ def test_an_unknown_mode_is_refused_on_consistency(mode):
 
 
 def test_a_committing_request_cannot_read_behind():
-    for staleness in (None, 1000):
+    for staleness in (ABSENT, 1000):
         with pytest.raises(ConsistencyError) as err:
             parse(INGESTED, staleness, commit=True)
         assert err.value.param == "consistency" and err.value.code == "unsupported_in_session"
 
 
-@pytest.mark.parametrize("staleness", [-1, -0.5, MAX_STALENESS_LIMIT_MS + 1, math.inf, math.nan, "100", True, [5]])
+@pytest.mark.parametrize(
+    "staleness", [-1, -0.5, MAX_STALENESS_LIMIT_MS + 1, 10**400, math.inf, math.nan, "100", True, [5], None]
+)
 def test_a_bad_bound_is_refused_on_max_staleness_ms(staleness):
     with pytest.raises(ConsistencyError) as err:
         parse(INGESTED, staleness)
@@ -67,7 +73,29 @@ def test_a_bad_bound_is_refused_on_max_staleness_ms(staleness):
 
 
 def test_a_bound_needs_consistency_ingested():
-    with pytest.raises(ConsistencyError) as err:
-        parse(READ_YOUR_WRITES, 1000)
-    assert err.value.param == "max_staleness_ms" and "ingested" in err.value.message
+    for staleness in (1000, None):
+        with pytest.raises(ConsistencyError) as err:
+            parse(READ_YOUR_WRITES, staleness)
+        assert err.value.param == "max_staleness_ms" and "ingested" in err.value.message
     assert parse(INGESTED, MAX_STALENESS_LIMIT_MS).max_staleness_s == MAX_STALENESS_LIMIT_MS / 1000
+
+
+def _item(seq: int, acked_unix: float = 0.0) -> AppendItem:
+    return AppendItem(seq, seq, 0.0, Reservation("k", 1), token_ids=[seq], acked_unix=acked_unix)
+
+
+def test_a_batch_stops_at_the_last_append_a_waiter_needs():
+    queued = [_item(s) for s in (4, 5, 6, 7)]
+    whole = next_batch(queued, [])
+    assert [i.seq for i in whole[0]] == [4, 5, 6, 7] and whole[1] == []  # nobody waits: one batch
+    batch, rest = next_batch(queued, [5, 4])  # a bounded query needs 5, another 4
+    assert [i.seq for i in batch] == [4, 5] and [i.seq for i in rest] == [6, 7]
+    batch, rest = next_batch(queued, [3])  # needs only what is ingested already: the whole queue
+    assert len(batch) == 4 and rest == []
+    assert next_batch(queued, [7, 5])[1] == []  # read-your-writes waits for all of it
+
+
+def test_a_saved_append_keeps_its_age_across_a_restart():
+    saved = _item(4, acked_unix=1000.5).body()
+    assert saved[ACKED_UNIX_KEY] == 1000.5 and saved["token_ids"] == [4]
+    assert ACKED_UNIX_KEY not in _item(4, acked_unix=-math.inf).body()  # unknown: not written as -Infinity

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
 # cell_budget_exceeded: a spilled session is charged again for its history when ingestion resumes
 RETRYABLE = ("engine_aborted", "engine_unavailable", "cell_budget_exceeded")
+ACKED_UNIX_KEY = "acked_unix"  # a saved append's acknowledgement time (wall clock)
 
 
 def refuse_if_exclusive(session: Session) -> None:
@@ -58,11 +60,12 @@ def refuse_if_exclusive(session: Session) -> None:
 class AppendItem:
     seq: int
     version: int  # the session version acknowledged for it
-    acked_at: float
+    acked_at: float  # when it was acknowledged: this process's monotonic clock
     reservation: Reservation
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
+    acked_unix: float = 0.0  # the same moment on the wall clock (saved: a restart keeps the append's age)
 
     @property
     def reserved_tokens(self) -> int:
@@ -70,11 +73,22 @@ class AppendItem:
 
     def body(self) -> dict[str, Any]:
         """The append as saved in the state dir (re-queued from it after a restart)."""
+        known = math.isfinite(self.acked_unix)  # else re-queued from a body that did not say (older release)
+        head = {"version": self.version, **({ACKED_UNIX_KEY: self.acked_unix} if known else {})}
         if self.messages is not None:
-            return {"version": self.version, "messages": self.messages}
+            return {**head, "messages": self.messages}
         if self.text is not None:
-            return {"version": self.version, "text": self.text}
-        return {"version": self.version, "token_ids": list(self.token_ids or [])}
+            return {**head, "text": self.text}
+        return {**head, "token_ids": list(self.token_ids or [])}
+
+
+def next_batch(queued: list[AppendItem], needs: list[int]) -> tuple[list[AppendItem], list[AppendItem]]:
+    """(the next batch, what stays queued): the whole queue, coalesced into one prefill, unless a
+    request waits for an append in it (``needs``: the last append each waiter needs): then the queue
+    up to the last append any waiter needs, so no waiter also waits for appends queued after that."""
+    need = max(needs, default=0)
+    cut = sum(1 for item in queued if item.seq <= need)  # the queue is in sequence order
+    return (queued[:cut], queued[cut:]) if cut else (queued, [])
 
 
 class Ingestor:
@@ -111,15 +125,26 @@ class Ingestor:
         return item
 
     def _enqueue(
-        self, session: Session, reservation: Reservation, text, token_ids, messages, version: int | None = None
+        self,
+        session: Session,
+        reservation: Reservation,
+        text,
+        token_ids,
+        messages,
+        version: int | None = None,
+        acked_unix: float | None = None,
     ) -> AppendItem:
-        """Queue one append: a new version, or ``version`` (an append acknowledged before a restart)."""
+        """Queue one append: a new version, or ``version`` acknowledged at ``acked_unix`` (an append
+        acknowledged before a restart; ``-inf``: when is unknown, so as old as can be)."""
         session.acked_seq += 1
         if version is None:
             session.version += 1
         session.queued_tokens += reservation.tokens
         label = session.version if version is None else version
-        item = AppendItem(session.acked_seq, label, time.monotonic(), reservation, text, token_ids, messages)
+        now, now_unix = time.monotonic(), time.time()
+        acked_unix = now_unix if acked_unix is None else acked_unix
+        acked_at = now - max(0.0, now_unix - acked_unix)
+        item = AppendItem(session.acked_seq, label, acked_at, reservation, text, token_ids, messages, acked_unix)
         session.pending_appends.append(item)
         session.uningested_acks.append((item.seq, item.acked_at))
         if session.ingest_task is None or session.ingest_task.done():
@@ -136,7 +161,9 @@ class Ingestor:
             text, token_ids, messages = body.get("text"), body.get("token_ids"), body.get("messages")
             estimate = await self._estimate(session, text, token_ids, messages)
             reservation = ledger.reserve(session.key, estimate, what="a restored append", force=True)
-            self._enqueue(session, reservation, text, token_ids, messages, int(body.get("version", session.version)))
+            acked_unix = float(body.get(ACKED_UNIX_KEY, -math.inf))  # saved by an older release: unknown
+            version = int(body.get("version", session.version))
+            self._enqueue(session, reservation, text, token_ids, messages, version, acked_unix)
 
     def _check_queue(self, session: Session, tokens: int) -> None:
         limit = self.service.config.max_ingest_queue_tokens
@@ -187,7 +214,7 @@ class Ingestor:
             async with session.write_lock:
                 if not session.is_open:
                     break  # closed or failed while we waited; waiters were woken
-                batch, session.pending_appends = session.pending_appends, []
+                batch, session.pending_appends = next_batch(session.pending_appends, session.ingest_needs)
                 consumed = await self._ingest_batch(session, batch)
             backoff = 0.0 if consumed else min(RETRY_MAX_S, max(RETRY_FIRST_S, 2 * backoff))
 
@@ -200,9 +227,13 @@ class Ingestor:
             previous, pending, empty = list(session.messages), session.pending_chat_text, not session.token_ids
             turn_input = await service.bridge.off_loop(self._coalesce, previous, pending, empty, batch)
             service.metrics.ingest_batches.inc()
-            complete = session.acked_seq == batch[-1].seq  # nothing acknowledged after this batch
+            # with nothing acknowledged after it, the session holds every change after the batch;
+            # else every change up to the batch's last version (appends go in order; a turn takes
+            # its version when it commits, under the write lock this batch holds)
+            whole = session.acked_seq == batch[-1].seq
+            version = None if whole else batch[-1].version
             reservations = [i.reservation for i in batch]
-            await service.ingest(session, turn_input, reservations, complete, ingested_seq=batch[-1].seq)
+            await service.ingest(session, turn_input, reservations, True, version, ingested_seq=batch[-1].seq)
             ingested = True
         except asyncio.CancelledError:
             self._finish(session, batch, ingested=False)

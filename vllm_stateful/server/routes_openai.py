@@ -45,7 +45,7 @@ from vllm_stateful.server.protocol import (
 from vllm_stateful.server.routes_sessions import claim
 from vllm_stateful.server.state import StatefulState, stateful_state
 from vllm_stateful.server.turn_types import TurnInput
-from vllm_stateful.sessions.consistency import READ_YOUR_WRITES, ConsistencyError, ReadConsistency
+from vllm_stateful.sessions.consistency import ABSENT, READ_YOUR_WRITES, ConsistencyError, ReadConsistency
 from vllm_stateful.sessions.options import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -89,10 +89,10 @@ async def _openai_request(raw_request: Request, chat: bool) -> Response:
     if routed_id is not None and session_id != routed_id:  # the router would place it by another id
         raise bad_request(f"header '{alias}' and the request name different sessions", param=alias)
     commit = body.pop(COMMIT_BODY_FIELD, True)
-    consistency, max_staleness = READ_YOUR_WRITES, None
+    consistency, max_staleness = READ_YOUR_WRITES, ABSENT
     if session_id is not None:
         consistency = body.pop(CONSISTENCY_FIELD, consistency)
-        max_staleness = body.pop(MAX_STALENESS_FIELD, None)
+        max_staleness = body.pop(MAX_STALENESS_FIELD, ABSENT)
         drop_router_defaults(body)
     parsed = validated(state.chat_request_cls if chat else state.completion_request_cls, body)
     reserved = reserved_keys(parsed.vllm_xargs)

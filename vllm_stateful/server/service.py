@@ -331,6 +331,8 @@ class SessionService:
 
         ``inherit``: the waiter is a turn or query: ingestion batches of the session sent to the
         engine while it waits run in its class (an append's own ``wait`` keeps the ingestion class).
+        The next ingestion batch stops at the last append a waiter needs (``Ingestor``), so a wait
+        for older appends does not also wait for younger ones queued behind them.
         Raises 404 if the session closes meanwhile, 409 if ingestion failed, 503 with Retry-After
         past ``ingest_wait_timeout_s``.
         """
@@ -340,6 +342,7 @@ class SessionService:
 
         if not done():
             session.ingest_waiters += int(inherit)
+            session.ingest_needs.append(seq)
             try:
                 async with session.ingest_cond:
                     await asyncio.wait_for(session.ingest_cond.wait_for(done), self.config.ingest_wait_timeout_s)
@@ -347,6 +350,7 @@ class SessionService:
                 raise _busy_timeout(session) from None
             finally:
                 session.ingest_waiters -= int(inherit)
+                session.ingest_needs.remove(seq)
         ensure_open(session)
 
     async def _end_turn(
@@ -427,8 +431,9 @@ class SessionService:
         """Prefill ``turn_input`` into the session and commit it (no visible output).
 
         Caller holds ``session.write_lock`` and has reserved the tokens.
-        ``complete``: no acknowledged change is still missing from the session
-        afterwards; ``version``: the version that makes (default: the current one). vLLM always
+        ``complete``: every change up to ``version`` is in the session afterwards, so that
+        version becomes the committed one (what a read-only query that does not wait reads);
+        ``version``: the version that makes (default: the current one). vLLM always
         samples one token; it is discarded and never enters the session.
         ``ingested_seq``: the last append this makes durable (its saved queue entries go with
         the same write). On success the reservations are settled; on failure nothing changes.

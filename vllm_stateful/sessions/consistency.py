@@ -9,13 +9,14 @@
   ingestion falls behind a feed, an answer misses at most the last ``max_staleness_ms`` of it (it
   waits instead); 0 waits for every append acknowledged before it arrived, as read-your-writes.
 
-Times are the API server's monotonic clock. An append re-queued after a restart counts as
-acknowledged when it was re-queued. No I/O here: the caller waits (bounded, ``wait_ingested``).
+Times are the API server's monotonic clock; an append re-queued after a restart or a takeover keeps
+its age (its wall-clock acknowledgement time is saved with it; unknown: as old as can be). No I/O
+here: the caller waits (bounded, ``wait_ingested``), and the next ingestion batch stops at the last
+append a waiter needs (``server/ingest.py``), so the wait is not for younger appends behind it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ READ_YOUR_WRITES = "read_your_writes"
 INGESTED = "ingested"
 MODES = (READ_YOUR_WRITES, INGESTED)
 MAX_STALENESS_LIMIT_MS = 86_400_000  # a day: a larger bound is a typo, not a wish
+ABSENT: Any = object()  # a field the request did not give (null is given, and refused)
 
 
 class ConsistencyError(ValueError):
@@ -41,7 +43,7 @@ class ReadConsistency:
 
     @classmethod
     def parse(cls, mode: Any, max_staleness_ms: Any, commit: bool, mode_param: str, staleness_param: str):
-        """From a request's ``consistency`` and ``max_staleness_ms`` (None: absent); raises
+        """From a request's ``consistency`` and ``max_staleness_ms`` (``ABSENT``: not given); raises
         ``ConsistencyError`` for a bad value or a combination the contract above does not have."""
         if mode is None or mode not in MODES:
             raise ConsistencyError(f"'{mode_param}' must be one of {list(MODES)}", mode_param)
@@ -52,12 +54,12 @@ class ReadConsistency:
                 mode_param,
                 "unsupported_in_session",
             )
-        if max_staleness_ms is None:
+        if max_staleness_ms is ABSENT:
             return cls(mode == READ_YOUR_WRITES)
         if mode != INGESTED:
             raise ConsistencyError(f"'{staleness_param}' needs '{mode_param}: {INGESTED}'", staleness_param)
-        valid = isinstance(max_staleness_ms, (int, float)) and not isinstance(max_staleness_ms, bool)
-        if not valid or not math.isfinite(max_staleness_ms) or not 0 <= max_staleness_ms <= MAX_STALENESS_LIMIT_MS:
+        number = isinstance(max_staleness_ms, (int, float)) and not isinstance(max_staleness_ms, bool)
+        if not number or not 0 <= max_staleness_ms <= MAX_STALENESS_LIMIT_MS:  # NaN, inf, 10**400: out of range
             raise ConsistencyError(
                 f"'{staleness_param}' must be a number of milliseconds from 0 to {MAX_STALENESS_LIMIT_MS}",
                 staleness_param,

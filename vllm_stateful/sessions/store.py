@@ -89,6 +89,8 @@ class Session:
     active_request_ids: set[str] = field(default_factory=set)
     # requests waiting for this session's appends (read-your-writes): its ingestion runs at their class
     ingest_waiters: int = 0
+    # the last append each waiting request needs ingested (any waiter): a batch stops there
+    ingest_needs: list[int] = field(default_factory=list)
     background_request_ids: set[str] = field(default_factory=set)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Read-your-writes: appends acknowledged vs ingested, as sequence numbers.
