@@ -152,17 +152,24 @@ class Ingestor:
         self.service.metrics.ingest_queued.inc(reservation.tokens)
         return item
 
-    async def requeue(self, session: Session, bodies: list[dict[str, Any]]) -> None:
-        """Queue appends acknowledged before a restart (saved, not yet ingested) again, in order.
-        They were admitted then, so they are reserved without checks; versions are kept."""
+    async def requeue_estimates(self, session: Session, bodies: list[dict[str, Any]]) -> list[int]:
+        """Tokens to reserve for each append acknowledged before a restart (saved, not yet ingested)."""
+        out = []
+        for body in bodies:
+            out.append(await self._estimate(session, body.get("text"), body.get("token_ids"), body.get("messages")))
+        return out
+
+    def requeue(self, session: Session, bodies: list[dict[str, Any]], estimates: list[int]) -> None:
+        """Queue those appends again, in order, all at once (no await: no request sees part of the
+        queue, and no new append lands between them). They were admitted then, so they are reserved
+        without checks; versions and acknowledgement times are kept."""
         ledger = self.service.ledger
         assert ledger is not None
-        for body in bodies:
-            text, token_ids, messages = body.get("text"), body.get("token_ids"), body.get("messages")
-            estimate = await self._estimate(session, text, token_ids, messages)
+        for body, estimate in zip(bodies, estimates, strict=True):
             reservation = ledger.reserve(session.key, estimate, what="a restored append", force=True)
             acked_unix = float(body.get(ACKED_UNIX_KEY, -math.inf))  # saved by an older release: unknown
             version = int(body.get("version", session.version))
+            text, token_ids, messages = body.get("text"), body.get("token_ids"), body.get("messages")
             self._enqueue(session, reservation, text, token_ids, messages, version, acked_unix)
 
     def _check_queue(self, session: Session, tokens: int) -> None:

@@ -93,6 +93,8 @@ async def restore_record(
     session.restored = {**source, "kv": "pending" if session.token_ids else "none"}
     if session.data_parallel_rank >= service.bridge.dp_size:  # saved with more ranks than run now
         session.data_parallel_rank = least_loaded(service.store.all(), service.bridge.dp_size)
+    appends = [body for _, body in record.appends]
+    estimates = await ingestor.requeue_estimates(session, appends)  # awaits: before anyone can see it
     service.store.adopt(session)
     service.ledger.restore(session.key, session.tenant, session.token_ids)
     for fid, body in record.flash:
@@ -100,8 +102,7 @@ async def restore_record(
             restore_flash(session, fid, body)
         except Exception:
             logger.exception("vllm-stateful: flash query %s of session %s not restored", fid, session.id)
-    if record.appends:
-        await ingestor.requeue(session, [body for _, body in record.appends])
+    ingestor.requeue(session, appends, estimates)  # with the session visible, all at once
     service.metrics.restored.inc()
     return session
 
