@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from vllm_stateful.server.ingest import ACKED_UNIX_KEY, AppendItem, next_batch
+from vllm_stateful.server.ingest import ACKED_UNIX_KEY, AppendItem, acked_at_from, next_batch, settled_version
 from vllm_stateful.sessions.admission import Reservation
 from vllm_stateful.sessions.consistency import (
     ABSENT,
@@ -93,9 +93,28 @@ def test_a_batch_stops_at_the_last_append_a_waiter_needs():
     batch, rest = next_batch(queued, [3])  # needs only what is ingested already: the whole queue
     assert len(batch) == 4 and rest == []
     assert next_batch(queued, [7, 5])[1] == []  # read-your-writes waits for all of it
+    # never two batches short in a row: else queries arriving during each batch keep it short
+    assert next_batch(queued, [5], may_stop_short=False) == (queued, [])
+
+
+def test_a_batch_that_leaves_appends_queued_settles_the_version_below_the_oldest():
+    # a turn committed as v6 while appends 5 (v5) and 7 (v7) waited: ingesting 5 leaves 7 queued
+    assert settled_version([AppendItem(7, 7, 0.0, Reservation("k", 1), token_ids=[7])]) == 6  # v6 (the turn) in
+    assert settled_version([]) is None  # nothing queued: the session's current version
 
 
 def test_a_saved_append_keeps_its_age_across_a_restart():
     saved = _item(4, acked_unix=1000.5).body()
     assert saved[ACKED_UNIX_KEY] == 1000.5 and saved["token_ids"] == [4]
     assert ACKED_UNIX_KEY not in _item(4, acked_unix=-math.inf).body()  # unknown: not written as -Infinity
+    # re-queued 30 s after it was acknowledged: 30 s old on this process's monotonic clock
+    assert acked_at_from(1000.0, now=50.0, now_unix=1030.0) == 20.0
+    assert acked_at_from(1100.0, now=50.0, now_unix=1030.0) == 50.0  # the wall clock stepped back: now
+    assert acked_at_from(-math.inf, now=50.0, now_unix=1030.0) == -math.inf  # unknown: as old as can be
+    assert parse(INGESTED, 10_000).seq_to_see(5, [(4, -math.inf), (5, 49.0)], now=50.0) == 4
+
+
+def test_times_out_of_order_after_a_restart_do_not_hide_an_old_append():
+    # 6 was saved with a wall-clock time later than 7's (the clock stepped back between them)
+    pending = [(5, 10.0), (6, 45.0), (7, 20.0)]
+    assert parse(INGESTED, 15_000).seq_to_see(7, pending, now=41.0) == 7  # 7 is 21 s old: 5, 6, 7

@@ -82,13 +82,32 @@ class AppendItem:
         return {**head, "token_ids": list(self.token_ids or [])}
 
 
-def next_batch(queued: list[AppendItem], needs: list[int]) -> tuple[list[AppendItem], list[AppendItem]]:
+def next_batch(
+    queued: list[AppendItem], needs: list[int], may_stop_short: bool = True
+) -> tuple[list[AppendItem], list[AppendItem]]:
     """(the next batch, what stays queued): the whole queue, coalesced into one prefill, unless a
-    request waits for an append in it (``needs``: the last append each waiter needs): then the queue
-    up to the last append any waiter needs, so no waiter also waits for appends queued after that."""
+    request waits for an append in it (``needs``: the last append each waiter needs) and
+    ``may_stop_short``: then the queue up to the last append any waiter needs, so no waiter also
+    waits for appends queued after that. The drain never stops two batches short in a row: with
+    bounded-staleness queries arriving during every batch, each would stop short again and keep
+    ingestion about that bound behind the feed, and every such query waiting for a batch."""
     need = max(needs, default=0)
-    cut = sum(1 for item in queued if item.seq <= need)  # the queue is in sequence order
+    cut = sum(1 for item in queued if item.seq <= need) if may_stop_short else 0  # queue in seq order
     return (queued[:cut], queued[cut:]) if cut else (queued, [])
+
+
+def settled_version(queued: list[AppendItem]) -> int | None:
+    """The newest version all of whose changes are in the session once the batch before ``queued``
+    (the appends still queued) is applied: the one below the oldest queued append (appends are
+    ingested in order; a turn takes its version when it commits, under the write lock the batch
+    holds, so every turn below it is in); None: nothing is queued, so the session's current one."""
+    return queued[0].version - 1 if queued else None
+
+
+def acked_at_from(acked_unix: float, now: float, now_unix: float) -> float:
+    """The monotonic time of an acknowledgement the wall clock dated ``acked_unix`` (never later
+    than now; ``-inf``: unknown, so as old as can be)."""
+    return now - max(0.0, now_unix - acked_unix)
 
 
 class Ingestor:
@@ -143,7 +162,7 @@ class Ingestor:
         label = session.version if version is None else version
         now, now_unix = time.monotonic(), time.time()
         acked_unix = now_unix if acked_unix is None else acked_unix
-        acked_at = now - max(0.0, now_unix - acked_unix)
+        acked_at = acked_at_from(acked_unix, now, now_unix)
         item = AppendItem(session.acked_seq, label, acked_at, reservation, text, token_ids, messages, acked_unix)
         session.pending_appends.append(item)
         session.uningested_acks.append((item.seq, item.acked_at))
@@ -214,14 +233,15 @@ class Ingestor:
     async def _drain(self, session: Session) -> None:
         # No await may follow the loop: ``append`` relies on ``ingest_task.done()``
         # becoming true in the same step that finds the queue empty.
-        backoff = 0.0
+        backoff, stopped_short = 0.0, False
         while session.pending_appends and session.is_open:
             if backoff:
                 await asyncio.sleep(backoff)
             async with session.write_lock:
                 if not session.is_open:
                     break  # closed or failed while we waited; waiters were woken
-                batch, session.pending_appends = next_batch(session.pending_appends, session.ingest_needs)
+                batch, rest = next_batch(session.pending_appends, session.ingest_needs, not stopped_short)
+                session.pending_appends, stopped_short = rest, bool(rest)
                 consumed = await self._ingest_batch(session, batch)
             backoff = 0.0 if consumed else min(RETRY_MAX_S, max(RETRY_FIRST_S, 2 * backoff))
 
@@ -234,11 +254,7 @@ class Ingestor:
             previous, pending, empty = list(session.messages), session.pending_chat_text, not session.token_ids
             turn_input = await service.bridge.off_loop(self._coalesce, previous, pending, empty, batch)
             service.metrics.ingest_batches.inc()
-            # with nothing acknowledged after it, the session holds every change after the batch;
-            # else every change up to the batch's last version (appends go in order; a turn takes
-            # its version when it commits, under the write lock this batch holds)
-            whole = session.acked_seq == batch[-1].seq
-            version = None if whole else batch[-1].version
+            version = settled_version(session.pending_appends)
             reservations = [i.reservation for i in batch]
             await service.ingest(session, turn_input, reservations, True, version, ingested_seq=batch[-1].seq)
             ingested = True
@@ -270,7 +286,8 @@ class Ingestor:
         reserved = sum(i.reserved_tokens for i in batch)
         session.queued_tokens -= reserved
         service.metrics.ingest_queued.dec(reserved)
-        service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
+        if math.isfinite(batch[0].acked_at):  # else re-queued with no saved time
+            service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
         session.ingested_seq = batch[-1].seq
         while session.uningested_acks and session.uningested_acks[0][0] <= session.ingested_seq:
             session.uningested_acks.popleft()

@@ -12,7 +12,8 @@
 Times are the API server's monotonic clock; an append re-queued after a restart or a takeover keeps
 its age (its wall-clock acknowledgement time is saved with it; unknown: as old as can be). No I/O
 here: the caller waits (bounded, ``wait_ingested``), and the next ingestion batch stops at the last
-append a waiter needs (``server/ingest.py``), so the wait is not for younger appends behind it.
+append a waiter needs (``server/ingest.py``; never two batches in a row), so the wait is mostly not
+for younger appends behind it.
 """
 
 from __future__ import annotations
@@ -74,12 +75,9 @@ class ReadConsistency:
             return acked_seq
         if self.max_staleness_s is None:
             return None
-        cutoff, seq = now - self.max_staleness_s, 0
-        for number, acked_at in pending:
-            if acked_at > cutoff:
-                break
-            seq = number
-        return seq
+        # no early stop: times re-queued after a restart come from a wall clock that may have stepped
+        cutoff = now - self.max_staleness_s
+        return max((number for number, acked_at in pending if acked_at <= cutoff), default=0)
 
 
 READ_ALL = ReadConsistency()  # read-your-writes
