@@ -142,7 +142,7 @@ def test_writes_after_a_close_are_refused_and_rewrites_keep_queued_appends():
         store = DurableStore(":memory:", IDENTITY)
         durable = Durability(store)
         s = Session(id="s", tenant="t", ttl_s=60)
-        await durable.commit(s, Change([1, 2, 3], [], "", 1), [Checkpoint(1, 3, 0)])
+        await durable.commit(s, Change([1, 2, 3], [], "", 1, 1), [Checkpoint(1, 3, 0)])
         (rec,) = store.load_all()
         assert [p.version for p in rec.checkpoints] == [0, 1]  # the first write brings version 0 along
 
@@ -158,7 +158,7 @@ def test_writes_after_a_close_are_refused_and_rewrites_keep_queued_appends():
         s.state = "closed"
         await durable.delete(s)
         with pytest.raises(Exception, match="was closed"):
-            await durable.commit(s, Change([1, 2, 3, 4], [], "", 2), [])
+            await durable.commit(s, Change([1, 2, 3, 4], [], "", 2, 2), [])
         assert store.load_all() == []  # a turn finishing after the close cannot bring it back
 
     asyncio.run(scenario())
@@ -230,3 +230,26 @@ def test_a_rewind_that_would_unshare_blocks_beyond_the_budget_is_refused_by_the_
     assert not ledger.fits_committed("child", 24, tokens[:24])
     assert ledger.charged_blocks() == 2 and ledger.check_integrity() == []
     assert ledger.fits_committed("child", 16, tokens[:16])  # still within the shared blocks
+
+
+def test_a_turns_version_above_the_committed_one_survives_a_restart(tmp_path):
+    """Append A3 (v3) acknowledged while turn T ran; T committed as v4 with A3 still pending, so the
+    committed version stayed 2 and no rewind point was made. After a restart the re-queued A3 must
+    not get a rewind point at v3: its content would hold T (v4). The row keeps the newest version
+    applied, and the restored session starts from it."""
+    from vllm_stateful.server.restore import session_of
+
+    store = DurableStore(str(tmp_path), IDENTITY)
+    tokens = list(range(30))
+    sc = _scalars(version=4, committed_version=2, n_tokens=30, acked_seq=3, ingested_seq=2, newest_applied=4)
+    store.commit("k1", sc, 0, tokens, 0, [], [Checkpoint(2, 20, 0)], 0)
+    store.add_append("k1", {**sc, "version": 4}, 3, {"version": 3, "token_ids": [5]})
+    store.close()
+    (record,) = DurableStore(str(tmp_path), IDENTITY).load_all()
+    session = session_of(record)
+    assert record.scalars["newest_applied"] == 4 and session.newest_applied == 4
+    older = DurableStore(str(tmp_path / "old"), IDENTITY)  # a row written without the column
+    older.commit("k2", {k: v for k, v in sc.items() if k != "newest_applied"}, 0, tokens, 0, [], [], 0)
+    older.close()
+    (old,) = DurableStore(str(tmp_path / "old"), IDENTITY).load_all()
+    assert session_of(old).newest_applied == 2  # its rewind points and committed version, as before

@@ -29,6 +29,8 @@ class Change:
     messages: list[dict[str, Any]]
     pending_chat_text: str
     committed_version: int
+    # the newest version whose change it holds (its rewind points' bound, kept across a restart)
+    applied_version: int
 
 
 def scalars(session: Session, change: Change | None = None) -> dict[str, Any]:
@@ -47,9 +49,11 @@ def scalars(session: Session, change: Change | None = None) -> dict[str, Any]:
         "n_tokens": len(session.token_ids),
         "n_messages": len(session.messages),
         "data_parallel_rank": session.data_parallel_rank,
+        "newest_applied": session.newest_applied,
     }
     if change is not None:
         row.update(
+            newest_applied=max(session.newest_applied, change.applied_version),
             committed_version=change.committed_version,
             pending_chat_text=change.pending_chat_text,
             n_tokens=len(change.token_ids),

@@ -49,7 +49,8 @@ def session_of(record: SessionRecord) -> Session:
     session.kv_tokens = len(session.token_ids)
     session.state = "cold" if session.token_ids else "resident"
     session.saved = True
-    session.newest_applied = max([p.version for p in session.checkpoints] + [session.committed_version])
+    saved = int(sc.get("newest_applied") or 0)  # a turn's version can be above both (appends were pending)
+    session.newest_applied = max([p.version for p in session.checkpoints] + [session.committed_version, saved])
     return session
 
 

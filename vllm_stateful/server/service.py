@@ -393,15 +393,15 @@ class SessionService:
         session.version += 1
         complete = session.acked_seq == session.ingested_seq
         committed_version = max(session.committed_version, session.version) if complete else session.committed_version
-        change = Change(history, messages, pending, committed_version)
         # a rewind point only where every earlier acknowledged change is in the history
         version = session.version
+        change = Change(history, messages, pending, committed_version, version)
         points = [Checkpoint(version, len(history), len(messages), pending)] if complete else []
 
         async def save_and_apply() -> None:
             await self.durable.commit(session, change, points)  # on failure _end_turn trims the pin back
             ensure_open(session)
-            self._apply(session, change, points, version)
+            self._apply(session, change, points)
             result.version = version
             # the engine computed KV for all but the last generated token
             self.kv.apply(session, info, len(prompt) + min(len(kept), len(result.output_token_ids) - 1))
@@ -443,12 +443,12 @@ class SessionService:
         label = session.version if version is None else version
         committed_version = max(session.committed_version, label) if complete else session.committed_version
         if not turn_input.token_ids:
-            change = Change(session.token_ids, session.messages, session.pending_chat_text, committed_version)
+            change = Change(session.token_ids, session.messages, session.pending_chat_text, committed_version, label)
 
             async def save_and_apply_nothing() -> None:
                 await self.durable.commit(session, change, [], ingested_seq)
                 ensure_open(session)
-                self._apply(session, change, [], label)
+                self._apply(session, change, [])
                 for res in reservations:
                     self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
                 self._announce(session)
@@ -469,7 +469,6 @@ class SessionService:
             ensure_open(session)
             chat = turn_input.is_chat
             messages = session.messages + turn_input.messages if chat else session.messages
-            change = Change(prompt, messages, "" if chat else session.pending_chat_text, committed_version)
             base, base_messages = len(session.token_ids), len(session.messages)
             points = [
                 Checkpoint(v, base + n, base_messages + m, "")
@@ -477,11 +476,13 @@ class SessionService:
                 if v > session.newest_applied  # else a later change (a turn) is in the history before it
             ]
             applied = max([v for v, _, _ in turn_input.boundaries] + [label])
+            pending = "" if chat else session.pending_chat_text
+            change = Change(prompt, messages, pending, committed_version, applied)
 
             async def save_and_apply() -> None:
                 await self.durable.commit(session, change, points, ingested_seq)
                 ensure_open(session)
-                self._apply(session, change, points, applied)
+                self._apply(session, change, points)
                 self.kv.apply(session, info, len(prompt))
                 note_restored(session, result)
                 for res in reservations:
@@ -524,14 +525,13 @@ class SessionService:
         if self.recharge_tokens(session):
             await self._spilling(session, lambda: ledger.recharge(session.key, session.token_ids))
 
-    def _apply(self, session: Session, change: Change, points: list[Checkpoint], version: int) -> None:
-        """A saved change (holding the content of ``version``) becomes the session's state (no
-        await: nobody sees half of it)."""
+    def _apply(self, session: Session, change: Change, points: list[Checkpoint]) -> None:
+        """A saved change becomes the session's state (no await: nobody sees half of it)."""
         session.token_ids = change.token_ids
         session.messages = change.messages
         session.pending_chat_text = change.pending_chat_text
         session.committed_version = change.committed_version
-        session.newest_applied = max(session.newest_applied, version)
+        session.newest_applied = max(session.newest_applied, change.applied_version)
         session.commit_seq += 1
         for point in points:
             session.add_checkpoint(point, self.config.rewind_window)

@@ -6,8 +6,9 @@
   waited for, and the answer says how many versions it does not see.
 * ``ingested`` with ``max_staleness_ms`` (bounded staleness, read-only queries): it waits for the
   appends acknowledged at least that long before it arrived, not for younger ones. So however far
-  ingestion falls behind a feed, an answer misses at most the last ``max_staleness_ms`` of it (it
-  waits instead); 0 waits for every append acknowledged before it arrived, as read-your-writes.
+  ingestion falls behind a feed, an answer misses at most the appends acknowledged in the last
+  ``max_staleness_ms`` before it arrived (it waits instead; and those acknowledged while it waits);
+  0 waits for every append acknowledged before it arrived, as read-your-writes.
 
 Times are the API server's monotonic clock; an append re-queued after a restart or a takeover keeps
 its age (its wall-clock acknowledgement time is saved with it; unknown: as old as can be). No I/O

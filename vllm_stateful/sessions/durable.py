@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at REAL NOT NULL, last_used_at REAL NOT NULL, version INTEGER NOT NULL,
     committed_version INTEGER NOT NULL, acked_seq INTEGER NOT NULL, ingested_seq INTEGER NOT NULL,
     pending_chat_text TEXT NOT NULL, n_tokens INTEGER NOT NULL, n_messages INTEGER NOT NULL,
-    data_parallel_rank INTEGER NOT NULL DEFAULT 0);
+    data_parallel_rank INTEGER NOT NULL DEFAULT 0, newest_applied INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens (key TEXT NOT NULL, start INTEGER NOT NULL, ids BLOB NOT NULL,
     PRIMARY KEY (key, start));
 CREATE TABLE IF NOT EXISTS messages (key TEXT NOT NULL, idx INTEGER NOT NULL, body TEXT NOT NULL,
@@ -56,12 +56,15 @@ CREATE TABLE IF NOT EXISTS flash (key TEXT NOT NULL, fid TEXT NOT NULL, body TEX
 """
 SCALARS = (
     "tenant", "id", "ttl_s", "created_at", "last_used_at", "version", "committed_version", "acked_seq",
-    "ingested_seq", "pending_chat_text", "n_tokens", "n_messages", "data_parallel_rank",
+    "ingested_seq", "pending_chat_text", "n_tokens", "n_messages", "data_parallel_rank", "newest_applied",
 )  # fmt: skip
 # Columns added after a state dir's schema was first written: (name, definition), and their
 # values for a row written without them.
-ADDED_COLUMNS = (("data_parallel_rank", "INTEGER NOT NULL DEFAULT 0"),)
-ADDED_DEFAULTS = {"data_parallel_rank": 0}
+ADDED_COLUMNS = (
+    ("data_parallel_rank", "INTEGER NOT NULL DEFAULT 0"),
+    ("newest_applied", "INTEGER NOT NULL DEFAULT 0"),  # 0: restore falls back to the rewind points
+)
+ADDED_DEFAULTS = {"data_parallel_rank": 0, "newest_applied": 0}
 CHILD_TABLES = ("tokens", "messages", "checkpoints", "appends", "flash")
 
 
