@@ -256,7 +256,7 @@ class Ingestor:
             service.metrics.ingest_batches.inc()
             version = settled_version(session.pending_appends)
             reservations = [i.reservation for i in batch]
-            await service.ingest(session, turn_input, reservations, True, version, ingested_seq=batch[-1].seq)
+            await service.ingest(session, turn_input, reservations, version, ingested_seq=batch[-1].seq)
             ingested = True
         except asyncio.CancelledError:
             self._finish(session, batch, ingested=False)

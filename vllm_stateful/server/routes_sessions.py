@@ -114,7 +114,7 @@ async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Respons
         session.version += 1  # saved with the content, in one write (a failure closes the session)
         turn_input.boundaries = [(session.version, len(turn_input.token_ids), len(turn_input.messages))]
         try:
-            await service.ingest(session, turn_input, [reservation], True, session.version)
+            await service.ingest(session, turn_input, [reservation], session.version)
         finally:
             service.ledger.cancel(reservation)  # no-op once settled
     return Response()

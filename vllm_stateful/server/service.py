@@ -424,16 +424,15 @@ class SessionService:
         session: Session,
         turn_input: TurnInput,
         reservations: list[Reservation],
-        complete: bool,
         version: int | None = None,
         ingested_seq: int | None = None,
     ) -> None:
         """Prefill ``turn_input`` into the session and commit it (no visible output).
 
         Caller holds ``session.write_lock`` and has reserved the tokens.
-        ``complete``: every change up to ``version`` is in the session afterwards, so that
-        version becomes the committed one (what a read-only query that does not wait reads);
-        ``version``: the version that makes (default: the current one). vLLM always
+        ``version``: the version that makes (default: the current one); the caller guarantees
+        that every change up to it is in the session afterwards, so it becomes the committed one
+        (what a read-only query that does not wait reads). vLLM always
         samples one token; it is discarded and never enters the session.
         ``ingested_seq``: the last append this makes durable (its saved queue entries go with
         the same write). On success the reservations are settled; on failure nothing changes.
@@ -441,7 +440,7 @@ class SessionService:
         assert self.ledger is not None
         ensure_open(session)
         label = session.version if version is None else version
-        committed_version = max(session.committed_version, label) if complete else session.committed_version
+        committed_version = max(session.committed_version, label)
         if not turn_input.token_ids:
             change = Change(session.token_ids, session.messages, session.pending_chat_text, committed_version, label)
 
