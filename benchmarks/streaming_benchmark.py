@@ -76,6 +76,7 @@ class ProviderRun:
     wall_s: float = 0.0
     warm_requests: int = 0  # stateless-warming: prefix-cache warming requests sent
     versions_behind: list[int] = field(default_factory=list)  # stateful-ingested: per answer
+    staleness_ms: list[int] = field(default_factory=list)  # stateful-ingested: per answer (known ages only)
 
 
 class _Provider:
@@ -180,6 +181,7 @@ class StatefulProvider(_Provider):
         self.samples: list[tuple[float, int]] = []
         self.retries = 0
         self.versions_behind: list[int] = []  # consistency "ingested": appends each answer did not see
+        self.staleness_ms: list[int] = []  # ... and the age of the oldest of them when it read
         self._poller = asyncio.create_task(self._poll())
 
     async def _count_tokens(self, texts: list[str]) -> list[int]:
@@ -230,6 +232,8 @@ class StatefulProvider(_Provider):
             raise BenchError(f"completion on session {self.session_id} has no 'session' object: not vllm-stateful?")
         if "versions_behind" in session:
             self.versions_behind.append(int(session["versions_behind"]))
+        if session.get("staleness_ms") is not None:
+            self.staleness_ms.append(int(session["staleness_ms"]))
         return Answer(
             int(session["context_tokens"]),
             int(usage["prompt_tokens"]),
@@ -268,6 +272,7 @@ class StatefulProvider(_Provider):
         run.append_retries = self.retries
         if self.versions_behind:
             run.versions_behind = list(self.versions_behind)
+        run.staleness_ms = list(self.staleness_ms)
 
     async def close(self) -> None:
         if getattr(self, "_poller", None):
@@ -413,6 +418,12 @@ def run_notes(runs: list[ProviderRun]) -> str:
     ] + [
         f"{run.provider}: answers were {statistics.median(run.versions_behind)} versions behind the acknowledged "
         f"feed at the median, {max(run.versions_behind)} at most (consistency: ingested)"
+        + (
+            f"; the oldest append an answer missed was {statistics.median(run.staleness_ms) / 1000:.1f} s old "
+            f"at the median, {max(run.staleness_ms) / 1000:.1f} s at most"
+            if run.staleness_ms
+            else ""
+        )
         for run in runs
         if run.versions_behind
     ]
@@ -432,6 +443,8 @@ def run_details(run: ProviderRun) -> dict[str, Any]:
         out["warm_requests"] = run.warm_requests
     if run.versions_behind:
         out.update(versions_behind=run.versions_behind, versions_behind_max=max(run.versions_behind))
+    if run.staleness_ms:
+        out.update(staleness_ms=run.staleness_ms, staleness_ms_max=max(run.staleness_ms))
     return out
 
 

@@ -102,6 +102,30 @@ def test_concurrent_appends_ingest_in_acknowledgement_order(stateful_server):
     stateful_server.delete(f"/v1/sessions/{sid}")
 
 
+def test_an_append_while_the_creation_content_is_filled_is_refused_and_the_versions_stay_in_order(stateful_server):
+    server, sid = stateful_server, "dp-filling"
+    prompt = list(range(300, 400))
+    server.idle()  # nothing of earlier tests in the engine: the count below is this creation's
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with server.paused():  # the content is admitted and cannot be prefilled yet, on any machine
+            created = pool.submit(server.post, "/v1/sessions", json={"id": sid, "prompt": prompt})
+            wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] == 1, what="content admitted")
+            r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7, 8, 9]})
+            # 409, not version 1 ahead of the content's version 2
+            assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy", r.text
+            assert float(r.headers["retry-after"]) > 0
+        assert created.result().status_code == 201, created.result().text
+    finally:
+        pool.shutdown(wait=True)
+    body = _tokens(server, sid)
+    assert body["version"] == 1 and body["token_ids"] == prompt  # the refused append left no trace
+    r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": [7, 8, 9], "wait": True})
+    assert r.status_code == 200 and r.json()["version"] == 2, r.text
+    assert _tokens(server, sid)["token_ids"] == prompt + [7, 8, 9]
+    assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
 def test_back_pressure_429_and_nothing_dropped(stateful_server):
     sid = "dp-pressure"
     stateful_server.post("/v1/sessions", json={"id": sid, "prompt": [5]})
@@ -188,23 +212,27 @@ def test_ingested_consistency_answers_now_and_says_how_far_behind(stateful_serve
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         with server.paused():  # the append is acknowledged but cannot be ingested yet
+            sent = time.monotonic()
             r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": extra})
             assert r.status_code == 202 and r.json()["version"] == 2, r.text
             now = pool.submit(query, "ingested")
             # the query reached the engine beside the ingestion: it did not wait for it
             wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] >= 2, what="query admitted")
         answer = now.result()
+        since_sent_ms = (time.monotonic() - sent) * 1000
     finally:
         pool.shutdown(wait=True)
     assert answer.status_code == 200, answer.text
     s = answer.json()["session"]
     assert s["version"] == 1 and s["versions_behind"] == 1 and s["context_tokens"] == len(history) + len(question)
+    # the append it missed was acknowledged after it was sent, and read before the answer came back
+    assert 0 <= s["staleness_ms"] <= since_sent_ms + 1
     assert answer.json()["choices"][0]["token_ids"] == reference.greedy(history + question, 3)
 
     waited = query(None)  # read-your-writes: sees the append
     assert waited.status_code == 200, waited.text
     s = waited.json()["session"]
-    assert s["version"] == 2 and "versions_behind" not in s
+    assert s["version"] == 2 and "versions_behind" not in s and "staleness_ms" not in s
     assert s["context_tokens"] == len(history) + len(extra) + len(question)
     assert waited.json()["choices"][0]["token_ids"] == reference.greedy(history + extra + question, 3)
 
@@ -254,8 +282,9 @@ def test_bounded_staleness_waits_only_for_appends_older_than_its_bound(stateful_
     s = answers["loose"].json()["session"]
     assert s["version"] == 1 and s["versions_behind"] == 1 and s["context_tokens"] == len(history) + len(question)
     assert answers["loose"].json()["choices"][0]["token_ids"] == reference.greedy(history + question, 3)
+    assert 0 <= s["staleness_ms"]
     s = answers["strict"].json()["session"]
-    assert s["version"] == 2 and s["versions_behind"] == 0
+    assert s["version"] == 2 and s["versions_behind"] == 0 and s["staleness_ms"] == 0
     assert s["context_tokens"] == len(history) + len(extra) + len(question)
     assert answers["strict"].json()["choices"][0]["token_ids"] == reference.greedy(history + extra + question, 3)
 
@@ -271,15 +300,18 @@ def test_bounded_staleness_waits_only_for_appends_older_than_its_bound(stateful_
             assert server.post(f"/v1/sessions/{sid}/append", json={"token_ids": second}).status_code == 202
             strict = pool.submit(query, consistency="ingested", max_staleness_ms=0)
             wait_until(lambda: server.integrity()["ingest_waiters"].get(sid) == 1, what="strict query waiting")
+            sent = time.monotonic()
             r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": third})
             assert r.status_code == 202 and r.json()["version"] == 5, r.text
         answer = strict.result()
+        since_sent_ms = (time.monotonic() - sent) * 1000
     finally:
         pool.shutdown(wait=True)
     assert answer.status_code == 200, answer.text
     s = answer.json()["session"]
     seen = history + extra + first + second
     assert s["version"] == 4 and s["versions_behind"] == 1 and s["context_tokens"] == len(seen) + len(question)
+    assert 0 <= s["staleness_ms"] <= since_sent_ms + 1  # the one it missed: the third, acknowledged while it waited
     assert answer.json()["choices"][0]["token_ids"] == reference.greedy(seen + question, 3)
     server.idle()
     assert server.session(sid, tokens=True)["token_ids"] == seen + third  # the rest is ingested after it

@@ -16,6 +16,7 @@ from vllm_stateful.sessions.consistency import (
     READ_YOUR_WRITES,
     ConsistencyError,
     ReadConsistency,
+    staleness_ms,
 )
 
 pytestmark = pytest.mark.unit
@@ -118,3 +119,11 @@ def test_times_out_of_order_after_a_restart_do_not_hide_an_old_append():
     # 6 was saved with a wall-clock time later than 7's (the clock stepped back between them)
     pending = [(5, 10.0), (6, 45.0), (7, 20.0)]
     assert parse(INGESTED, 15_000).seq_to_see(7, pending, now=41.0) == 7  # 7 is 21 s old: 5, 6, 7
+
+
+def test_staleness_is_the_age_of_the_oldest_append_not_seen():
+    assert staleness_ms([], now=50.0) == 0  # it sees every acknowledged append
+    assert staleness_ms([(5, 48.5), (6, 49.9)], now=50.0) == 1500
+    assert staleness_ms([(6, 45.0), (7, 20.0)], now=50.0) == 30_000  # out of order after a restart
+    assert staleness_ms([(4, -math.inf), (5, 49.0)], now=50.0) is None  # saved by an older release
+    assert staleness_ms([(5, 50.2)], now=50.0) == 0  # acknowledged after the read's clock reading

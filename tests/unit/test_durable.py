@@ -171,12 +171,12 @@ def test_flash_answers_from_before_a_rewind_are_refused():
 
     async def scenario():
         q = FlashQuery(None, {}, 4, None, lambda s: None, lambda n: None)
-        q.record(FlashAnswer(4, 10, "late", (1,), (2,), "length", 1.0))
-        q.forget_after(2, commit_seq=12)
+        q.record(FlashAnswer(4, 10, 100, "late", (1,), (2,), "length", 1.0))
+        q.forget_after(2, 100, commit_seq=12)
         assert q.answer is None
-        q.record(FlashAnswer(4, 11, "evaluated before the rewind", (1,), (2,), "length", 1.0))
+        q.record(FlashAnswer(4, 11, 100, "evaluated before the rewind", (1,), (2,), "length", 1.0))
         assert q.answer is None
-        q.record(FlashAnswer(2, 12, "after", (1,), (2,), "length", 1.0))
+        q.record(FlashAnswer(2, 12, 100, "after", (1,), (2,), "length", 1.0))
         assert q.answer.text == "after"
 
     asyncio.run(scenario())

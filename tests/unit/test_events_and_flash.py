@@ -80,12 +80,12 @@ def test_flash_answers_only_move_forward_and_wake_waiters():
         q = FlashQuery(None, {}, 8, None, lambda s: None, lambda n: None)
         waiter = asyncio.create_task(q.wait_for_version(3, 5, lambda: True))
         await asyncio.sleep(0)
-        q.record(FlashAnswer(2, 20, "old", (1,), (9,), "length", 0.5))
+        q.record(FlashAnswer(2, 20, 100, "old", (1,), (9,), "length", 0.5))
         await asyncio.sleep(0)
         assert not waiter.done() and q.due(21) and not q.due(20)
-        q.record(FlashAnswer(3, 30, "new", (2,), (9,), "length", 0.5))
+        q.record(FlashAnswer(3, 30, 100, "new", (2,), (9,), "length", 0.5))
         await asyncio.wait_for(waiter, 1)
-        q.record(FlashAnswer(3, 25, "older", (3,), (9,), "length", 0.5))  # a late evaluation of an older state
+        q.record(FlashAnswer(3, 25, 100, "older", (3,), (9,), "length", 0.5))  # a late evaluation of an older state
         assert q.answer.text == "new"
         public = q.to_public(session_version=4)
         assert public["version"] == 3 and public["stale"] is True and "answer_token_ids" not in public
@@ -113,3 +113,24 @@ def test_only_greedy_params_have_a_cache_signature():
     tagged = SimpleNamespace(**vars(greedy), extra_args={"stateful_session": "k", "stateful_class": "flash"})
     assert sampling_signature(tagged) == sampling_signature(greedy)
     assert sampling_signature(SimpleNamespace(**vars(greedy), extra_args={"x": 1})) != sampling_signature(greedy)
+
+
+def test_a_rewind_keeps_only_answers_that_read_exactly_the_versions_content():
+    """A label is a lower bound (a turn committed above a queued append is in the tokens read):
+    rewound to version 2 (its first 100 tokens), an answer labelled 2 over 130 tokens is dropped."""
+
+    async def run():
+        def rewound(answer: FlashAnswer) -> FlashAnswer | None:
+            q = FlashQuery(None, {}, 8, None, lambda s: None, lambda n: None)
+            q.record(answer)
+            q.forget_after(2, 100, commit_seq=50)
+            return q.answer
+
+        assert rewound(FlashAnswer(2, 40, 130, "read the turn too", (1,), (9,), "length", 0.5)) is None
+        exact = FlashAnswer(2, 40, 100, "read version 2", (1,), (9,), "length", 0.5)
+        assert rewound(exact) is exact
+        older = FlashAnswer(1, 30, 90, "read version 1", (1,), (9,), "length", 0.5)
+        assert rewound(older) is older  # kept, and shown stale at version 2
+        assert rewound(FlashAnswer(3, 45, 110, "read version 3", (1,), (9,), "length", 0.5)) is None
+
+    asyncio.run(run())

@@ -148,6 +148,7 @@ class FlashRunner:
         answer = FlashAnswer(
             version=result.version,
             commit_seq=result.read_seq,
+            read_tokens=result.read_tokens,
             text=result.text,
             token_ids=tuple(result.output_token_ids),
             input_ids=tuple(input_ids),

@@ -49,10 +49,14 @@ ACKED_UNIX_KEY = "acked_unix"  # a saved append's acknowledgement time (wall clo
 
 
 def refuse_if_exclusive(session: Session) -> None:
-    """A fork, rewind or export is reading or rewriting the session: 409, nothing changed."""
+    """The session is being filled with its creation content, or a fork, rewind or export is reading
+    or rewriting it: 409, nothing changed."""
     if session.exclusive:
         raise SessionError(
-            409, f"session '{session.id}' is being forked, rewound or exported; retry", "session_busy", retry_after=1.0
+            409,
+            f"session '{session.id}' is being created, forked, rewound or exported; retry",
+            "session_busy",
+            retry_after=1.0,
         )
 
 

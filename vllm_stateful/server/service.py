@@ -41,7 +41,7 @@ from vllm_stateful.server.session_kv import SessionKV, finish_then_cancel, survi
 from vllm_stateful.server.spill import Spiller
 from vllm_stateful.server.turn_types import TurnInput, TurnResult
 from vllm_stateful.sessions.admission import Budget, Reservation
-from vllm_stateful.sessions.consistency import READ_ALL, ReadConsistency
+from vllm_stateful.sessions.consistency import READ_ALL, ReadConsistency, staleness_ms
 from vllm_stateful.sessions.durable import Checkpoint
 from vllm_stateful.sessions.events import SessionEvents
 from vllm_stateful.sessions.rank_ledgers import RankedLedgers
@@ -241,6 +241,7 @@ class SessionService:
             # build_input snapshots the session before its first await
             read_version = session.version if commit else session.committed_version
             read_seq = session.commit_seq
+            behind = session.version - read_version, staleness_ms(session.uningested_acks, time.monotonic())
             turn_input = await build_input(session)
             ensure_open(session)  # closed while the input was built: nothing may start
             history = session.token_ids if turn_input.history is None else turn_input.history
@@ -258,11 +259,12 @@ class SessionService:
                 **({CLASS_KEY: FLASH} if flash else {}),
             }
             params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-            result = TurnResult(session, len(prompt), session.kv_tokens, version=read_version, read_seq=read_seq)
+            read = {"version": read_version, "read_seq": read_seq, "read_tokens": len(history)}
+            result = TurnResult(session, len(prompt), session.kv_tokens, **read)
             if user_query:
                 result.flash_hit = False
-                if not consistency.read_your_writes:
-                    result.versions_behind = session.version - read_version  # acknowledged, not yet ingested
+                if not consistency.read_your_writes:  # acknowledged, not yet ingested, when it read
+                    result.versions_behind, result.staleness_ms = behind
             if user_query and not stream and self.cached_answer is not None:
                 if self.cached_answer(result, turn_input.token_ids, params):
                     yield result, None

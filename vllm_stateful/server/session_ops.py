@@ -148,7 +148,7 @@ class SessionOps:
         else:  # its KV is out of the pool: it stays uncharged, shorter
             service.ledger.uncharge(session.key, history=point.n_tokens)
         for query in session.flash.values():
-            query.forget_after(point.version, session.commit_seq)
+            query.forget_after(point.version, point.n_tokens, session.commit_seq)
         session.events.publish("rewound", {"version": session.version, "context_tokens": session.context_tokens})
         service._announce(session)
 

@@ -38,8 +38,11 @@ class TurnResult:
     finished: bool = False
     version: int = 0  # the version the request read, or, once committed, the one it made
     read_seq: int = 0  # the session's commit_seq when the request read it
+    read_tokens: int = 0  # how many of the session's tokens it read (its history)
     flash_hit: bool | None = None  # read-only queries: answered from a flash query's cache
     versions_behind: int | None = None  # consistency "ingested": acknowledged versions the answer does not see
+    # consistency "ingested": age of the oldest of those when it read (None: unknown, see sessions/consistency.py)
+    staleness_ms: int | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -58,6 +61,7 @@ class TurnResult:
             "recomputed_tokens": self.recomputed_tokens,
             **({} if self.flash_hit is None else {"flash_hit": self.flash_hit}),
             **({} if self.versions_behind is None else {"versions_behind": self.versions_behind}),
+            **({} if self.versions_behind is None else {"staleness_ms": self.staleness_ms}),
         }
 
     def usage(self) -> dict[str, Any]:

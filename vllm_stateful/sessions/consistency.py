@@ -3,7 +3,8 @@
 * ``read_your_writes`` (the default, and always for a committing request): every append
   acknowledged before the request arrived is ingested before it reads the session.
 * ``ingested`` (read-only queries): it reads what is ingested now; appends still queued are not
-  waited for, and the answer says how many versions it does not see.
+  waited for, and the answer says how many versions it does not see and how old the oldest of
+  them is (``staleness_ms``).
 * ``ingested`` with ``max_staleness_ms`` (bounded staleness, read-only queries): it waits for the
   appends acknowledged at least that long before it arrived, not for younger ones. So however far
   ingestion falls behind a feed, an answer misses at most the appends acknowledged in the last
@@ -19,6 +20,7 @@ for younger appends behind it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -82,3 +84,18 @@ class ReadConsistency:
 
 
 READ_ALL = ReadConsistency()  # read-your-writes
+
+
+def staleness_ms(pending: Iterable[tuple[int, float]], now: float) -> int | None:
+    """How long before ``now`` the oldest acknowledged append that a read at ``now`` does not see was
+    acknowledged, in whole milliseconds: 0 when it sees every one, None when that time is unknown
+    (an append saved by an older release). ``pending`` as for ``seq_to_see``, in any order.
+
+    With ``max_staleness_ms`` N it is at most N plus the query's wait (every append acknowledged N ms
+    before it arrived is seen)."""
+    oldest = min((acked_at for _, acked_at in pending), default=None)
+    if oldest is None:
+        return 0
+    if not math.isfinite(oldest):
+        return None
+    return max(0, round((now - oldest) * 1000))

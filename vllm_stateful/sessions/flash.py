@@ -4,8 +4,12 @@ change, and their cached answers (HTTP-free, no vLLM import).
 Contract:
 * A flash query's answer is cached per state of the session's tokens
   (``commit_seq``, bumped by every change); ``answer.version`` labels it
-  with the session's committed version then. ``stale`` means the session has
-  moved on since (``answer.version < session.version``).
+  with the session's committed version then. That label is a lower bound: a
+  turn that committed while an older append was still queued is in the tokens
+  read, above the label (``read_tokens`` says how many were read). ``stale``
+  means the session has moved on since (``answer.version < session.version``).
+* A rewind to version N keeps an answer only if it read exactly N's content
+  (labelled N, over N's tokens) or is labelled below N (and so shown stale).
 * ``confidence`` is the model's own certainty in its answer: the geometric
   mean of the generated tokens' probabilities, ``exp(mean logprob)``, in
   (0, 1]; 1.0 means every token was certain. None when nothing was generated.
@@ -55,6 +59,7 @@ def confidence_of(cumulative_logprob: float | None, tokens: int) -> float | None
 class FlashAnswer:
     version: int
     commit_seq: int  # the session's token state it read
+    read_tokens: int  # how many of the session's tokens it read (its history)
     text: str
     token_ids: tuple[int, ...]
     input_ids: tuple[int, ...]  # the query's own tokens at that version (for cache hits)
@@ -88,11 +93,14 @@ class FlashQuery:
             self.answer, self.error = answer, None
         self._wake()
 
-    def forget_after(self, version: int, commit_seq: int) -> None:
-        """The session was rewound to ``version`` (its token state is now ``commit_seq``): answers
-        of later versions, and any evaluation still running over the old state, are dropped."""
+    def forget_after(self, version: int, n_tokens: int, commit_seq: int) -> None:
+        """The session was rewound to ``version``, whose content is its first ``n_tokens`` tokens
+        (its token state is now ``commit_seq``): answers of later versions, an answer labelled
+        ``version`` that read more than its content, and any evaluation still running over the old
+        state are dropped."""
         self.min_seq = commit_seq
-        if self.answer is not None and self.answer.version > version:
+        a = self.answer
+        if a is not None and (a.version > version or (a.version == version and a.read_tokens != n_tokens)):
             self.answer = None
         self._wake()
 

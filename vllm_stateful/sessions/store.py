@@ -119,7 +119,8 @@ class Session:
     saved: bool = False  # its row and rewind points are in the state dir (see server/durability.py)
     # the newest version whose content ``token_ids`` holds: rewind points below it are no prefixes
     newest_applied: int = 0
-    # a whole-session operation (fork, rewind, export) holds it: appends are refused meanwhile
+    # its creation content is being filled, or a whole-session operation (fork, rewind, export)
+    # holds it: appends are refused meanwhile
     exclusive: bool = False
     # the data-parallel rank whose engine holds the session's KV: every request of it runs there
     data_parallel_rank: int = 0
