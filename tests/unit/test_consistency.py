@@ -18,6 +18,7 @@ from vllm_stateful.sessions.consistency import (
     ReadConsistency,
     staleness_ms,
 )
+from vllm_stateful.sessions.store import Session
 
 pytestmark = pytest.mark.unit
 
@@ -122,8 +123,21 @@ def test_times_out_of_order_after_a_restart_do_not_hide_an_old_append():
 
 
 def test_staleness_is_the_age_of_the_oldest_append_not_seen():
-    assert staleness_ms([], now=50.0) == 0  # it sees every acknowledged append
-    assert staleness_ms([(5, 48.5), (6, 49.9)], now=50.0) == 1500
-    assert staleness_ms([(6, 45.0), (7, 20.0)], now=50.0) == 30_000  # out of order after a restart
-    assert staleness_ms([(4, -math.inf), (5, 49.0)], now=50.0) is None  # saved by an older release
-    assert staleness_ms([(5, 50.2)], now=50.0) == 0  # acknowledged after the read's clock reading
+    assert staleness_ms(0, [], now=50.0) == 0  # it sees every acknowledged append
+    assert staleness_ms(2, [(5, 48.5), (6, 49.9)], now=50.0) == 1500
+    assert staleness_ms(2, [(6, 45.0), (7, 20.0)], now=50.0) == 30_000  # out of order after a restart
+    assert staleness_ms(2, [(4, -math.inf), (5, 49.0)], now=50.0) is None  # saved by an older release
+    assert staleness_ms(1, [(5, 50.2)], now=50.0) == 0  # acknowledged after the read's clock reading
+    # an applied batch whose entries are not yet trimmed, and the creation content (not an append)
+    assert staleness_ms(0, [(5, 42.0)], now=50.0) == 0 and staleness_ms(1, [], now=50.0) is None
+
+
+def test_applied_appends_stop_counting_as_missed_at_once():
+    """``ingest`` marks a batch's appends ingested where it applies them (the drain's own
+    bookkeeping comes loop iterations later): a read in between must not count them as missed."""
+    s = Session(id="s", tenant="t", ttl_s=1)
+    s.uningested_acks.extend([(3, 10.0), (4, 11.0), (5, 12.0)])
+    s.appends_ingested(4)
+    assert list(s.uningested_acks) == [(5, 12.0)] and s.ingested_seq == 4
+    s.appends_ingested(2)  # the drain's later, older report changes nothing
+    assert list(s.uningested_acks) == [(5, 12.0)] and s.ingested_seq == 4

@@ -224,7 +224,7 @@ class FakeServer:
                     "context_tokens": self.sessions[sid] + n,
                     "new_tokens": n,
                     "recomputed_tokens": 0,
-                    **({"versions_behind": 1, "staleness_ms": 250} if body.get("consistency") == "ingested" else {}),
+                    **({"versions_behind": 1, "staleness_ms": 300} if body.get("consistency") == "ingested" else {}),
                 },
             )
         return httpx.Response(404, json={"error": {"message": path}})
@@ -294,9 +294,9 @@ def test_ingested_driver_asks_without_waiting_and_records_how_far_behind():
     server = FakeServer()
     run = _run("stateful-ingested", feed, server)
     assert [r.question_idx for r in run.rows] == [0, 1, 2, 3]
-    assert run.versions_behind == [1, 1, 1, 1] and run.staleness_ms == [250, 250, 250, 250]
-    assert "1.0 versions behind" in sb.run_notes([run]) and "0.2 s old at the median" in sb.run_notes([run])
-    assert sb.run_details(run)["staleness_ms_max"] == 250
+    assert run.versions_behind == [1, 1, 1, 1] and run.staleness_ms == [300, 300, 300, 300]
+    assert "1.0 versions behind" in sb.run_notes([run]) and "0.3 s old at the median" in sb.run_notes([run])
+    assert sb.run_details(run)["staleness_ms_max"] == 300
 
 
 def test_driver_surfaces_server_errors_and_still_closes():

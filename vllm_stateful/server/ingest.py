@@ -292,9 +292,7 @@ class Ingestor:
         service.metrics.ingest_queued.dec(reserved)
         if math.isfinite(batch[0].acked_at):  # else re-queued with no saved time
             service.metrics.ingest_lag.set(time.monotonic() - batch[0].acked_at)
-        session.ingested_seq = batch[-1].seq
-        while session.uningested_acks and session.uningested_acks[0][0] <= session.ingested_seq:
-            session.uningested_acks.popleft()
+        session.appends_ingested(batch[-1].seq)  # already done by ``ingest`` where it applied them
 
     def _coalesce(
         self, messages: list[dict[str, Any]], pending: str, empty: bool, batch: list[AppendItem]

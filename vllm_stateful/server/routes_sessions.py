@@ -88,10 +88,11 @@ async def create_session(raw_request: Request) -> Response:
         if msgs or req.prompt is not None:
             # appends are refused (409) until the content is in, from before the first await: one
             # landing meanwhile would take version 1 while the content, ahead of it, took 2
-            session.exclusive = True  # cleared by _fill (or the session is closed below)
+            session.exclusive = True  # kept by a session that fails: it is closed below
             await cancel_on_disconnect(raw_request, _fill(state, session, msgs, req.prompt))
             if session.committed_version == 0:  # the client left before the content was ingested
                 raise SessionError(499, "client closed the request", "client_closed")
+            session.exclusive = False
         else:
             await service.durable.put(session)
     except BaseException:
@@ -102,28 +103,25 @@ async def create_session(raw_request: Request) -> Response:
 
 
 async def _fill(state: StatefulState, session: Session, msgs, prompt) -> Response:
+    """Put the creation content in as version 1 (the caller holds ``session.exclusive``)."""
     service = state.service
     assert service.ledger is not None
-    """Put the creation content in as version 1; the caller set ``session.exclusive``."""
-    try:
-        async with session.write_lock:
-            if msgs:
-                turn_input = await service.chat_input(session, msgs, add_generation_prompt=False)
-            elif isinstance(prompt, str):
-                turn_input = await service.text_input(session, prompt)
-            else:
-                turn_input = TurnInput(list(prompt))
-            reservation = await service.admit(
-                session, len(turn_input.token_ids), 1, "this session's content", turn_input.token_ids
-            )
-            session.version += 1  # saved with the content, in one write (a failure closes the session)
-            turn_input.boundaries = [(session.version, len(turn_input.token_ids), len(turn_input.messages))]
-            try:
-                await service.ingest(session, turn_input, [reservation], session.version)
-            finally:
-                service.ledger.cancel(reservation)  # no-op once settled
-    finally:
-        session.exclusive = False
+    async with session.write_lock:
+        if msgs:
+            turn_input = await service.chat_input(session, msgs, add_generation_prompt=False)
+        elif isinstance(prompt, str):
+            turn_input = await service.text_input(session, prompt)
+        else:
+            turn_input = TurnInput(list(prompt))
+        reservation = await service.admit(
+            session, len(turn_input.token_ids), 1, "this session's content", turn_input.token_ids
+        )
+        session.version += 1  # saved with the content, in one write (a failure closes the session)
+        turn_input.boundaries = [(session.version, len(turn_input.token_ids), len(turn_input.messages))]
+        try:
+            await service.ingest(session, turn_input, [reservation], session.version)
+        finally:
+            service.ledger.cancel(reservation)  # no-op once settled
     return Response()
 
 

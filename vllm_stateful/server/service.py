@@ -215,7 +215,8 @@ class SessionService:
         ``consistency`` (read-only queries; see ``sessions/consistency.py``): without
         read-your-writes, the wait is for the appends it names (none, or those older than its
         bound); the answer reads what is ingested then and says how many versions it is behind
-        (``versions_behind``). A committing request always waits for every acknowledged append.
+        (``versions_behind``, and ``staleness_ms``: how old the oldest of them is). A committing
+        request always waits for every acknowledged append.
         """
         assert self.ledger is not None
         user_query = not commit and not flash  # a client's read-only query
@@ -241,7 +242,8 @@ class SessionService:
             # build_input snapshots the session before its first await
             read_version = session.version if commit else session.committed_version
             read_seq = session.commit_seq
-            behind = session.version - read_version, staleness_ms(session.uningested_acks, time.monotonic())
+            behind = session.version - read_version
+            stale = behind, staleness_ms(behind, session.uningested_acks, time.monotonic())
             turn_input = await build_input(session)
             ensure_open(session)  # closed while the input was built: nothing may start
             history = session.token_ids if turn_input.history is None else turn_input.history
@@ -264,7 +266,7 @@ class SessionService:
             if user_query:
                 result.flash_hit = False
                 if not consistency.read_your_writes:  # acknowledged, not yet ingested, when it read
-                    result.versions_behind, result.staleness_ms = behind
+                    result.versions_behind, result.staleness_ms = stale
             if user_query and not stream and self.cached_answer is not None:
                 if self.cached_answer(result, turn_input.token_ids, params):
                     yield result, None
@@ -449,7 +451,7 @@ class SessionService:
             async def save_and_apply_nothing() -> None:
                 await self.durable.commit(session, change, [], ingested_seq)
                 ensure_open(session)
-                self._apply(session, change, [])
+                self._apply(session, change, [], ingested_seq)
                 for res in reservations:
                     self.ledger.settle(res, session.context_tokens, session.token_ids, session.pinned_tokens)
                 self._announce(session)
@@ -483,7 +485,7 @@ class SessionService:
             async def save_and_apply() -> None:
                 await self.durable.commit(session, change, points, ingested_seq)
                 ensure_open(session)
-                self._apply(session, change, points)
+                self._apply(session, change, points, ingested_seq)
                 self.kv.apply(session, info, len(prompt))
                 note_restored(session, result)
                 for res in reservations:
@@ -526,8 +528,13 @@ class SessionService:
         if self.recharge_tokens(session):
             await self._spilling(session, lambda: ledger.recharge(session.key, session.token_ids))
 
-    def _apply(self, session: Session, change: Change, points: list[Checkpoint]) -> None:
-        """A saved change becomes the session's state (no await: nobody sees half of it)."""
+    def _apply(
+        self, session: Session, change: Change, points: list[Checkpoint], ingested_seq: int | None = None
+    ) -> None:
+        """A saved change becomes the session's state (no await: nobody sees half of it), with the
+        appends up to ``ingested_seq`` it holds no longer counted as not ingested."""
+        if ingested_seq is not None:
+            session.appends_ingested(ingested_seq)
         session.token_ids = change.token_ids
         session.messages = change.messages
         session.pending_chat_text = change.pending_chat_text

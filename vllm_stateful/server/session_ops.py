@@ -31,6 +31,7 @@ from typing import Any
 
 from vllm_stateful.engine.session_pins import token_digest
 from vllm_stateful.server.durability import flash_body, record_of
+from vllm_stateful.server.ingest import refuse_if_exclusive
 from vllm_stateful.server.service import SessionService, ensure_open
 from vllm_stateful.server.session_kv import finish_then_cancel, survive_cancellation
 from vllm_stateful.sessions.durable import Checkpoint, SessionRecord
@@ -53,7 +54,8 @@ class SessionOps:
         """The session quiet and held: acknowledged appends ingested, its write lock taken (no turn
         or ingestion runs), new appends refused with 409 until the block ends."""
         service = self.service
-        if session.turn_in_flight or session.exclusive:
+        refuse_if_exclusive(session)
+        if session.turn_in_flight:
             raise SessionError(409, f"session '{session.id}' is busy with a committing request", "session_busy")
         await service.wait_ingested(session, session.acked_seq, inherit=False)
         await service._acquire(session)

@@ -86,16 +86,17 @@ class ReadConsistency:
 READ_ALL = ReadConsistency()  # read-your-writes
 
 
-def staleness_ms(pending: Iterable[tuple[int, float]], now: float) -> int | None:
+def staleness_ms(versions_behind: int, pending: Iterable[tuple[int, float]], now: float) -> int | None:
     """How long before ``now`` the oldest acknowledged append that a read at ``now`` does not see was
-    acknowledged, in whole milliseconds: 0 when it sees every one, None when that time is unknown
-    (an append saved by an older release). ``pending`` as for ``seq_to_see``, in any order.
+    acknowledged, in whole milliseconds: 0 when it sees every version (``versions_behind`` 0), None
+    when that time is unknown (an append saved by an older release, or the session's creation
+    content, which is not an append). ``pending`` as for ``seq_to_see``, in any order.
 
     With ``max_staleness_ms`` N it is at most N plus the query's wait (every append acknowledged N ms
     before it arrived is seen)."""
-    oldest = min((acked_at for _, acked_at in pending), default=None)
-    if oldest is None:
+    if versions_behind == 0:
         return 0
-    if not math.isfinite(oldest):
+    oldest = min((acked_at for _, acked_at in pending), default=None)
+    if oldest is None or not math.isfinite(oldest):
         return None
     return max(0, round((now - oldest) * 1000))

@@ -144,6 +144,13 @@ class Session:
         queued = self.is_open and (bool(self.pending_appends) or self.ingested_seq < self.acked_seq)
         return self.turn_in_flight or bool(self.active_request_ids) or queued
 
+    def appends_ingested(self, seq: int) -> None:
+        """The appends up to ``seq`` are in ``token_ids`` (or failed): from now no read counts them
+        as acknowledged and not yet ingested (``uningested_acks``, ``ingested_seq``)."""
+        self.ingested_seq = max(self.ingested_seq, seq)
+        while self.uningested_acks and self.uningested_acks[0][0] <= seq:
+            self.uningested_acks.popleft()
+
     def touch(self) -> None:
         self.last_used_at = time.time()
 
