@@ -376,6 +376,15 @@ def _numberish(v: Any) -> float | None:
     return None
 
 
+def _ttl_guard(body: Any) -> None:
+    """A valid TTL under a minute becomes a minute: a session created by a case must still exist
+    when the case's cleanup deletes it, however long this process is stopped in between (TTL
+    expiry has its own tests)."""
+    ttl = body.get("ttl_s") if isinstance(body, dict) else None
+    if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and 0 < ttl < 60:
+        body["ttl_s"] = 60
+
+
 def _cost_guard(body: Any, stateless: bool) -> None:
     if not isinstance(body, dict):
         return
@@ -473,6 +482,8 @@ def cases(draw, vocab: int, preexisting: frozenset) -> Case:
                 _cost_guard(body, stateless=sid_resolved is None)
             if route == "flash_register":
                 _cost_guard(body, stateless=False)
+            if route == "create":
+                _ttl_guard(body)
             text = json.dumps(body, ensure_ascii=draw(st.booleans()))
             try:
                 content = text.encode("utf-8")

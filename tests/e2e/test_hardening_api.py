@@ -277,16 +277,18 @@ def test_ttl_values_a_client_cannot_set(stateful_server):
 
 def test_session_does_not_expire_under_a_running_query(stateful_server):
     sid = "busy-ttl"
-    assert stateful_server.post("/v1/sessions", json={"id": sid, "ttl_s": 1, "prompt": [5] * 30}).status_code == 201
+    # a TTL of 5 s: the session must not expire between this test's own requests, whenever this
+    # process is stopped (a few seconds at most on a loaded 2-core machine)
+    assert stateful_server.post("/v1/sessions", json={"id": sid, "ttl_s": 5, "prompt": [5] * 30}).status_code == 201
     body = {"model": "tiny", "prompt": [6], "max_tokens": 20, "ignore_eos": True, "stateful": sid,
             "stateful_commit": False}  # fmt: skip
     with stateful_server.held_request("/v1/completions", body) as query:
-        time.sleep(2.5)  # the query stays in flight, frozen, well past the session's 1 s TTL
+        time.sleep(7)  # the query stays in flight, frozen, well past the session's 5 s TTL
     r = query.result()
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 20
     assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 200  # idle time starts after the query
-    wait_until(lambda: stateful_server.get(f"/v1/sessions/{sid}").status_code == 404, 15, "expiry after the query")
+    wait_until(lambda: stateful_server.get(f"/v1/sessions/{sid}").status_code == 404, 30, "expiry after the query")
 
 
 # --- 16. stop strings: the session keeps exactly what its client was sent -----------------------

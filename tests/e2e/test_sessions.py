@@ -4,6 +4,7 @@ recomputation, block accounting, errors, concurrency."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 import time
@@ -11,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import KEY_A, MAX_MODEL_LEN, SESSION_QUOTA, assert_error
+from tests.e2e.conftest import KEY_A, MAX_MODEL_LEN, SESSION_QUOTA, assert_error, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
@@ -187,13 +188,12 @@ def test_session_routes_and_block_accounting(stateful_server, client):
     assert not {sid, "acct-named"} & set(after["sessions"])
 
 
-def test_ttl_expiry_releases_blocks(stateful_server, client):
+def test_ttl_expiry_releases_blocks(stateful_server):
     baseline = stateful_server.integrity()["free_blocks"]
-    assert stateful_server.post("/v1/sessions", json={"id": "short-lived", "ttl_s": 1}).status_code == 201
-    client.completions.create(
-        model="tiny", prompt="some tokens " * 10, max_tokens=3, extra_body={"stateful": "short-lived"}
-    )
-    assert stateful_server.integrity()["free_blocks"] < baseline
+    # one request (it holds the session's write lock while it fills it: no expiry meanwhile), so
+    # the session cannot expire between two of this test's requests on a machine that stops it
+    r = stateful_server.post("/v1/sessions", json={"id": "short-lived", "ttl_s": 1, "prompt": list(range(100, 140))})
+    assert r.status_code == 201 and r.json()["pinned_blocks"] > 0, r.text
     deadline = time.time() + 15
     while stateful_server.get("/v1/sessions/short-lived").status_code == 200 and time.time() < deadline:
         time.sleep(0.5)
@@ -254,28 +254,32 @@ def test_errors_leave_session_unchanged(stateful_server, client):
     stateful_server.delete(f"/v1/sessions/{sid}")
 
 
+def _engine_load(server) -> int:
+    b = server.integrity()
+    return b["waiting"] + b["running"]
+
+
 def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_server, client):
-    sid = "busy-1"
+    # each attempt needs the long turn still in the engine once vLLM is paused: on a loaded machine
+    # this process can be stopped while the engine finishes it (then the turn committed: a new session)
+    for attempt in range(3):
+        if _busy_then_disconnect(stateful_server, client, f"busy-{attempt}"):
+            return
+    raise AssertionError("the long turn finished before vLLM paused, 3 times")
+
+
+def _busy_then_disconnect(server, client, sid: str) -> bool:
+    """False (nothing asserted) when the long turn had finished before vLLM paused."""
+    url = server.base_url + "/completions"
     client.completions.create(model="tiny", prompt="start", max_tokens=2, extra_body={"stateful": sid})
-    before = _session(stateful_server, sid, tokens=True)
-    url = stateful_server.base_url + "/completions"
+    before = _session(server, sid, tokens=True)
+    server.idle()
     seen_first_chunk, hang_up = threading.Event(), threading.Event()
 
     def long_stream():
-        with httpx.stream(
-            "POST",
-            url,
-            json={
-                "model": "tiny",
-                "prompt": " long",
-                "max_tokens": 1500,
-                "stream": True,
-                "stateful": sid,
-                "ignore_eos": True,
-            },
-            timeout=60,
-            headers=AUTH,
-        ) as resp:
+        turn = {"model": "tiny", "prompt": " long", "max_tokens": 1500, "stream": True, "stateful": sid,
+                "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", url, json=turn, timeout=60, headers=AUTH) as resp:
             for _ in resp.iter_lines():
                 seen_first_chunk.set()
                 hang_up.wait(60)
@@ -283,55 +287,72 @@ def test_second_committing_request_is_409_and_disconnect_rolls_back(stateful_ser
 
     t = threading.Thread(target=long_stream)
     t.start()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         assert seen_first_chunk.wait(60)
-        r = httpx.post(
-            url, json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid}, timeout=60, headers=AUTH
-        )
-        assert_error(r, 409, "session_busy")
-        # a read-only query is not a committing request: allowed concurrently
-        q = httpx.post(
-            url,
-            json={"model": "tiny", "prompt": "q", "max_tokens": 2, "stateful": sid, "stateful_commit": False},
-            timeout=60,
-            headers=AUTH,
-        )
-        assert q.status_code == 200, q.text
+        with server.paused():  # the turn frozen mid-generation, however slow this process is
+            if _engine_load(server) == 0:
+                server.delete(f"/v1/sessions/{sid}")
+                return False
+            r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stateful": sid},
+                           timeout=60, headers=AUTH)  # fmt: skip
+            assert_error(r, 409, "session_busy")
+            # a read-only query is not a committing request: allowed concurrently
+            ro = {"model": "tiny", "prompt": "q", "max_tokens": 2, "stateful": sid, "stateful_commit": False}
+            query = pool.submit(httpx.post, url, json=ro, timeout=60, headers=AUTH)
+            wait_until(lambda: _engine_load(server) == 2, what="read-only query admitted")
+            hang_up.set()
+            t.join(60)
+            # the server saw the disconnect and aborted the turn (aborts run while paused)
+            wait_until(lambda: _engine_load(server) == 1, what="turn aborted")
+        assert query.result().status_code == 200, query.result().text
     finally:
         hang_up.set()
         t.join(60)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        after = _session(stateful_server, sid, tokens=True)
-        if stateful_server.integrity()["running"] == 0 and after["pinned_blocks"] == before["pinned_blocks"]:
-            break
-        time.sleep(0.2)
+        pool.shutdown(wait=True)
+    server.idle()
+    # the handler's rollback may finish just after the engine is idle
+    wait_until(lambda: _session(server, sid)["pinned_blocks"] == before["pinned_blocks"], what="rolled back")
+    after = _session(server, sid, tokens=True)
     # the disconnected turn was rolled back: history, version and pinned KV as before
     assert after["token_ids"] == before["token_ids"] and after["version"] == before["version"]
-    assert after["pinned_blocks"] == before["pinned_blocks"]
     # and the session is usable, with nothing recomputed
     r = client.completions.create(model="tiny", prompt=" again", max_tokens=2, extra_body={"stateful": sid})
     assert r.model_extra["session"]["recomputed_tokens"] == 0
-    stateful_server.delete(f"/v1/sessions/{sid}")
+    server.delete(f"/v1/sessions/{sid}")
+    return True
 
 
 def test_delete_during_a_turn_releases_everything(stateful_server, client):
-    baseline = stateful_server.integrity()["free_blocks"]
-    sid = "delete-mid-turn"
-    client.completions.create(model="tiny", prompt=list(range(100, 400)), max_tokens=2, extra_body={"stateful": sid})
-    url = stateful_server.base_url + "/completions"
-    turn = {"model": "tiny", "prompt": [7], "max_tokens": 1200, "ignore_eos": True, "stream": True, "stateful": sid}
-    with httpx.stream("POST", url, json=turn, timeout=120, headers=AUTH) as resp:
-        lines = resp.iter_lines()
-        next(lines)
-        deleted = stateful_server.delete(f"/v1/sessions/{sid}")
-        assert deleted.status_code == 200 and deleted.json()["freed_blocks"] > 0
-        rest = [line for line in lines if line]
-    # the aborted turn ends its stream with an error event, then [DONE]
-    assert rest[-1] == "data: [DONE]" and '"session_not_found"' in rest[-2]
-    assert stateful_server.get(f"/v1/sessions/{sid}").status_code == 404
-    body = stateful_server.integrity()
-    assert sid not in body["sessions"] and body["free_blocks"] == baseline
+    server = stateful_server
+    baseline = server.integrity()["free_blocks"]
+    url = server.base_url + "/completions"
+    for attempt in range(3):  # as above: the turn must still be in the engine once vLLM is paused
+        sid = f"delete-mid-turn-{attempt}"
+        client.completions.create(
+            model="tiny", prompt=list(range(100, 400)), max_tokens=2, extra_body={"stateful": sid}
+        )
+        server.idle()
+        turn = {"model": "tiny", "prompt": [7], "max_tokens": 1200, "ignore_eos": True, "stream": True, "stateful": sid}
+        with httpx.stream("POST", url, json=turn, timeout=120, headers=AUTH) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            with server.paused():
+                finished = _engine_load(server) == 0
+                if not finished:
+                    deleted = server.delete(f"/v1/sessions/{sid}")
+                    assert deleted.status_code == 200 and deleted.json()["freed_blocks"] > 0
+            rest = [line for line in lines if line]
+        if finished:
+            assert server.delete(f"/v1/sessions/{sid}").status_code == 200
+            continue
+        # the aborted turn ends its stream with an error event, then [DONE]
+        assert rest[-1] == "data: [DONE]" and '"session_not_found"' in rest[-2]
+        assert server.get(f"/v1/sessions/{sid}").status_code == 404
+        body = server.idle()
+        assert sid not in body["sessions"] and body["free_blocks"] == baseline
+        return
+    raise AssertionError("the turn finished before vLLM paused, 3 times")
 
 
 @pytest.mark.slow
