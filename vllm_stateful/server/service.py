@@ -242,8 +242,10 @@ class SessionService:
             # build_input snapshots the session before its first await
             read_version = session.version if commit else session.committed_version
             read_seq = session.commit_seq
-            behind = session.version - read_version
-            stale = behind, staleness_ms(behind, session.uningested_acks, time.monotonic())
+            stale = None  # (versions_behind, staleness_ms): only a query that may read behind reports them
+            if user_query and not consistency.read_your_writes:
+                behind = session.version - read_version
+                stale = behind, staleness_ms(behind, session.uningested_acks, time.monotonic())
             turn_input = await build_input(session)
             ensure_open(session)  # closed while the input was built: nothing may start
             history = session.token_ids if turn_input.history is None else turn_input.history
@@ -265,7 +267,7 @@ class SessionService:
             result = TurnResult(session, len(prompt), session.kv_tokens, **read)
             if user_query:
                 result.flash_hit = False
-                if not consistency.read_your_writes:  # acknowledged, not yet ingested, when it read
+                if stale is not None:  # acknowledged, not yet ingested, when it read
                     result.versions_behind, result.staleness_ms = stale
             if user_query and not stream and self.cached_answer is not None:
                 if self.cached_answer(result, turn_input.token_ids, params):

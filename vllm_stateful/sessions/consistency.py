@@ -49,7 +49,7 @@ class ReadConsistency:
     def parse(cls, mode: Any, max_staleness_ms: Any, commit: bool, mode_param: str, staleness_param: str):
         """From a request's ``consistency`` and ``max_staleness_ms`` (``ABSENT``: not given); raises
         ``ConsistencyError`` for a bad value or a combination the contract above does not have."""
-        if mode is None or mode not in MODES:
+        if mode not in MODES:  # null too
             raise ConsistencyError(f"'{mode_param}' must be one of {list(MODES)}", mode_param)
         if commit and mode != READ_YOUR_WRITES:
             raise ConsistencyError(
