@@ -86,12 +86,13 @@ class Server:
         assert r.status_code == 201, r.text
         return prompt
 
-    def complete(self, sid: str, prompt, max_tokens: int = 3, commit: bool = True) -> httpx.Response:
-        """A greedy completions request on session ``sid``, with the generated token ids."""
+    def complete(self, sid: str, prompt, max_tokens: int = 3, commit: bool = True, **fields) -> httpx.Response:
+        """A greedy completions request on session ``sid``, with the generated token ids (``fields``:
+        more body fields, e.g. ``consistency``)."""
         return self.post(
             "/v1/completions",
             json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stateful": sid,
-                  "stateful_commit": commit, "return_token_ids": True},
+                  "stateful_commit": commit, "return_token_ids": True, **fields},
         )  # fmt: skip
 
     @contextlib.contextmanager

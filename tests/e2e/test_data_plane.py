@@ -204,12 +204,8 @@ def test_ingested_consistency_answers_now_and_says_how_far_behind(stateful_serve
     history = server.fresh_session(sid, 64, seed=21)
     extra, question = list(range(500, 540)), [901, 902, 903]
 
-    def query(consistency: str | None) -> httpx.Response:
-        body = {"model": "tiny", "prompt": question, "max_tokens": 3, "temperature": 0, "stateful": sid,
-                "stateful_commit": False, "return_token_ids": True}  # fmt: skip
-        if consistency is not None:
-            body["consistency"] = consistency
-        return server.post("/v1/completions", json=body)
+    def query(**fields) -> httpx.Response:
+        return server.complete(sid, question, 3, commit=False, **fields)
 
     server.idle()  # nothing left of earlier tests in the engine: the count below is this test's requests
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -219,7 +215,7 @@ def test_ingested_consistency_answers_now_and_says_how_far_behind(stateful_serve
             r = server.post(f"/v1/sessions/{sid}/append", json={"token_ids": extra})
             assert r.status_code == 202 and r.json()["version"] == 2, r.text
             time.sleep(0.3)  # the append is at least 300 ms old when the query reads (not a speed assumption)
-            now = pool.submit(query, "ingested")
+            now = pool.submit(query, consistency="ingested")
             # the query reached the engine beside the ingestion: it did not wait for it
             wait_until(lambda: (b := server.integrity())["waiting"] + b["running"] >= 2, what="query admitted")
         answer = now.result()
@@ -233,7 +229,7 @@ def test_ingested_consistency_answers_now_and_says_how_far_behind(stateful_serve
     assert 300 <= s["staleness_ms"] <= since_sent_ms + 1
     assert answer.json()["choices"][0]["token_ids"] == reference.greedy(history + question, 3)
 
-    waited = query(None)  # read-your-writes: sees the append
+    waited = query()  # read-your-writes: sees the append
     assert waited.status_code == 200, waited.text
     s = waited.json()["session"]
     assert s["version"] == 2 and "versions_behind" not in s and "staleness_ms" not in s
@@ -262,9 +258,7 @@ def test_bounded_staleness_waits_only_for_appends_older_than_its_bound(stateful_
     extra, question = list(range(600, 630)), [905, 906, 907]
 
     def query(**fields) -> httpx.Response:
-        body = {"model": "tiny", "prompt": question, "max_tokens": 3, "temperature": 0, "stateful": sid,
-                "stateful_commit": False, "return_token_ids": True, **fields}  # fmt: skip
-        return server.post("/v1/completions", json=body)
+        return server.complete(sid, question, 3, commit=False, **fields)
 
     server.idle()  # nothing left of earlier tests in the engine: the counts below are this test's
     pool = concurrent.futures.ThreadPoolExecutor(2)
